@@ -1,0 +1,110 @@
+"""Paged attention: the only layer that knows about the KV cache layout.
+
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V).
+A token at position p of a sequence lives in slot block_table[p // block_size] * block_size
++ p % block_size.
+
+Token regions of a batch of 3 sequences, each with cached context c_i and q_i new tokens:
+
+    q tokens:  | seq0: q0 | seq1: q1 | seq2: q2 |
+    query_start_loc = [0, q0, q0+q1, q0+q1+q2]
+    seq_lens[i]     = c_i + q_i   (keys visible to the last new token of seq i)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, slot of each new token's K/V
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    # NOTE: per sequence, an optional [q_i, q_i] bool mask among its new tokens (True = may
+    # attend), used to verify speculation trees; None means causal.
+    tree_masks: list[torch.Tensor | None] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T]."""
+    _, nb, bs, hkv, d = kv_cache.shape
+    flat = kv_cache.view(2, nb * bs, hkv, d)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+
+
+def _visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, sliding_window: int | None,
+                  device) -> torch.Tensor | None:
+    """[num_q, seq_len] bool: which keys each new token sees; None when plain causal needs no mask."""
+    ctx = seq_len - num_q
+    if tree_mask is None and sliding_window is None and num_q == 1:
+        return None
+    q_pos = torch.arange(ctx, seq_len, device=device)[:, None]  # [num_q, 1]
+    k_pos = torch.arange(seq_len, device=device)[None, :]  # [1, seq_len]
+    mask = k_pos <= q_pos
+    if tree_mask is not None:
+        mask[:, ctx:] = tree_mask.to(device)
+    if sliding_window is not None:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D], reading K/V of every sequence through its block table.
+
+    NOTE: with a tree mask the positions of new tokens are not consecutive; the mask, not
+    the position, decides visibility among them.
+    """
+    _, _, bs, hkv, d = kv_cache.shape
+    hq = q.shape[1]
+    out = torch.empty_like(q)
+    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    for i in range(meta.num_seqs):
+        s, e, n = qsl[i], qsl[i + 1], lens[i]
+        if e == s:
+            continue
+        blocks = meta.block_tables[i, : (n + bs - 1) // bs].long()
+        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
+        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n]
+        tm = meta.tree_masks[i] if meta.tree_masks is not None else None
+        mask = _visible_mask(e - s, n, tm, sliding_window, q.device)
+        qi = q[s:e].transpose(0, 1)  # [Hq, q, D]
+        ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, n, D]
+        if hkv != hq:
+            ki = ki.repeat_interleave(hq // hkv, dim=0)
+            vi = vi.repeat_interleave(hq // hkv, dim=0)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    """Writes the new tokens' K/V into the paged cache, then attends over the cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        write_kv_ref(kv_cache, k.view(t, self.num_kv_heads, self.head_dim),
+                     v.view(t, self.num_kv_heads, self.head_dim), meta.slot_mapping)
+        o = paged_attention_ref(q, kv_cache, meta, self.scale, self.sliding_window)
+        return o.reshape(t, self.num_heads * self.head_dim)
