@@ -159,10 +159,11 @@ class EngineConfig:
     device: str | None = None  # None: cuda when present, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len
+    num_kv_blocks: int | None = None  # None: sized from max_num_seqs * max_model_len and kv_cache_gb
+    kv_cache_gb: float | None = None  # None: 80% of free GPU memory, or 2 GiB on CPU
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by the cache)
     seed: int = 0
 
     def __post_init__(self):

@@ -1,0 +1,166 @@
+"""`lightspeed` command line: generate, chat, pull, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lightspeed.errors import LightspeedError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf) or HF hub id")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--speculative", default=None,
+                   help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args):
+    from lightspeed.config import SamplingParams
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+
+def _speculative(args):
+    if not args.speculative:
+        return None
+    from lightspeed.spec import SpeculativeConfig
+    return SpeculativeConfig.from_cli(args.speculative, args.num_speculative_tokens)
+
+
+def _llm(args):
+    from lightspeed.engine.llm import LLM
+    return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+               speculative=_speculative(args))
+
+
+def cmd_generate(args) -> None:
+    params = _sampling(args)  # validate before loading the model
+    llm = _llm(args)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat_template else args.prompt
+    if args.json:
+        out = llm.generate(prompt, params)[0]
+        m = out.metrics
+        record = {"text": out.text, "token_ids": out.token_ids, "num_prompt_tokens": m.num_prompt_tokens,
+                  "num_generated_tokens": m.num_generated_tokens, "finish_reason": out.finish_reason,
+                  "time_to_first_token_s": m.time_to_first_token_s, "tokens_per_s": m.tokens_per_s,
+                  "decode_tokens_per_s": m.decode_tokens_per_s}
+        if m.num_verify_steps:
+            record.update(acceptance_length=m.acceptance_length,
+                          acceptance_rate_per_position=m.acceptance_rate_per_position)
+        print(json.dumps(record))
+        return
+    out = None
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if out is not None:
+        _print_metrics(out.metrics)
+
+
+def _print_metrics(m) -> None:
+    line = (f"[{m.num_prompt_tokens} prompt tokens, {m.num_generated_tokens} generated, "
+            f"TTFT {1000 * (m.time_to_first_token_s or 0):.0f} ms, {m.tokens_per_s or 0:.1f} tok/s")
+    if m.num_verify_steps:
+        rates = ", ".join(f"{r:.2f}" for r in m.acceptance_rate_per_position)
+        line += f", acceptance length {m.acceptance_length:.2f}, per position [{rates}]"
+    print(line + "]", file=sys.stderr)
+
+
+def cmd_chat(args) -> None:
+    params = _sampling(args)
+    llm = _llm(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("lightspeed chat: type a message, /exit or Ctrl-D to leave.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if user.strip() in ("/exit", "/quit"):
+            return
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        reply = ""
+        out = None
+        for out in llm.chat_stream(messages, params):
+            reply += out.new_text
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def cmd_pull(args) -> None:
+    from lightspeed.loader import resolve_model
+    print(resolve_model(args.name))
+
+
+def cmd_bench_latency(args) -> None:
+    from lightspeed.bench.latency import run_latency_bench
+    run_latency_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lightspeed", description="latency-first LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    p.add_argument("prompt")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat turn")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive streaming chat")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("pull", help="download a model into the cache and print its path")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pull)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("latency", help="batch decode latency and tokens/s, against HF transformers")
+    _add_model_args(p)
+    from lightspeed.bench.latency import add_latency_args
+    add_latency_args(p)
+    p.set_defaults(func=cmd_bench_latency)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LightspeedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

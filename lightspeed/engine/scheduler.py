@@ -1,0 +1,150 @@
+"""Scheduler: which requests run this step and how many tokens each. Pure Python.
+
+One token-budget loop serves prefill, chunked prefill, decode and draft verification:
+each running request wants num_tokens + num_draft_tokens - num_computed_tokens tokens.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from lightspeed.engine.block_manager import BlockManager
+from lightspeed.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lightspeed.engine.request import Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_ids: list[str] = []
+
+    # -- requests in and out ---------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request (abort, stop string) and free its blocks; unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        if not req.is_finished:
+            req.finish(status)
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.block_manager.free(request_id)
+        self._finished_ids.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            if not self._allocate_or_preempt(req, req.num_computed_tokens + num_new):
+                break  # `req` itself was preempted
+            scheduled.append(self._schedule_one(req, num_new))
+            budget -= num_new
+            i += 1
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens + num_new):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append(self._schedule_one(req, num_new))
+            budget -= num_new
+        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self._finished_ids)
+        self._finished_ids = []
+        return out
+
+    def _allocate_or_preempt(self, req: Request, num_tokens: int) -> bool:
+        """Make room for `req` by preempting the newest running requests (recompute later)."""
+        while not self.block_manager.allocate(req.request_id, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.draft_token_ids, req.draft_parents = [], None
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _schedule_one(self, req: Request, num_new: int) -> ScheduledRequest:
+        all_ids = req.all_token_ids + req.draft_token_ids
+        start = req.num_computed_tokens
+        end = start + num_new
+        num_drafts = len(req.draft_token_ids)
+        return ScheduledRequest(
+            request_id=req.request_id,
+            token_ids=all_ids[start:end],
+            start_pos=start,
+            block_table=list(self.block_manager.get_block_table(req.request_id)),
+            num_draft_tokens=num_drafts if end == len(all_ids) else 0,
+            is_last_chunk=end == len(all_ids),
+            sampling_params=req.sampling_params,
+            num_output_tokens=len(req.output_token_ids),
+            draft_parents=req.draft_parents if num_drafts else None,
+        )
+
+    def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
+        """Advance every scheduled request by what the runner computed; returns those that
+        received tokens. Finished requests free their blocks here."""
+        updated = []
+        for s in sched.scheduled:
+            req = self.requests.get(s.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted meanwhile
+            req.num_computed_tokens += len(s.token_ids)
+            new_ids = out.sampled_token_ids.get(s.request_id)
+            if not new_ids:
+                continue
+            num_accepted = len(new_ids) - 1
+            if s.num_draft_tokens:
+                # rejected drafts leave stale KV past num_computed_tokens; it is overwritten later
+                req.num_computed_tokens -= s.num_draft_tokens - num_accepted
+                req.spec.record(s.num_draft_tokens, num_accepted, len(new_ids))
+            req.draft_token_ids, req.draft_parents = [], None
+            logprobs = out.logprobs.get(s.request_id)
+            for j, t in enumerate(new_ids):
+                if logprobs is not None:
+                    req.output_logprobs.append(logprobs[j])
+                if req.append_token(t):
+                    break
+            if req.is_finished:
+                self.finish_request(req.request_id, req.status)
+            else:
+                req.draft_token_ids = list(out.draft_token_ids.get(s.request_id, ()))
+                req.draft_parents = out.draft_parents.get(s.request_id)
+            updated.append(req)
+        return updated
