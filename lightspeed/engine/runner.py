@@ -43,7 +43,13 @@ class ModelRunner:
         if sched.is_empty:
             return out
         inputs = prepare_inputs(sched, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
+        aux_ids = getattr(self.proposer, "aux_layer_ids", ())
+        aux_hidden = None
+        if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
+            hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
+                                            aux_layer_ids=aux_ids)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
@@ -58,5 +64,5 @@ class ModelRunner:
         if self.verifier is not None:
             self.verifier.verify(self, sched, inputs, logits, out)
         if self.proposer is not None:
-            self.proposer.propose(self, sched, inputs, hidden, out)
+            self.proposer.propose(self, sched, inputs, hidden, aux_hidden, out)
         return out
