@@ -171,6 +171,8 @@ class _OutputState:
                     self.text = self.text[: i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
                     req.truncate_output(self.num_processed)
                     return True
+        if req.is_finished:
+            self.text += self.detok.flush()  # text held back as an incomplete UTF-8 character
         return False
 
     def output(self, req: Request) -> RequestOutput:

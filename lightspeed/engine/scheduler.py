@@ -59,6 +59,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.draft_token_ids and req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens > budget:
+                # NOTE: drafts are verified whole in one pass; drop those past the budget (a
+                # tree's parents precede their children, so a prefix is still a tree)
+                keep = max(0, budget - (req.num_tokens - req.num_computed_tokens))
+                req.draft_token_ids = req.draft_token_ids[:keep]
+                req.draft_parents = req.draft_parents[:keep] if req.draft_parents and keep else None
             num_new = min(req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
@@ -133,7 +139,7 @@ class Scheduler:
             if s.num_draft_tokens:
                 # rejected drafts leave stale KV past num_computed_tokens; it is overwritten later
                 req.num_computed_tokens -= s.num_draft_tokens - num_accepted
-                req.spec.record(s.num_draft_tokens, num_accepted, len(new_ids))
+                req.spec.record(_num_draft_positions(s), num_accepted, len(new_ids))
             req.draft_token_ids, req.draft_parents = [], None
             logprobs = out.logprobs.get(s.request_id)
             for j, t in enumerate(new_ids):
@@ -148,3 +154,13 @@ class Scheduler:
                 req.draft_parents = out.draft_parents.get(s.request_id)
             updated.append(req)
         return updated
+
+
+def _num_draft_positions(s: ScheduledRequest) -> int:
+    """Draft positions verified: the chain length, or a tree's depth."""
+    if s.draft_parents is None:
+        return s.num_draft_tokens
+    depth: list[int] = []
+    for p in s.draft_parents:
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return max(depth, default=0)
