@@ -1,0 +1,203 @@
+"""Llama family decoder: LlamaForCausalLM, Qwen2ForCausalLM (q/k/v bias), MistralForCausalLM
+(sliding window). Parameter names follow HF, with q/k/v fused into `qkv_proj` and gate/up
+into `gate_up_proj` at load time (STACKED_PARAMS).
+
+Residual stream, vLLM style: each RMSNorm adds the pending sublayer output into the
+residual before normalising, so layer i receives (hidden, residual) whose sum is HF's
+hidden_states[i] (the input to layer i; for i = 0 the embeddings, residual None).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from lightspeed.config import ModelConfig
+from lightspeed.errors import CheckpointError
+from lightspeed.layers.activation import silu_and_mul
+from lightspeed.layers.attention import Attention, AttentionMetadata
+from lightspeed.layers.linear import Linear, linear
+from lightspeed.layers.norm import RMSNorm
+from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary
+
+# (fused param, HF param, shard id): HF `...self_attn.k_proj.weight` -> rows 1 of `qkv_proj.weight`
+STACKED_PARAMS = [
+    ("qkv_proj", "q_proj", 0),
+    ("qkv_proj", "k_proj", 1),
+    ("qkv_proj", "v_proj", 2),
+    ("gate_up_proj", "gate_proj", 0),
+    ("gate_up_proj", "up_proj", 1),
+]
+# Checkpoint tensors that carry no weights (old HF exports saved the rotary buffer).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(c.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=c.attention_bias)
+        # NOTE: Llama's attention_bias also adds an o_proj bias; Qwen2's q/k/v bias does not.
+        o_bias = c.attention_bias and c.architecture == "LlamaForCausalLM"
+        self.o_proj = Linear(self.q_size, c.hidden_size, bias=o_bias)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=c.sliding_window)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D] = | q | k | v |
+        qk_size = self.q_size + self.kv_size
+        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)  # [T, Hq + Hkv, D]
+        q = qk[:, : self.num_heads].flatten(1)  # [T, Hq * D] (strided view)
+        k = qk[:, self.num_heads:].flatten(1)  # [T, Hkv * D]
+        v = qkv[:, qk_size:]  # [T, Hkv * D]
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        i = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [i, i], bias=config.mlp_bias)
+        self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden, residual) -> (mlp_out, residual); HF's layer output is their sum."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # NOTE: uninitialised like every other parameter here; load_weights fills it.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                                          config.rope_scaling)
+
+    def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
+        hidden = self.embed_tokens(input_ids)  # [T, H]
+        residual = None
+        cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
+        aux = {}  # layer id -> [T, H]
+        for i, layer in enumerate(self.layers):
+            if i in aux_layer_ids:
+                aux[i] = hidden if residual is None else hidden + residual  # HF hidden_states[i]
+            hidden, residual = layer(hidden, residual, cos, sin, kv_caches[i], attn_meta)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden, aux
+
+
+class LlamaForCausalLM(nn.Module):
+    """Serves LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.requires_grad_(False)
+
+    @staticmethod
+    def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
+        return (2, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_meta: AttentionMetadata, aux_layer_ids: tuple[int, ...] = ()):
+        """input_ids, positions: [T] int64 -> final-normed hidden [T, H].
+
+        With aux_layer_ids, returns (hidden, aux), aux [T, len(ids) * H]: the residual stream
+        *entering* each listed layer (= output of layer i-1, embeddings for i = 0), i.e. HF's
+        output_hidden_states[i]; what EAGLE-3 (and vLLM / SpecForge) capture, in the order given.
+        """
+        bad = [i for i in aux_layer_ids if not 0 <= i < self.config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"aux_layer_ids {bad} out of range [0, {self.config.num_hidden_layers})")
+        hidden, aux = self.model(input_ids, positions, kv_caches, attn_meta, aux_layer_ids)
+        if not aux_layer_ids:
+            return hidden
+        return hidden, torch.cat([aux[i] for i in aux_layer_ids], dim=-1)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [n, H] -> [n, vocab] float32."""
+        return linear(hidden, self.lm_head.weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF-named tensors into the (fused) parameters, casting to their dtype.
+
+        Raises CheckpointError after reading every tensor, naming all that are missing,
+        unexpected or of the wrong shape.
+        """
+        targets = self._checkpoint_targets()  # HF name -> destination view
+        is_tied = self.lm_head.weight is self.model.embed_tokens.weight
+        if is_tied:
+            del targets["lm_head.weight"]
+        unexpected, bad_shapes = [], []
+        for name, tensor in weights:
+            if name.endswith(IGNORED_SUFFIXES) or (is_tied and name == "lm_head.weight"):
+                continue
+            dst = targets.pop(name, None)
+            if dst is None:
+                unexpected.append(name)
+            elif dst.shape != tensor.shape:
+                bad_shapes.append(f"{name}: checkpoint {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
+            else:
+                dst.copy_(tensor)
+        if "lm_head.weight" in targets and "model.embed_tokens.weight" not in targets:
+            # NOTE: no lm_head in the checkpoint: it shares the input embedding (as HF ties it).
+            del targets["lm_head.weight"]
+            self.lm_head.weight = self.model.embed_tokens.weight
+        problems = [f"{len(v)} {kind}: " + "; ".join(sorted(v)[:8]) + (" ..." if len(v) > 8 else "")
+                    for kind, v in (("missing tensors", targets), ("unexpected tensors", unexpected),
+                                    ("wrong shapes", bad_shapes)) if v]
+        if problems:
+            raise CheckpointError(f"checkpoint does not match {self.config.architecture} "
+                                  f"({self.config.num_hidden_layers} layers): " + " | ".join(problems)
+                                  + ". Check that config.json belongs to these weights, or re-download them.")
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_weights_after_loading()  # NOTE: a tied lm_head repacks embed_tokens too
+
+    def _checkpoint_targets(self) -> dict[str, torch.Tensor]:
+        """HF tensor name -> view of the parameter rows it fills."""
+        fused = {}
+        for fused_name, hf_name, shard_id in STACKED_PARAMS:
+            fused.setdefault(fused_name, []).append((hf_name, shard_id))
+        targets = {}
+        for module_name, module in self.named_modules(remove_duplicate=False):
+            leaf = module_name.rsplit(".", 1)[-1]
+            for pname, param in module.named_parameters(recurse=False):
+                if isinstance(module, Linear) and leaf in fused:
+                    prefix = module_name[: -len(leaf)]
+                    for hf_name, shard_id in fused[leaf]:
+                        targets[f"{prefix}{hf_name}.{pname}"] = module.shard(pname, shard_id)
+                else:
+                    targets[f"{module_name}.{pname}"] = param.data
+        return targets
