@@ -68,7 +68,6 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     the position, decides visibility among them.
     """
     _, _, bs, hkv, d = kv_cache.shape
-    hq = q.shape[1]
     out = torch.empty_like(q)
     qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
     for i in range(meta.num_seqs):
@@ -82,10 +81,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         mask = _visible_mask(e - s, n, tm, sliding_window, q.device)
         qi = q[s:e].transpose(0, 1)  # [Hq, q, D]
         ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, n, D]
-        if hkv != hq:
-            ki = ki.repeat_interleave(hq // hkv, dim=0)
-            vi = vi.repeat_interleave(hq // hkv, dim=0)
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=hkv != q.shape[1])
         out[s:e] = o.transpose(0, 1)
     return out
 
