@@ -1,6 +1,8 @@
-"""`lightspeed bench latency`: batch-B decode speed against the memory floor and HF transformers.
+"""`lightspeed bench latency`: decode speed per user against the memory floor, with and
+without speculation, and against HF transformers on the same weights, in one run.
 
-floor per step = (weight bytes + KV bytes read) / measured copy bandwidth
+    floor per step = (weight bytes + KV bytes read) / measured copy bandwidth
+    tokens/s/user  = median over requests of (generated - 1) / (last token time - first token time)
 """
 from __future__ import annotations
 
@@ -11,26 +13,14 @@ import time
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
-    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--prompts", default="random", choices=["random", "humaneval"])
+    p.add_argument("--num-prompts", type=int, default=None, help="prompts per batch size (default: the batch size)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length for --prompts random")
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--num-iters", type=int, default=3, help="timed runs per batch size (median)")
+    p.add_argument("--num-iters", type=int, default=3, help="timed runs (median)")
+    p.add_argument("--spec-k-list", default=None, help="with --speculative: comma-separated k values to sweep")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers on the same weights")
     p.add_argument("--out", default=None, help="JSON file for the results (default bench/results/latency-*.json)")
-
-
-def measure_copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
-    """Bytes per second of a device copy, counting read + write."""
-    import torch
-    x = torch.randn(nbytes // 4, device=device)
-    y = torch.empty_like(x)
-    times = []
-    for _ in range(5):
-        _sync(device)
-        t = time.perf_counter()
-        y.copy_(x)
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / statistics.median(times[1:])
 
 
 def _sync(device) -> None:
@@ -39,100 +29,133 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _random_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def measure_copy_bandwidth(device, nbytes: int = 256 << 20) -> float:
+    """Bytes per second of a device copy, counting read + write."""
     import torch
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(100, vocab - 100, (batch, length), generator=g).tolist()
-
-
-def time_lightspeed(llm, prompts, output_len: int, num_iters: int) -> dict:
-    from lightspeed import SamplingParams
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
-    e2e, decode = [], []
-    for _ in range(num_iters):
-        _sync(llm.engine.device)
+    x = torch.randn(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(6):
+        _sync(device)
         t = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        e2e.append(time.perf_counter() - t)
-        decode.append(statistics.median(o.metrics.decode_tokens_per_s for o in outs))
-    return {"e2e_s": statistics.median(e2e), "decode_tokens_per_s_user": statistics.median(decode)}
+        y.copy_(x)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / statistics.median(times[1:])
 
 
-def time_hf(model_path, prompts, output_len: int, num_iters: int, device, dtype) -> dict:
-    """HF transformers eager greedy generate on the same checkpoint (GGUF or HF dir)."""
+def time_lightspeed(llm, prompts: list[list[int]], batch: int, output_len: int, num_iters: int) -> dict:
+    from lightspeed import SamplingParams
+    from lightspeed.engine.request import SpecStats
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:batch], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
+    llm.engine.spec_stats = SpecStats()  # count the timed runs only
+    user_rates, e2e, tokens = [], [], []
+    for _ in range(num_iters):
+        tokens = []
+        for i in range(0, len(prompts), batch):
+            _sync(llm.engine.device)
+            t = time.perf_counter()
+            outs = llm.generate(prompts[i:i + batch], params)
+            e2e.append(time.perf_counter() - t)
+            user_rates += [o.metrics.decode_tokens_per_s for o in outs]
+            tokens += [o.token_ids for o in outs]
+    stats = llm.engine.spec_stats
+    return {"tokens_per_s_user": statistics.median(user_rates), "e2e_s": statistics.median(e2e),
+            "token_ids": tokens, "acceptance_length": stats.acceptance_length,
+            "acceptance_rate_per_position": stats.acceptance_rate_per_position}
+
+
+def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype) -> dict:
+    """HF transformers eager greedy generate, batch 1, on the same checkpoint (GGUF or HF dir)."""
     import torch
     from transformers import AutoModelForCausalLM
-    kwargs = {"dtype": dtype}
     if model_path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(device).eval()
-    ids = torch.tensor(prompts, device=device)
 
-    def run(n):
+    def run(ids, n):
+        x = torch.tensor([ids], device=device)
         _sync(device)
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
         _sync(device)
         return time.perf_counter() - t
 
-    run(8)
-    first = statistics.median(run(1) for _ in range(num_iters))
-    full = statistics.median(run(output_len) for _ in range(num_iters))
-    return {"e2e_s": full, "decode_tokens_per_s_user": (output_len - 1) / max(full - first, 1e-9)}
+    run(prompts[0], 8)
+    rates = []
+    for ids in prompts:
+        first = statistics.median(run(ids, 1) for _ in range(num_iters))
+        full = statistics.median(run(ids, output_len) for _ in range(num_iters))
+        rates.append((output_len - 1) / max(full - first, 1e-9))
+    return {"tokens_per_s_user": statistics.median(rates)}
+
+
+def _configs(args) -> list[tuple[str | None, int]]:
+    """(speculative spec or None, k): the plain baseline first, then each speculative k."""
+    if not args.speculative:
+        return [(None, 0)]
+    ks = [int(k) for k in args.spec_k_list.split(",")] if args.spec_k_list else [args.num_speculative_tokens]
+    return [(None, 0)] + [(args.speculative, k) for k in ks]
 
 
 def run_latency_bench(args) -> list[dict]:
     import torch
 
+    from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
-    from lightspeed.cli import _speculative
     from lightspeed.engine.llm import LLM
     from lightspeed.loader import resolve_model
+    from lightspeed.spec import SpeculativeConfig
 
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
-    max_len = args.input_len + args.output_len + 16
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len or max_len,
-              speculative=_speculative(args), max_num_seqs=max(batch_sizes))
-    eng = llm.engine
-    mc = eng.model_config
-    bandwidth = measure_copy_bandwidth(eng.device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
-    kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * torch.finfo(eng.dtype).bits // 8
-    results = []
-    for b in batch_sizes:
-        prompts = _random_prompts(b, args.input_len, mc.vocab_size)
-        ls = time_lightspeed(llm, prompts, args.output_len, args.num_iters)
-        avg_ctx = args.input_len + args.output_len / 2
-        floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
-        step_s = 1.0 / ls["decode_tokens_per_s_user"]
-        row = {"name": f"{args.model} bs{b} in{args.input_len} out{args.output_len}"
-                       + (f" spec={args.speculative}" if args.speculative else ""),
-               "model": args.model, "batch_size": b, "input_len": args.input_len, "output_len": args.output_len,
-               "dtype": str(eng.dtype).replace("torch.", ""), "ms_per_step": 1000 * step_s,
-               "tokens_per_s_user": ls["decode_tokens_per_s_user"],
-               "tokens_per_s_server": b * args.output_len / ls["e2e_s"],
-               "e2e_tokens_per_s_user": args.output_len / ls["e2e_s"],
-               "floor_ms_per_step": 1000 * floor_s, "fraction_of_floor": floor_s / step_s,
-               "copy_bandwidth_gb_s": bandwidth / 1e9}
-        if args.speculative:
-            row["speculative"] = args.speculative
-            row["num_speculative_tokens"] = args.num_speculative_tokens
-        if args.compare_hf:
-            hf = time_hf(resolve_model(args.model), prompts, args.output_len, args.num_iters, eng.device, eng.dtype)
-            row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["decode_tokens_per_s_user"],
-                       peer_e2e_tokens_per_s_user=args.output_len / hf["e2e_s"],
-                       speedup_vs_peer=ls["decode_tokens_per_s_user"] / hf["decode_tokens_per_s_user"])
-        results.append(row)
-    cols = ["name", "ms_per_step", "tokens_per_s_user", "e2e_tokens_per_s_user", "fraction_of_floor"]
-    if args.compare_hf:
-        cols += ["peer_tokens_per_s_user", "peer_e2e_tokens_per_s_user", "speedup_vs_peer"]
-    out = args.out or f"bench/results/latency-{args.model.replace('/', '_')}-{eng.device.type}.json"
+    results, baseline = [], {}
+    bandwidth = None
+    for spec, k in _configs(args):
+        speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
+                                                 tree_num_nodes=args.spec_tree_nodes) if spec else None
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len or 4096,
+                  speculative=speculative, max_num_seqs=max(batch_sizes))
+        eng, mc = llm.engine, llm.engine.model_config
+        if bandwidth is None:
+            bandwidth = measure_copy_bandwidth(eng.device)
+            weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+            kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
+        for b in batch_sizes:
+            prompts = load_prompts(args.prompts, args.num_prompts or b, args.input_len, eng.tokenizer, mc.vocab_size)
+            ls = time_lightspeed(llm, prompts, b, args.output_len, args.num_iters)
+            avg_ctx = statistics.mean(len(p) for p in prompts) + args.output_len / 2
+            floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
+            row = {"name": f"{args.model} bs{b} {args.prompts} out{args.output_len}" + (f" spec={spec} k={k}" if spec else ""),
+                   "model": args.model, "batch_size": b, "prompts": args.prompts, "num_prompts": len(prompts),
+                   "output_len": args.output_len, "dtype": str(eng.dtype).replace("torch.", ""),
+                   "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
+                   "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
+                   "floor_ms_per_step": 1000 * floor_s, "copy_bandwidth_gb_s": bandwidth / 1e9}
+            if spec:
+                plain = baseline[b]
+                row.update(speculative=spec, num_speculative_tokens=k, acceptance_length=ls["acceptance_length"],
+                           acceptance_rate_per_position=ls["acceptance_rate_per_position"],
+                           speedup_vs_plain=ls["tokens_per_s_user"] / plain["tokens_per_s_user"],
+                           outputs_identical_to_plain=ls["token_ids"] == plain["token_ids"])
+            else:
+                baseline[b] = ls
+                row.update(ms_per_step=1000 / ls["tokens_per_s_user"],
+                           fraction_of_floor=floor_s * ls["tokens_per_s_user"])
+                if args.compare_hf and b == 1:
+                    hf = time_hf(resolve_model(args.model), prompts, args.output_len, args.num_iters, eng.device, eng.dtype)
+                    row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
+                               speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
+            results.append(row)
+        del llm
+    cols = ["name", "ms_per_token", "tokens_per_s_user", "fraction_of_floor", "acceptance_length",
+            "speedup_vs_plain", "outputs_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
+    out = args.out or f"bench/results/latency-{args.model.replace('/', '_')}-{torch.device(eng.device).type}.json"
     path = save_results(out, eng.device, results)
-    print_table(results, cols)
+    print_table(results, [c for c in cols if any(c in r for r in results)])
     print(f"saved {path}")
     return results

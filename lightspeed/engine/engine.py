@@ -2,6 +2,7 @@
 detokenize (stop strings) -> outputs."""
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 
@@ -10,7 +11,7 @@ import torch
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
-from lightspeed.engine.request import Request, RequestStatus
+from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
@@ -29,8 +30,21 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype):
-    """Resolve, open and load a checkpoint -> (model, tokenizer)."""
-    ckpt = open_checkpoint(resolve_model(model))
+    """Resolve, open and load a checkpoint -> (model, tokenizer).
+
+    NOTE: cached by (path, modification time, device, dtype): engines in one process share
+    loaded weights (a model holds no per-request state; KV caches belong to runners), so a
+    benchmark sweep loads each checkpoint once.
+    """
+    path = resolve_model(model)
+    stamp = max((f.stat().st_mtime_ns for f in ([path] + sorted(path.glob("*")) if path.is_dir() else [path]))
+                if path.exists() else [0])
+    return _load_model(path, stamp, device, dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(path, mtime_ns: int, device: torch.device, dtype: torch.dtype):
+    ckpt = open_checkpoint(path)
     tokenizer = ckpt.tokenizer()
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -79,6 +93,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
+        self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
 
     # -- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -133,6 +148,7 @@ class Engine:
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             outputs.append(state.output(req))
             if req.is_finished:
+                self.spec_stats.merge(req.spec)
                 del self._states[req.request_id]
         return outputs
 
