@@ -1,0 +1,325 @@
+"""Paged attention over the KV cache, shared by decode (1 query token per sequence), verify
+(k+1 <= 16 query tokens, causal or tree mask) and prefill (longer q): split-KV
+(flash-decoding) with GQA head grouping.
+
+    kv_cache [2, num_blocks, block_size, Hkv, D]; key j of sequence s sits in
+    block block_tables[s, j // block_size], offset j % block_size.
+
+One program = (sequence s, kv head, q tile, partition): its rows are the Q_TILE query tokens
+of the tile times the G = Hq / Hkv query heads of the kv head, padded to BLOCK_M:
+
+    row r -> query token qi = tile * Q_TILE + r // G, query head kvh * G + r % G
+
+and it reads keys [lo, hi) of its tile (causal end, sliding-window start) cut to its
+partition [part * PART, (part + 1) * PART). With NUM_PARTS > 1 each program writes an
+unnormalised partial (acc, running max m in log2 units, sum l) and the reduce kernel merges
+the partitions of each (token, head); with one partition the program writes the output.
+
+Query token qi of sequence s (q_len tokens, ctx = seq_len - q_len cached keys before them)
+sits at position ctx + qi and sees key j when
+    j <= ctx + qi                    (causal; with a tree mask: j < ctx or tree[s, qi, j - ctx])
+    j >  ctx + qi - sliding_window   (when a window is set)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lightspeed.kernels._common import (cdiv, dot, dot_in_f32, next_pow2, num_sms, pdl_launch_dependents, pdl_wait,
+                                        require_triton, tl, triton, use_pdl)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE: tl.constexpr, HAS_TREE: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr):
+    """Keys [lo, hi) that some query of the tile [tile_q0, tile_q0 + Q_TILE) may see."""
+    ctx = seq_len - q_len
+    if HAS_TREE:
+        hi = seq_len
+    else:
+        hi = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + Q_TILE, q_len))
+    lo = hi * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, ctx + tile_q0 - window + 1)
+    return lo, hi
+
+
+@triton.jit
+def _paged_attn_kernel(
+    q_ptr,  # [T, Hq, D]
+    kv_ptr,  # [2, num_blocks, BS, Hkv, D]
+    block_tables_ptr,  # [S, max_blocks] int32
+    seq_lens_ptr,  # [S] int32
+    qsl_ptr,  # [S + 1] int32 query_start_loc (unused when IS_DECODE: token s is sequence s)
+    tree_ptr,  # [S, TQ, TQ] uint8, 1 = may attend (unused unless HAS_TREE)
+    out_ptr,  # [T, Hq, D] (NUM_PARTS == 1) or partial acc [T, Hq, NUM_PARTS, D] float32
+    ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum) (unused when NUM_PARTS == 1)
+    qk_scale,  # softmax scale * log2(e)
+    window, part_size, num_parts,
+    stride_q_t, stride_q_h, stride_kv_kv, stride_kv_blk, stride_kv_tok, stride_kv_h,
+    stride_bt, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
+    HQ: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    q_tile = tl.program_id(2) // num_parts
+    part = tl.program_id(2) % num_parts
+    seq_len = tl.load(seq_lens_ptr + s)
+    if IS_DECODE:
+        q_start = s
+        q_len = seq_len * 0 + 1
+    else:
+        q_start = tl.load(qsl_ptr + s)
+        q_len = tl.load(qsl_ptr + s + 1) - q_start
+    ctx = seq_len - q_len
+    tile_q0 = q_tile * Q_TILE
+    lo, hi = _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE, HAS_TREE, HAS_WINDOW)
+    lo = tl.maximum(lo, part * part_size)
+    hi = tl.minimum(hi, part * part_size + part_size)
+    # NOTE: a program with no keys writes nothing; the reduce skips its partition, and with
+    # one partition every valid tile has keys (each query sees itself).
+    if (tile_q0 < q_len) & (lo < hi):
+        offs_m = tl.arange(0, BLOCK_M)
+        qi = tile_q0 + offs_m // G
+        head = kvh * G + offs_m % G
+        row_ok = (offs_m < Q_TILE * G) & (qi < q_len)
+        q_pos = ctx + qi  # [BLOCK_M]
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        tok = (q_start + qi).to(tl.int64)
+        bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+        pdl_wait(USE_PDL)
+        q = tl.load(q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        kv_base = kv_ptr + kvh.to(tl.int64) * stride_kv_h
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            blk = tl.load(bt_row + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
+            kv_off = blk * stride_kv_blk + (offs_n % BS).to(tl.int64) * stride_kv_tok  # [BLOCK_N]
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
+            if HAS_TREE:
+                is_new = offs_n >= ctx
+                tm = tl.load(tree_ptr + s.to(tl.int64) * stride_tree_s + qi[:, None] * stride_tree_q
+                             + (offs_n - ctx)[None, :],
+                             mask=row_ok[:, None] & (is_new & n_ok)[None, :], other=0)
+                seen = n_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
+            else:
+                seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:
+                seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+            qk = tl.where(seen, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+            p = tl.exp2(qk - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), DOT_F32)
+            m_i = m_new
+        pdl_launch_dependents(USE_PDL)
+        if SPLIT:
+            prow = (tok * HQ + head) * num_parts + part  # [BLOCK_M] row of [T, Hq, NUM_PARTS]
+            tl.store(out_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(ml_ptr + prow * 2, m_i, mask=row_ok)
+            tl.store(ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
+        else:
+            o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _paged_attn_reduce_kernel(
+    acc_ptr,  # [T, Hq, NUM_PARTS, D] float32 partial acc
+    ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum)
+    seq_lens_ptr,  # [S] int32
+    qsl_ptr,  # [S + 1] int32 (unused when IS_DECODE)
+    out_ptr,  # [T, Hq, D]
+    window, part_size, num_parts, stride_o_t, stride_o_h,
+    HQ: tl.constexpr, Q_TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    # grid (S, Hq, max_q_len): one (query token, head) each
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    qi = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + s)
+    if IS_DECODE:
+        q_start = s
+        q_len = seq_len * 0 + 1
+    else:
+        q_start = tl.load(qsl_ptr + s)
+        q_len = tl.load(qsl_ptr + s + 1) - q_start
+    if qi < q_len:
+        lo, hi = _tile_kv_range(seq_len, q_len, (qi // Q_TILE) * Q_TILE, window, Q_TILE, HAS_TREE, HAS_WINDOW)
+        p_lo = lo // part_size
+        p_hi = tl.where(hi > lo, (hi + part_size - 1) // part_size, p_lo)
+        p_hi = tl.minimum(p_hi, num_parts)
+        row = ((q_start + qi).to(tl.int64) * HQ + h) * num_parts  # partition 0 of this (token, head)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        pdl_wait(USE_PDL)
+        m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            p_ok = p0 + offs_p < p_hi
+            m_max = tl.maximum(m_max, tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf")))
+        m_all = tl.max(m_max, axis=0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        l_vec = tl.zeros([BLOCK_P], tl.float32)
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            p_ok = p0 + offs_p < p_hi
+            m = tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf"))
+            l = tl.load(ml_ptr + (row + p0 + offs_p) * 2 + 1, mask=p_ok, other=0.0)
+            w = tl.exp2(m - m_all)  # [BLOCK_P], 0 for empty partitions
+            l_vec += w * l
+            part_acc = tl.load(acc_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :],
+                               mask=p_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * part_acc, axis=0)
+        pdl_launch_dependents(USE_PDL)
+        l_all = tl.sum(l_vec, axis=0)
+        o = acc / tl.where(l_all > 0.0, l_all, 1.0)
+        tl.store(out_ptr + (q_start + qi).to(tl.int64) * stride_o_t + h * stride_o_h + offs_d,
+                 o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+def choose_partition_size(num_programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Keys per partition so that (programs x partitions) covers about two waves of the GPU."""
+    target = 2 * num_sms(device)
+    parts = max(1, cdiv(target, max(num_programs, 1)))
+    return max(block_n, next_pow2(cdiv(max(max_seq_len, 1), parts)))
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
+                           max_seq_len: int, max_q_len: int, *, q_tile: int, tree_mask: torch.Tensor | None = None,
+                           sliding_window: int | None = None, partition_size: int | None = None,
+                           block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The common launcher: q [T, Hq, D] -> [T, Hq, D]. query_start_loc None means decode
+    (token s is sequence s). max_seq_len / max_q_len: host-side upper bounds of seq_lens and
+    of the query lengths; they fix the grid (a CUDA graph captures them)."""
+    require_triton(q)
+    if q.dim() != 3 or q.stride(2) != 1:
+        raise ValueError(f"paged attention: q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}")
+    t, hq, d = q.shape
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != d or kv_cache.stride(4) != 1:
+        raise ValueError(f"paged attention: kv_cache must be [2, blocks, block_size, Hkv, {d}] with contiguous D, "
+                         f"got {tuple(kv_cache.shape)}")
+    _, _, bs, hkv, _ = kv_cache.shape
+    if hq % hkv:
+        raise ValueError(f"paged attention: {hq} query heads are not a multiple of {hkv} kv heads")
+    if d > 256:
+        raise ValueError(f"paged attention: head_dim {d} > 256 is not supported")
+    s = seq_lens.shape[0]
+    if block_tables.dim() != 2 or block_tables.shape[0] != s or block_tables.dtype != torch.int32 \
+            or block_tables.stride(1) != 1:
+        raise ValueError("paged attention: block_tables must be int32 [S, max_blocks] with contiguous rows")
+    if seq_lens.dtype != torch.int32:
+        raise ValueError("paged attention: seq_lens must be int32")
+    is_decode = query_start_loc is None
+    if is_decode and t != s:
+        raise ValueError(f"paged decode: {t} query tokens for {s} sequences")
+    if not is_decode and (query_start_loc.dtype != torch.int32 or tuple(query_start_loc.shape) != (s + 1,)):
+        raise ValueError("paged attention: query_start_loc must be int32 [S + 1]")
+    if tree_mask is not None:
+        if tree_mask.dim() != 3 or tree_mask.shape[0] != s or tree_mask.shape[1] < max_q_len \
+                or tree_mask.shape[2] < max_q_len or tree_mask.stride(2) != 1:
+            raise ValueError(f"paged attention: tree_mask must be [S, >= {max_q_len}, >= {max_q_len}] "
+                             f"with contiguous rows, got {tuple(tree_mask.shape)}")
+        if tree_mask.dtype == torch.bool:
+            tree_mask = tree_mask.view(torch.uint8)
+    out = torch.empty_like(q) if out is None else out
+    if tuple(out.shape) != (t, hq, d) or out.stride(2) != 1:
+        raise ValueError(f"paged attention: out must be [{t}, {hq}, {d}] with contiguous D")
+    if t == 0 or s == 0:
+        return out
+    g = hq // hkv
+    block_m = max(16, next_pow2(q_tile * g))
+    if block_n is None:
+        # NOTE: float32 (tests) dots run on FMAs and need small tiles to stay in registers
+        block_n = 16 if q.dtype == torch.float32 else 64 if d <= 128 and block_m <= 64 else 32
+    block_n = max(16, block_n)
+    num_q_tiles = cdiv(max_q_len, q_tile)
+    if partition_size is None:
+        partition_size = choose_partition_size(s * hkv * num_q_tiles, max_seq_len, block_n, q.device)
+    num_parts = max(1, cdiv(max_seq_len, partition_size))
+    split = num_parts > 1
+    if split:
+        part_acc = torch.empty((t, hq, num_parts, d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((t, hq, num_parts, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_acc, part_ml = out, out
+    pdl = use_pdl(q.device)
+    window = int(sliding_window) if sliding_window else 0
+    qsl = query_start_loc if query_start_loc is not None else seq_lens
+    tree = tree_mask if tree_mask is not None else seq_lens
+    num_warps = 8 if block_m >= 32 or d > 128 else 4
+    _paged_attn_kernel[(s, hkv, num_q_tiles * num_parts)](
+        q, kv_cache, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
+        # NOTE: one partition is not cut at partition_size, so a stale max_seq_len drops no keys
+        scale * LOG2E, window, partition_size if split else 1 << 30, num_parts,
+        q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), tree.stride(0) if tree_mask is not None else 0,
+        tree.stride(1) if tree_mask is not None else 0, out.stride(0), out.stride(1),
+        HQ=hq, G=g, Q_TILE=q_tile, BLOCK_M=block_m, D=d, BLOCK_D=max(16, next_pow2(d)), BS=bs, BLOCK_N=block_n,
+        SPLIT=split, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
+        DOT_F32=dot_in_f32(), USE_PDL=pdl, num_warps=num_warps, num_stages=2, launch_pdl=pdl,
+    )
+    if split:
+        _paged_attn_reduce_kernel[(s, hq, max_q_len)](
+            part_acc, part_ml, seq_lens, qsl, out, window, partition_size, num_parts, out.stride(0), out.stride(1),
+            HQ=hq, Q_TILE=q_tile, D=d, BLOCK_D=next_pow2(d), BLOCK_P=min(16, next_pow2(num_parts)),
+            IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0, USE_PDL=pdl,
+            num_warps=4 if d > 64 else 2, launch_pdl=pdl,
+        )
+    return out
+
+
+def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                        seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
+                        tree_mask: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
+    """Plain torch (float32 softmax), the semantics of layers/attention.paged_attention_ref;
+    query_start_loc None means one query token per sequence. Syncs with the host."""
+    _, _, bs, hkv, d = kv_cache.shape
+    hq = q.shape[1]
+    out = torch.zeros_like(q)
+    lens = seq_lens.tolist()
+    qsl = list(range(len(lens) + 1)) if query_start_loc is None else query_start_loc.tolist()
+    for i, n in enumerate(lens):
+        s, e = qsl[i], qsl[i + 1]
+        nq = e - s
+        if nq <= 0 or n <= 0:
+            continue
+        blocks = block_tables[i, : (n + bs - 1) // bs].long()
+        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()  # [Hkv, n, D]
+        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()
+        k = k.repeat_interleave(hq // hkv, dim=0)
+        v = v.repeat_interleave(hq // hkv, dim=0)
+        ctx = n - nq
+        q_pos = torch.arange(ctx, n, device=q.device)[:, None]  # [nq, 1]
+        k_pos = torch.arange(n, device=q.device)[None, :]  # [1, n]
+        mask = k_pos <= q_pos
+        if tree_mask is not None:
+            mask[:, ctx:] = tree_mask[i, :nq, :nq].to(q.device).bool()
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale)
+        out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

@@ -1,0 +1,27 @@
+"""Paged decode attention: one query token per sequence, split-KV (flash-decoding) with GQA
+head grouping; the kernels live in paged_attention.py (shared with verify and prefill).
+
+    q [S, Hq, D], kv_cache [2, num_blocks, block_size, Hkv, D], block_tables [S, max_blocks]
+    int32, seq_lens [S] int32 (keys of sequence s, its new token's included) -> [S, Hq, D]
+"""
+from __future__ import annotations
+
+import torch
+
+from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+
+
+def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                                  seq_lens: torch.Tensor, scale: float, max_seq_len: int,
+                                  sliding_window: int | None = None, *, partition_size: int | None = None,
+                                  block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """max_seq_len: a host-side upper bound of seq_lens (fixes the number of partitions)."""
+    return paged_attention_triton(q, kv_cache, block_tables, seq_lens, None, scale, max_seq_len, 1, q_tile=1,
+                                  sliding_window=sliding_window, partition_size=partition_size, block_n=block_n,
+                                  out=out)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                               seq_lens: torch.Tensor, scale: float,
+                               sliding_window: int | None = None) -> torch.Tensor:
+    return paged_attention_ref(q, kv_cache, block_tables, seq_lens, None, scale, sliding_window=sliding_window)

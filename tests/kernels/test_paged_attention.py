@@ -1,0 +1,125 @@
+"""Decode, verify and prefill attention over the paged KV cache against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightspeed.kernels.paged_attention import paged_attention_ref
+from lightspeed.kernels.paged_decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton
+from lightspeed.kernels.paged_verify_attention import (pack_tree_masks, paged_verify_attention_ref,
+                                                       paged_verify_attention_triton)
+from tests.kernels.helpers import DEVICES, TOL, assert_all_written, poison, rel_err
+
+
+def make_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device):
+    """Random paged cache with shuffled blocks (plus unused ones), block tables, q."""
+    num_blocks = sum(-(-n // bs) for n in seq_lens) + 3
+    kv = torch.randn(2, num_blocks, bs, hkv, d, device=device).to(dtype)
+    perm = torch.randperm(num_blocks).tolist()
+    max_blocks = max(-(-n // bs) for n in seq_lens) + 1  # one spare column
+    bt = torch.full((len(seq_lens), max_blocks), 10**6, dtype=torch.int32)  # never read
+    for i, n in enumerate(seq_lens):
+        nb = -(-n // bs)
+        bt[i, :nb] = torch.tensor([perm.pop() for _ in range(nb)], dtype=torch.int32)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(sum(q_lens), hq, d, device=device).to(dtype)
+    return q, kv, bt.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device), qsl.to(device)
+
+
+def random_tree_masks(q_lens):
+    """Per sequence: each new token sees itself and a random set of earlier ones (a tree's ancestors)."""
+    masks = []
+    for n in q_lens:
+        m = torch.tril(torch.rand(n, n) < 0.5) | torch.eye(n, dtype=torch.bool)
+        masks.append(m)
+    return masks
+
+
+DECODE_CASES = [  # seq_lens, hq, hkv, d, block_size, window, partition_size
+    ([37, 70, 1], 14, 2, 64, 16, None, None),
+    ([37, 70, 5], 14, 2, 64, 16, None, 32),       # split-KV + reduce
+    ([50, 9], 9, 3, 64, 8, None, 16),
+    ([100, 33], 4, 2, 128, 16, 20, 32),           # sliding window across partitions
+    ([40], 8, 8, 80, 16, None, 16),               # MHA, head_dim 80
+    ([64, 17], 4, 1, 256, 16, None, 32),          # head_dim 256
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=[str(i) for i in range(len(DECODE_CASES))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode(device, case, dtype):
+    seq_lens, hq, hkv, d, bs, window, part = case
+    q, kv, bt, sl, _ = make_batch(seq_lens, [1] * len(seq_lens), hq, hkv, d, bs, dtype, device)
+    out = poison(q.shape, dtype, device)
+    o = paged_decode_attention_triton(q, kv, bt, sl, d ** -0.5, max(seq_lens) + 5, window, partition_size=part,
+                                      block_n=16 if device == "cpu" else None, out=out)
+    ref = paged_decode_attention_ref(q, kv, bt, sl, d ** -0.5, window)
+    assert_all_written(o)
+    assert rel_err(o, ref) < TOL[dtype]
+
+
+VERIFY_CASES = [  # seq_lens, q_lens, hq, hkv, d, block_size, tree, window, partition_size
+    ([37, 21, 60], [5, 3, 1], 14, 2, 64, 16, False, None, None),
+    ([37, 21], [5, 4], 9, 3, 64, 8, False, None, 16),
+    ([40, 33], [5, 5], 9, 3, 64, 8, True, None, 16),
+    ([70, 19], [4, 16], 12, 2, 128, 16, True, 12, 32),
+    ([26], [2], 4, 2, 80, 16, False, 7, None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", VERIFY_CASES, ids=[str(i) for i in range(len(VERIFY_CASES))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_verify(device, case, dtype):
+    seq_lens, q_lens, hq, hkv, d, bs, tree, window, part = case
+    q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device)
+    tm = pack_tree_masks(random_tree_masks(q_lens), max(q_lens), device) if tree else None
+    out = poison(q.shape, dtype, device)
+    o = paged_verify_attention_triton(q, kv, qsl, sl, bt, d ** -0.5, max(seq_lens), max(q_lens), tm, window,
+                                      partition_size=part, block_n=16 if device == "cpu" else None, out=out)
+    ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm, window)
+    assert_all_written(o)
+    assert rel_err(o, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill(device, dtype):
+    """Whole prompts, a second chunk after a cached context, and a decode token in one batch."""
+    seq_lens, q_lens = [23, 45, 30], [23, 20, 1]
+    q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, 9, 3, 64, 8, dtype, device)
+    out = poison(q.shape, dtype, device)
+    o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), q_tile=8,
+                                       block_n=16 if device == "cpu" else None, out=out)
+    assert_all_written(o)
+    assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125)) < TOL[dtype]
+    o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), sliding_window=10)
+    assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125, 10)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_bounds(device):
+    """Grid sized for larger bounds than the batch (a CUDA-graph bucket): same result."""
+    q, kv, bt, sl, qsl = make_batch([30, 12], [3, 2], 4, 2, 64, 16, torch.bfloat16, device)
+    ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, 0.125)
+    o = paged_verify_attention_triton(q, kv, qsl, sl, bt, 0.125, 200, 5, partition_size=32)
+    assert rel_err(o, ref) < 1e-2
+
+
+def test_ref_matches_layer_ref():
+    """kernels' reference == layers/attention.py's, on the metadata the runner builds."""
+    from lightspeed.layers.attention import AttentionMetadata
+    from lightspeed.layers.attention import paged_attention_ref as layer_ref
+
+    seq_lens, q_lens = [37, 21, 9], [5, 1, 3]
+    q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, 6, 2, 32, 8, torch.float32, "cpu")
+    masks = random_tree_masks(q_lens)
+    masks[1] = None
+    meta = AttentionMetadata(slot_mapping=torch.zeros(9, dtype=torch.long), query_start_loc=qsl, seq_lens=sl,
+                             block_tables=bt, query_start_loc_cpu=qsl.tolist(), seq_lens_cpu=seq_lens,
+                             tree_masks=masks)
+    for window in (None, 6):
+        ours = paged_attention_ref(q, kv, bt, sl, qsl, 0.2, pack_tree_masks(masks, 5, "cpu"), window)
+        torch.testing.assert_close(ours, layer_ref(q, kv, meta, 0.2, window), atol=1e-5, rtol=1e-5)
