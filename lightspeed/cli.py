@@ -18,6 +18,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", default=None,
                    help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--spec-tree-topk", type=int, default=None,
+                   help="draft a tree: branches per expanded node (EAGLE-2 style; 1 = chain)")
+    p.add_argument("--spec-tree-depth", type=int, default=None, help="tree depth (default: --num-speculative-tokens)")
+    p.add_argument("--spec-tree-nodes", type=int, default=None, help="draft tokens verified per step (default: topk * depth)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +44,8 @@ def _speculative(args):
     if not args.speculative:
         return None
     from lightspeed.spec import SpeculativeConfig
-    return SpeculativeConfig.from_cli(args.speculative, args.num_speculative_tokens)
+    return SpeculativeConfig.from_cli(args.speculative, args.num_speculative_tokens, tree_topk=args.spec_tree_topk,
+                                      tree_depth=args.spec_tree_depth, tree_num_nodes=args.spec_tree_nodes)
 
 
 def _llm(args):
