@@ -4,6 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run tiny models of small ops: one intra-op thread is faster, and far faster on a
+    loaded machine (OpenMP workers spin-wait for busy cores)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +29,6 @@ def smollm2_path() -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

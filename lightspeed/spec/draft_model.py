@@ -1,0 +1,122 @@
+"""Draft-model proposer: a small model with the target's tokenizer drafts autoregressively.
+
+The draft keeps its own paged KV cache. `cached[rid]` lists the tokens whose KV the draft
+holds at positions 0 .. len - 1; each step the catch-up pass feeds the context past the
+longest common prefix of `cached` and the context (the tokens emitted since, including any
+accepted drafts the draft did not feed), so rejected drafts are rolled back by
+overwriting. A chain keeps the KV of the drafts it fed; a tree's nodes sit in scratch
+slots and the accepted path is fed again by the next catch-up pass (the same pass that
+feeds the bonus token, so it costs no extra forward).
+"""
+from __future__ import annotations
+
+import torch
+
+from lightspeed.errors import TokenizerMismatchError
+from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
+from lightspeed.spec.proposer import DraftJob
+
+
+def check_vocabularies(target_tok, draft_tok, draft_vocab_size: int, target_vocab_size: int, target_name: str,
+                       draft_name: str) -> None:
+    """Same token -> id map in both tokenizers, and a draft embedding that covers every id
+    the target can produce (an embedding padded larger than the tokenizer is fine)."""
+    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+    if tv != dv:
+        diff = sorted(set(tv.items()) ^ set(dv.items()), key=lambda kv: kv[1])[:3]
+        raise TokenizerMismatchError(
+            f"draft model {draft_name!r} does not share the target {target_name!r}'s tokenizer "
+            f"({len(dv)} vs {len(tv)} tokens; differing entries such as {diff}). Speculative decoding "
+            "needs a draft with the same vocabulary: pick a smaller model of the same family.")
+    needed = min(max(tv.values(), default=-1) + 1, target_vocab_size)
+    if draft_vocab_size < needed:
+        raise TokenizerMismatchError(
+            f"draft model {draft_name!r} has {draft_vocab_size} embedding rows but the target can produce token "
+            f"ids up to {needed - 1}; the draft checkpoint does not cover its tokenizer.")
+
+
+def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
+    n = min(len(a), len(b))
+    i = min(start, n)
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def kv_num_blocks(runner, bytes_per_block: int) -> int:
+    """As many blocks as the target has, or what fits in 90% of the free GPU memory."""
+    num = runner.kv_caches[0].shape[1]
+    if runner.device.type == "cuda":
+        num = min(num, int(torch.cuda.mem_get_info(runner.device)[0] * 0.9 // bytes_per_block))
+    return max(num, 1)
+
+
+class DraftModelProposer(ModelDrafter):
+    def __init__(self, config, engine):
+        super().__init__(config, engine)
+        from lightspeed.engine.engine import load_model
+        self.model, tokenizer = load_model(config.model, engine.device, engine.dtype)
+        mc = self.model.config
+        check_vocabularies(engine.tokenizer, tokenizer, mc.vocab_size, engine.model_config.vocab_size,
+                           engine.config.model, config.model)
+        self.target_vocab_size = engine.model_config.vocab_size
+        # NOTE: the draft's rotary table ends at its own max_position_embeddings
+        self.max_model_len = min(self.max_model_len, mc.max_position_embeddings)
+        self.device, self.dtype = engine.device, engine.dtype
+        self.kv: DraftKV | None = None
+        self.cached: dict[str, list[int]] = {}  # request id -> tokens with KV at positions 0..
+        self.stable: dict[str, int] = {}  # request id -> context length at the last proposal
+
+    def _init_kv(self, runner) -> DraftKV:
+        mc = self.model.config
+        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
+                     * torch.finfo(self.dtype).bits // 8)
+        return DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
+                       runner.block_size, self.device, self.dtype)
+
+    def drop(self, request_id: str) -> None:
+        super().drop(request_id)
+        self.cached.pop(request_id, None)
+        self.stable.pop(request_id, None)
+        if self.kv is not None:
+            self.kv.free(request_id)
+
+    def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, None]:
+        ids, pos, meta, rows = self.kv.prepare(seqs)
+        hidden = self.model(ids, pos, self.kv.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[rows])  # [R, V_draft]
+        v = self.target_vocab_size
+        if logits.shape[1] > v:  # padded draft embedding: the extra rows are no tokens
+            logits = logits[:, :v]
+        elif logits.shape[1] < v:
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], v - logits.shape[1]), float("-inf"))], 1)
+        return logits, None
+
+    def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
+        if self.kv is None:
+            self.kv = self._init_kv(runner)
+        seqs, kept = [], []
+        for job in jobs:
+            rid, ctx = job.request_id, job.context
+            n = len(ctx)
+            cached = self.cached.get(rid, [])
+            valid = min(common_prefix(cached, ctx, self.stable.get(rid, 0)), n - 1)
+            if not self.kv.ensure(rid, n + self._scratch_slots(job)):
+                continue  # NOTE: the draft's cache is full: this request decodes without drafts this step
+            seqs.append(DraftSeq(rid, ctx[valid:], list(range(valid, n)), valid, [n - 1 - valid]))
+            kept.append(job)
+        if not seqs:
+            return []
+        logits, _ = self._forward(seqs)
+        roots = []
+        for j, job in enumerate(kept):
+            n = job.num_tokens
+            self.cached[job.request_id] = list(job.context)
+            self.stable[job.request_id] = n
+            roots.append(Root(job, logits[j], None, feed_base=n - 1, storage_base=n))
+        return roots
+
+    def _after_draft(self, roots: list[Root], tokens: dict[str, list[int]]) -> None:
+        for r in roots:
+            fed = tokens[r.job.request_id][:-1]  # a chain feeds every draft but its last
+            self.cached[r.job.request_id] += fed

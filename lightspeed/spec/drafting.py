@@ -1,0 +1,220 @@
+"""Drafting with a model (draft model, EAGLE-3 head): its own paged KV cache and the
+chain / tree loops shared by both.
+
+Storage of one request in the drafter's cache (slot index = index into its block table):
+
+    | committed tokens (slot = position)   | scratch: draft nodes fed this step |
+    0                               storage_base
+
+A chain's scratch slots are its positions; a tree's fed nodes sit at consecutive scratch
+slots in feed order with positions base + depth, and attend through an ancestor mask.
+NOTE: the attention layer's tree mask only covers the new tokens of a pass, so at each
+tree depth every fed node is fed again (same inputs, same KV), O(topk * depth^2) tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightspeed.engine.block_manager import BlockManager
+from lightspeed.engine.sampler import sample_from_probs, sampling_logits
+from lightspeed.layers.attention import AttentionMetadata
+from lightspeed.spec.proposer import DraftJob, Proposer
+from lightspeed.spec.tree import TreeBuilder
+
+
+@dataclass
+class DraftSeq:
+    """Tokens of one request fed to the drafter in one pass."""
+
+    request_id: str
+    token_ids: list[int]
+    positions: list[int]
+    storage_start: int  # slot of the first token; every slot before it is visible
+    logit_rows: list[int]  # local indices whose logits (and output hidden) are wanted
+    tree_mask: torch.Tensor | None = None  # [n, n] among these tokens; None = causal
+    hidden: torch.Tensor | None = None  # EAGLE-3: [n, H] input hidden state of each token
+
+
+@dataclass
+class Root:
+    """Where a request's drafting starts after the catch-up pass."""
+
+    job: DraftJob
+    logits: torch.Tensor  # [V] drafter logits (target vocabulary) for the first draft position
+    hidden: torch.Tensor | None  # [H] output hidden that feeds the depth-1 nodes (EAGLE-3)
+    feed_base: int  # a node at depth d is fed at position feed_base + d
+    storage_base: int  # first scratch slot
+
+
+class DraftKV:
+    """A drafter's paged KV cache and block tables (same layout as the target's)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.block_size = block_size
+        self.device = device
+        self.kv_caches = [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+                          for _ in range(num_layers)]
+        self.blocks = BlockManager(num_blocks, block_size)
+
+    def ensure(self, request_id: str, num_slots: int) -> bool:
+        return self.blocks.allocate(request_id, num_slots)
+
+    def free(self, request_id: str) -> None:
+        self.blocks.free(request_id)
+
+    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
+        ids, pos, slots, qsl, lens, rows, masks = [], [], [], [0], [], [], []
+        bs = self.block_size
+        for s in seqs:
+            table = self.blocks.get_block_table(s.request_id)
+            n = len(s.token_ids)
+            ids += s.token_ids
+            pos += s.positions
+            slots += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
+            rows += [qsl[-1] + r for r in s.logit_rows]
+            qsl.append(qsl[-1] + n)
+            lens.append(s.storage_start + n)
+            masks.append(s.tree_mask)
+        max_blocks = max(len(self.blocks.get_block_table(s.request_id)) for s in seqs)
+        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            table = self.blocks.get_block_table(s.request_id)
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+
+        def t(x, dtype=torch.int64):
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32), seq_lens=t(lens, torch.int32),
+            block_tables=tables.to(self.device), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
+            tree_masks=masks if any(m is not None for m in masks) else None)
+        return t(ids), t(pos), meta, t(rows)
+
+
+class ModelDrafter(Proposer):
+    """Chain / tree drafting with a model; subclasses provide the catch-up pass and forward."""
+
+    def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> logits [R, V_target] float32 of every seq's logit_rows, and their output hidden
+        states [R, H] (None when the drafter does not feed hidden states back)."""
+        raise NotImplementedError
+
+    def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
+        raise NotImplementedError
+
+    def _scratch_slots(self, job: DraftJob) -> int:
+        """Scratch slots the drafting of `job` may use."""
+        if self.config.is_tree:
+            return self.config.tree_topk * max(job.max_depth - 1, 0)
+        return max(job.max_depth - 1, 0)
+
+    def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
+        roots = self._catch_up(runner, sched, inputs, aux_hidden, jobs)
+        if not roots:
+            return
+        if self.config.is_tree:
+            self._draft_trees(roots, out)
+        else:
+            self._draft_chains(roots, out)
+
+    # -- chains ------------------------------------------------------------------------
+    def _draft_chains(self, roots: list[Root], out) -> None:
+        tokens: dict[str, list[int]] = {r.job.request_id: [] for r in roots}
+        probs: dict[str, list[torch.Tensor]] = {r.job.request_id: [] for r in roots}
+        active = roots
+        logits = torch.stack([r.logits for r in roots])  # [B, V]
+        hid = [r.hidden for r in roots]
+        for step in range(max(r.job.max_depth for r in roots)):
+            chosen = self._choose(active, logits)
+            for r, (t, q) in zip(active, chosen):
+                tokens[r.job.request_id].append(t)
+                if q is not None:
+                    probs[r.job.request_id].append(q)
+            keep = [i for i, r in enumerate(active) if r.job.max_depth > step + 1]
+            if not keep:
+                break
+            seqs = []
+            for i in keep:
+                r = active[i]
+                seqs.append(DraftSeq(r.job.request_id, [chosen[i][0]], [r.feed_base + step + 1],
+                                     r.storage_base + step, [0], hidden=None if hid[i] is None else hid[i][None]))
+            active = [active[i] for i in keep]
+            logits, h = self._forward(seqs)
+            hid = [None] * len(active) if h is None else list(h)
+        for r in roots:
+            rid = r.job.request_id
+            self.emit(out, rid, tokens[rid], None)
+            if probs[rid]:
+                self.draft_probs[rid] = torch.stack(probs[rid])
+        self._after_draft(roots, tokens)
+
+    def _choose(self, roots: list[Root], logits: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+        """One draft per row: argmax for greedy requests, else a sample from the drafter's
+        sampling distribution q (same temperature / top-k / top-p / min-p as the target)."""
+        greedy = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
+        result: list[tuple[int, torch.Tensor | None]] = [(t, None) for t in greedy]
+        if sampled:
+            q = sampling_logits(logits[sampled], [roots[i].job.params for i in sampled]).softmax(dim=-1)
+            picks = sample_from_probs(q, [roots[i].job.generator for i in sampled]).tolist()
+            for j, i in enumerate(sampled):
+                result[i] = (picks[j], q[j])
+        return result
+
+    def _after_draft(self, roots: list[Root], tokens: dict[str, list[int]]) -> None:
+        """Hook: what the drafter's cache holds after drafting (chains keep their KV)."""
+
+    # -- trees -------------------------------------------------------------------------
+    def _logprobs(self, roots: list[Root], logits: torch.Tensor) -> torch.Tensor:
+        """Scores for expansion: the drafter's raw distribution for greedy requests, its
+        sampling distribution otherwise (children are then tried as one-hot drafts)."""
+        out = logits.log_softmax(dim=-1)
+        sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
+        if sampled:
+            out[sampled] = sampling_logits(logits[sampled], [roots[i].job.params for i in sampled]).log_softmax(-1)
+        return out
+
+    def _draft_trees(self, roots: list[Root], out) -> None:
+        cfg = self.config
+        trees = [TreeBuilder(cfg.tree_topk, r.job.max_nodes) for r in roots]
+        root_lp = self._logprobs(roots, torch.stack([r.logits for r in roots]))
+        out_hidden: list[dict[int, torch.Tensor]] = [{} for _ in roots]  # candidate -> output hidden
+        for i, (tree, r) in enumerate(zip(trees, roots)):
+            tree.expand([-1], root_lp[i: i + 1])
+        for depth in range(2, max(r.job.max_depth for r in roots) + 1):
+            live = [i for i, (t, r) in enumerate(zip(trees, roots)) if t.frontier and r.job.max_depth >= depth]
+            if not live:
+                break
+            seqs, frontiers, row_roots = [], [], []
+            for i in live:
+                tree, r = trees[i], roots[i]
+                frontier = list(tree.frontier)
+                rows = tree.feed_frontier()
+                toks, depths, mask = tree.fed_inputs()
+                hidden = None
+                if r.hidden is not None:
+                    hidden = torch.stack([r.hidden if tree.parents[c] < 0 else out_hidden[i][tree.parents[c]]
+                                          for c in tree.fed])
+                seqs.append(DraftSeq(r.job.request_id, toks, [r.feed_base + d for d in depths], r.storage_base,
+                                     rows, tree_mask=mask, hidden=hidden))
+                frontiers.append(frontier)
+                row_roots += [r] * len(frontier)
+            logits, h = self._forward(seqs)
+            lp = self._logprobs(row_roots, logits)
+            start = 0
+            for i, frontier in zip(live, frontiers):
+                if h is not None:
+                    for j, c in enumerate(frontier):
+                        out_hidden[i][c] = h[start + j]
+                trees[i].expand(frontier, lp[start: start + len(frontier)])
+                start += len(frontier)
+        tokens = {}
+        for tree, r in zip(trees, roots):
+            toks, parents = tree.finalize()
+            tokens[r.job.request_id] = []
+            self.emit(out, r.job.request_id, toks, parents)
+        self._after_draft(roots, tokens)
