@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
 def git_commit() -> str:
+    """HEAD's short hash, or $LIGHTSPEED_GIT_COMMIT for a tree exported without .git."""
+    if os.environ.get("LIGHTSPEED_GIT_COMMIT"):
+        return os.environ["LIGHTSPEED_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
