@@ -1,0 +1,41 @@
+"""The `lightspeed` command line: JSON output, chat over stdin, clean errors (no traceback)."""
+import json
+import subprocess
+import sys
+
+from tests.tiny import make_tiny_checkpoint
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "lightspeed.cli", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_generate_json_and_speculative_metrics(tmp_path):
+    make_tiny_checkpoint(tmp_path, "llama")
+    r = run_cli("generate", "hello", "--model", str(tmp_path), "--max-tokens", "12", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["num_generated_tokens"] == len(out["token_ids"]) <= 12 and out["tokens_per_s"] > 0
+    assert isinstance(out["text"], str)
+    r = run_cli("generate", "hello hello hello", "--model", str(tmp_path), "--max-tokens", "12", "--json",
+                "--speculative", "ngram", "--num-speculative-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads(r.stdout)
+    assert spec["acceptance_length"] >= 1 and "acceptance_rate_per_position" in spec
+
+
+def test_chat_reads_stdin(tmp_path):
+    make_tiny_checkpoint(tmp_path, "qwen2")
+    r = run_cli("chat", "--model", str(tmp_path), "--max-tokens", "5", stdin="hi there\n/exit\n")
+    assert r.returncode == 0, r.stderr
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = run_cli("generate", "hi", "--model", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    make_tiny_checkpoint(tmp_path / "m", "llama")
+    r = run_cli("generate", "hi", "--model", str(tmp_path / "m"), "--top-p", "3")
+    assert r.returncode == 2 and "top_p" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("generate", "", "--model", str(tmp_path / "m"))
+    assert r.returncode == 2 and "empty" in r.stderr
