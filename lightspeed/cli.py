@@ -11,10 +11,17 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf) or HF hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf), HF hub id, or shape:NAME "
+                   "(random weights of a real shape, token-id prompts only)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
+    p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
+                   help="run every step eagerly (no CUDA graphs)")
+    p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
+                   help="launch Triton kernels without Programmatic Dependent Launch")
     p.add_argument("--speculative", default=None,
                    help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
@@ -51,7 +58,12 @@ def _speculative(args):
 def _llm(args):
     from lightspeed.engine.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative=_speculative(args))
+               speculative=_speculative(args), **engine_options(args))
+
+
+def engine_options(args) -> dict:
+    """EngineConfig options from the model arguments (quantization, graphs, PDL)."""
+    return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl)
 
 
 def cmd_generate(args) -> None:
@@ -124,6 +136,16 @@ def cmd_bench_latency(args) -> None:
     run_latency_bench(args)
 
 
+def cmd_serve(args) -> None:
+    from lightspeed.server.launch import serve_main
+    serve_main(args)
+
+
+def cmd_bench_serve(args) -> None:
+    from lightspeed.bench.serve import run_serve_bench
+    run_serve_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightspeed", description="latency-first LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
+    _add_model_args(p)
+    from lightspeed.server.launch import add_serve_args
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("pull", help="download a model into the cache and print its path")
     p.add_argument("name")
     p.set_defaults(func=cmd_pull)
@@ -152,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lightspeed.bench.latency import add_latency_args
     add_latency_args(p)
     p.set_defaults(func=cmd_bench_latency)
+    p = bench.add_parser("serve", help="tokens/s/user vs tokens/s/server over HTTP at several concurrencies")
+    _add_model_args(p)
+    from lightspeed.bench.serve import add_serve_bench_args
+    add_serve_bench_args(p)
+    p.set_defaults(func=cmd_bench_serve)
     return parser
 
 

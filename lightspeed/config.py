@@ -165,9 +165,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by the cache)
     seed: int = 0
+    quantization: str | None = None  # "fp8": e4m3 linear weights (per-output-channel scales) but lm_head
+    enable_cuda_graph: bool = True  # CUDA graphs for decode / verify steps (CUDA with Triton only)
+    enable_pdl: bool = True  # Programmatic Dependent Launch between Triton kernels (sm_90+)
+    enable_prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise InvalidRequestError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, "fp8"):
+            raise InvalidRequestError(f"quantization must be fp8 or None, got {self.quantization!r}")

@@ -1,7 +1,19 @@
-"""Shared fixtures: the real SmolLM2 GGUF, pulled once into the lightspeed cache."""
+"""Shared fixtures: the real SmolLM2 GGUF, pulled once into the lightspeed cache.
+
+NOTE: without CUDA, Triton's CPU interpreter is switched on here, before any test module
+imports triton (lightspeed.layers imports lightspeed.kernels), so the interpreter cases of
+tests/kernels and the model's Triton path run in this process (tests/kernels/conftest.py)."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest
 import torch

@@ -3,6 +3,11 @@ without speculation, and against HF transformers on the same weights, in one run
 
     floor per step = (weight bytes + KV bytes read) / measured copy bandwidth
     tokens/s/user  = median over requests of (generated - 1) / (last token time - first token time)
+
+weight bytes: every weight a decode step reads (FP8 scales included; the input embedding
+only when lm_head shares it). `--shape NAME` runs random weights of a real model's shape
+(no checkpoint, prompts of random token ids); `--context-len N` decodes after N-token
+prompts; `--ablate` adds rows with PDL off and with CUDA graphs off, in the same run.
 """
 from __future__ import annotations
 
@@ -12,6 +17,12 @@ import time
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
+    from lightspeed.models.random import SHAPES
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random weights of this real model shape instead of --model")
+    p.add_argument("--context-len", type=int, default=None,
+                   help="random prompts of this many tokens (overrides --prompts / --input-len)")
+    p.add_argument("--ablate", action="store_true", help="also run with PDL off and with CUDA graphs off")
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompts", default="random", choices=["random", "humaneval"])
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per batch size (default: the batch size)")
@@ -66,14 +77,31 @@ def time_lightspeed(llm, prompts: list[list[int]], batch: int, output_len: int, 
             "acceptance_rate_per_position": stats.acceptance_rate_per_position}
 
 
-def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype) -> dict:
-    """HF transformers eager greedy generate, batch 1, on the same checkpoint (GGUF or HF dir)."""
+def step_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: parameters and FP8 scales, without the input
+    embedding (a row per token) unless lm_head shares it, and without the rotary cache."""
+    embed = model.model.embed_tokens.weight
+    skip = {id(t) for n, t in model.named_buffers() if n.endswith("cos_sin_cache")}
+    if model.lm_head.weight is not embed:
+        skip.add(id(embed))
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in skip:
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype,
+            model=None) -> dict:
+    """HF transformers eager greedy generate, batch 1, on the same checkpoint (GGUF or HF dir),
+    or on `model` (an HF model built from lightspeed's weights, models/random.to_hf_model)."""
     import torch
-    from transformers import AutoModelForCausalLM
-    if model_path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if model is None:
+        from transformers import AutoModelForCausalLM
+        if model_path.suffix == ".gguf":
+            model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     model = model.to(device).eval()
 
     def run(ids, n):
@@ -95,12 +123,23 @@ def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: in
     return {"tokens_per_s_user": statistics.median(rates)}
 
 
-def _configs(args) -> list[tuple[str | None, int]]:
-    """(speculative spec or None, k): the plain baseline first, then each speculative k."""
-    if not args.speculative:
-        return [(None, 0)]
-    ks = [int(k) for k in args.spec_k_list.split(",")] if args.spec_k_list else [args.num_speculative_tokens]
-    return [(None, 0)] + [(args.speculative, k) for k in ks]
+def _configs(args) -> list[tuple[str | None, int, dict]]:
+    """(speculative spec or None, k, engine switches): the plain baseline first, its
+    ablations (--ablate: PDL off, CUDA graphs off), then each speculative k."""
+    base = dict(enable_pdl=args.enable_pdl, enable_cuda_graph=args.enable_cuda_graph)
+    out = [(None, 0, base)]
+    if args.ablate:
+        out += [(None, 0, dict(base, enable_pdl=False)), (None, 0, dict(base, enable_cuda_graph=False))]
+    if args.speculative:
+        ks = [int(k) for k in args.spec_k_list.split(",")] if args.spec_k_list else [args.num_speculative_tokens]
+        out += [(args.speculative, k, base) for k in ks]
+    return out
+
+
+def _switches(eng) -> tuple[bool, bool]:
+    """(CUDA graphs, PDL) as the engine really runs (both off on CPU)."""
+    from lightspeed import kernels
+    return eng.runner.graphs is not None, kernels.use_pdl(eng.device) and kernels.use_triton(eng.runner.kv_caches[0])
 
 
 def run_latency_bench(args) -> list[dict]:
@@ -108,34 +147,47 @@ def run_latency_bench(args) -> list[dict]:
 
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
+    from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
     from lightspeed.loader import resolve_model
     from lightspeed.spec import SpeculativeConfig
 
+    model = f"shape:{args.shape}" if args.shape else args.model
+    label = args.shape or args.model
+    source, input_len = ("random", args.context_len) if args.context_len else (args.prompts, args.input_len)
+    max_model_len = args.max_model_len or max(4096, input_len + args.output_len + 64)
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     results, baseline = [], {}
     bandwidth = None
-    for spec, k in _configs(args):
+    for spec, k, switches in _configs(args):
         speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
                                                  tree_num_nodes=args.spec_tree_nodes) if spec else None
-        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len or 4096,
-                  speculative=speculative, max_num_seqs=max(batch_sizes))
+        llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
+                  max_num_seqs=max(batch_sizes), **dict(engine_options(args), **switches))
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
-            weight_bytes = sum(p.numel() * p.element_size() for p in eng.runner.model.parameters())
+            weight_bytes = step_weight_bytes(eng.runner.model)
             kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
+        is_baseline = spec is None and switches == _configs(args)[0][2]
         for b in batch_sizes:
-            prompts = load_prompts(args.prompts, args.num_prompts or b, args.input_len, eng.tokenizer, mc.vocab_size)
+            prompts = load_prompts(source, args.num_prompts or b, input_len, eng.tokenizer, mc.vocab_size)
             ls = time_lightspeed(llm, prompts, b, args.output_len, args.num_iters)
             avg_ctx = statistics.mean(len(p) for p in prompts) + args.output_len / 2
             floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
-            row = {"name": f"{args.model} bs{b} {args.prompts} out{args.output_len}" + (f" spec={spec} k={k}" if spec else ""),
-                   "model": args.model, "batch_size": b, "prompts": args.prompts, "num_prompts": len(prompts),
-                   "output_len": args.output_len, "dtype": str(eng.dtype).replace("torch.", ""),
+            quant = eng.config.quantization or "none"
+            graph_on, pdl_on = _switches(eng)
+            name = f"{label} {quant} bs{b} {source}{input_len if source == 'random' else ''} out{args.output_len}"
+            row = {"name": name + (f" spec={spec} k={k}" if spec else
+                                   f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"),
+                   "model": label, "batch_size": b, "prompts": source, "num_prompts": len(prompts),
+                   "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
+                   "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
+                   "cuda_graph": graph_on, "pdl": pdl_on,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
-                   "floor_ms_per_step": 1000 * floor_s, "copy_bandwidth_gb_s": bandwidth / 1e9}
+                   "floor_ms_per_step": 1000 * floor_s, "weight_bytes": weight_bytes,
+                   "kv_bytes_per_step": b * avg_ctx * kv_per_token, "copy_bandwidth_gb_s": bandwidth / 1e9}
             if spec:
                 plain = baseline[b]
                 row.update(speculative=spec, num_speculative_tokens=k, acceptance_length=ls["acceptance_length"],
@@ -143,18 +195,32 @@ def run_latency_bench(args) -> list[dict]:
                            speedup_vs_plain=ls["tokens_per_s_user"] / plain["tokens_per_s_user"],
                            outputs_identical_to_plain=ls["token_ids"] == plain["token_ids"])
             else:
-                baseline[b] = ls
                 row.update(ms_per_step=1000 / ls["tokens_per_s_user"],
                            fraction_of_floor=floor_s * ls["tokens_per_s_user"])
-                if args.compare_hf and b == 1:
-                    hf = time_hf(resolve_model(args.model), prompts, args.output_len, args.num_iters, eng.device, eng.dtype)
+                if is_baseline:
+                    baseline[b] = ls
+                    from lightspeed.layers.linear import GEMV_TIMINGS, gemv_mode
+                    if GEMV_TIMINGS:  # what "tuned" measured: M x N x K -> [cuBLAS us, Triton GEMV us]
+                        row.update(gemv_mode=gemv_mode(), gemv_vs_cublas_us={
+                            f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(GEMV_TIMINGS.items(), key=str)})
+                else:  # an ablation: same math, so the same tokens
+                    row.update(speedup_vs_plain=ls["tokens_per_s_user"] / baseline[b]["tokens_per_s_user"],
+                               outputs_identical_to_plain=ls["token_ids"] == baseline[b]["token_ids"])
+                if args.compare_hf and b == 1 and is_baseline:
+                    hf_model = None
+                    if args.shape:
+                        from lightspeed.models.random import to_hf_model
+                        hf_model = to_hf_model(eng.runner.model)
+                    hf = time_hf(None if args.shape else resolve_model(args.model), prompts, args.output_len,
+                                 args.num_iters, eng.device, eng.dtype, model=hf_model)
+                    del hf_model
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
             results.append(row)
         del llm
     cols = ["name", "ms_per_token", "tokens_per_s_user", "fraction_of_floor", "acceptance_length",
             "speedup_vs_plain", "outputs_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
-    out = args.out or f"bench/results/latency-{args.model.replace('/', '_')}-{torch.device(eng.device).type}.json"
+    out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
     path = save_results(out, eng.device, results)
     print_table(results, [c for c in cols if any(c in r for r in results)])
     print(f"saved {path}")

@@ -15,8 +15,10 @@ from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
+from lightspeed.layers.linear import quantize_model_
 from lightspeed.loader import open_checkpoint, resolve_model
 from lightspeed.models import get_model_class
+from lightspeed.models.random import SHAPE_PREFIX, random_model
 from lightspeed.tokenizer import IncrementalDetokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,21 +31,31 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     return dev, _DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype):
-    """Resolve, open and load a checkpoint -> (model, tokenizer).
+def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str | None = None):
+    """Resolve, open and load a checkpoint -> (model, tokenizer); `shape:NAME` builds a model
+    of a real shape with random weights and no tokenizer (None: prompts are token ids).
 
-    NOTE: cached by (path, modification time, device, dtype): engines in one process share
-    loaded weights (a model holds no per-request state; KV caches belong to runners), so a
-    benchmark sweep loads each checkpoint once.
+    NOTE: cached by (path, modification time, device, dtype, quantization): engines in one
+    process share loaded weights (a model holds no per-request state; KV caches belong to
+    runners), so a benchmark sweep loads each checkpoint once.
     """
+    if model.startswith(SHAPE_PREFIX):
+        return _random_model(model[len(SHAPE_PREFIX):], device, dtype, quantization)
     path = resolve_model(model)
     stamp = max((f.stat().st_mtime_ns for f in ([path] + sorted(path.glob("*")) if path.is_dir() else [path]))
                 if path.exists() else [0])
-    return _load_model(path, stamp, device, dtype)
+    return _load_model(path, stamp, device, dtype, quantization)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_model(shape: str, device: torch.device, dtype: torch.dtype, quantization: str | None):
+    net = random_model(shape, device, dtype)
+    quantize_model_(net, quantization)
+    return net, None
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(path, mtime_ns: int, device: torch.device, dtype: torch.dtype):
+def _load_model(path, mtime_ns: int, device: torch.device, dtype: torch.dtype, quantization: str | None = None):
     ckpt = open_checkpoint(path)
     tokenizer = ckpt.tokenizer()
     prev = torch.get_default_dtype()
@@ -54,6 +66,7 @@ def _load_model(path, mtime_ns: int, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(prev)
     net.load_weights(ckpt.weights())
+    quantize_model_(net, quantization)  # NOTE: every Linear but lm_head (embeddings are not Linear)
     return net.eval(), tokenizer
 
 
@@ -76,7 +89,9 @@ class Engine:
     def __init__(self, config: EngineConfig, speculative=None):
         self.config = config
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
-        model, self.tokenizer = load_model(config.model, self.device, self.dtype)
+        from lightspeed import kernels
+        kernels.set_pdl(config.enable_pdl)  # NOTE: process-wide, read at each kernel launch
+        model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         max_len = config.max_model_len or mc.max_position_embeddings
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
@@ -88,9 +103,14 @@ class Engine:
             proposer, verifier = build_speculation(speculative, self)
         self.speculative = speculative
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
-                                  seed=config.seed, proposer=proposer, verifier=verifier)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+                                  seed=config.seed, proposer=proposer, verifier=verifier,
+                                  enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs)
+        # NOTE: an EAGLE-3 head needs the target's hidden states of every position, which a
+        # prefix-cache hit skips; prefix caching is off with it
+        caching = config.enable_prefix_caching and getattr(speculative, "method", None) != "eagle3"
+        self.block_manager = BlockManager(num_blocks, config.block_size, enable_caching=caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   spec_thresholds=getattr(speculative, "load_thresholds", None))
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
@@ -99,6 +119,8 @@ class Engine:
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate a prompt (text or token ids) -> token ids; raises InvalidRequestError."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError(f"{self.config.model} has no tokenizer; give the prompt as token ids")
             if not prompt:
                 raise InvalidRequestError("the prompt is empty; give at least one character or token")
             ids = self.tokenizer.encode(prompt)
@@ -128,7 +150,7 @@ class Engine:
         return rid
 
     def _eos_ids(self) -> set[int]:
-        return set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        return set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
 
     def abort_request(self, request_id: str) -> None:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
@@ -157,7 +179,7 @@ class _OutputState:
     """Detokenizes one request's new tokens, applies stop strings, builds RequestOutputs."""
 
     def __init__(self, tokenizer, params: SamplingParams, prompt: str | None):
-        self.detok = IncrementalDetokenizer(tokenizer)
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None  # None: no text
         self.params = params
         self.prompt = prompt
         self.text = ""
@@ -173,7 +195,7 @@ class _OutputState:
         while self.num_processed < len(req.output_token_ids):
             tid = req.output_token_ids[self.num_processed]
             self.num_processed += 1
-            if tid in req.eos_token_ids and not self.params.ignore_eos:
+            if (tid in req.eos_token_ids and not self.params.ignore_eos) or self.detok is None:
                 continue  # the eos token itself carries no text
             new = self.detok.add([tid])
             if not new:
@@ -187,7 +209,7 @@ class _OutputState:
                     self.text = self.text[: i + len(s)] if self.params.include_stop_str_in_output else self.text[:i]
                     req.truncate_output(self.num_processed)
                     return True
-        if req.is_finished:
+        if req.is_finished and self.detok is not None:
             self.text += self.detok.flush()  # text held back as an incomplete UTF-8 character
         return False
 
@@ -215,6 +237,7 @@ def request_metrics(req: Request) -> RequestMetrics:
         time_to_first_token_s=None if first is None else first - req.arrival_time,
         e2e_latency_s=e2e, tokens_per_s=n / e2e if e2e > 0 else None,
         decode_tokens_per_s=(n - 1) / (end - first) if first is not None and n > 1 and end > first else None,
-        num_preemptions=req.num_preemptions, acceptance_length=req.spec.acceptance_length,
+        num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens,
+        acceptance_length=req.spec.acceptance_length,
         num_verify_steps=req.spec.num_verify_steps,
         acceptance_rate_per_position=req.spec.acceptance_rate_per_position)

@@ -1,4 +1,5 @@
-"""Turn a SchedulerOutput into the model's input tensors and attention metadata."""
+"""Turn a SchedulerOutput into the model's input tensors and attention metadata: host lists
+first (build_host_inputs, shared with the CUDA-graph path), then tensors (prepare_inputs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from lightspeed.engine.outputs import SchedulerOutput
+from lightspeed.kernels import pack_tree_masks
 from lightspeed.layers.attention import AttentionMetadata
 
 
@@ -35,7 +37,30 @@ def tree_positions_and_mask(parents: list[int]) -> tuple[list[int], torch.Tensor
     return depth, mask
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device) -> ModelInputs:
+@dataclass
+class HostInputs:
+    """One step's index arithmetic on the host (lists), before any tensor is built."""
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slot_mapping: list[int]  # [T]
+    query_start_loc: list[int]  # [S + 1]
+    seq_lens: list[int]  # [S]
+    block_tables: list[list[int]]  # S rows of block ids
+    logits_indices: list[int]
+    logits_rows: list[tuple[int, int]]
+    tree_masks: list[torch.Tensor | None]  # per sequence [q_i, q_i] bool or None (causal)
+
+    @property
+    def max_q_len(self) -> int:
+        qsl = self.query_start_loc
+        return max(qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1))
+
+    @property
+    def has_tree(self) -> bool:
+        return any(m is not None for m in self.tree_masks)
+
+
+def build_host_inputs(sched: SchedulerOutput, block_size: int) -> HostInputs:
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -70,16 +95,29 @@ def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device
             logits_idx += range(qsl[-1] - k, qsl[-1])
         else:
             logits_rows.append((len(logits_idx), 0))
-    max_blocks = max(len(s.block_table) for s in sched.scheduled)
-    tables = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.int32)
-    for i, s in enumerate(sched.scheduled):
-        tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+    return HostInputs(ids, pos, slots, qsl, seq_lens, [s.block_table for s in sched.scheduled], logits_idx,
+                      logits_rows, tree_masks)
+
+
+def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
+                   host: HostInputs | None = None) -> ModelInputs:
+    h = host if host is not None else build_host_inputs(sched, block_size)
+    max_blocks = max(len(b) for b in h.block_tables)
+    tables = torch.zeros(len(h.block_tables), max_blocks, dtype=torch.int32)
+    for i, b in enumerate(h.block_tables):
+        tables[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
 
     def t(x, dtype=torch.int64):
         return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
+    max_q = h.max_q_len
+    tree_masks = h.tree_masks if h.has_tree else None
     meta = AttentionMetadata(
-        slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32), seq_lens=t(seq_lens, torch.int32),
-        block_tables=tables.to(device, non_blocking=True), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
-        tree_masks=tree_masks if any(m is not None for m in tree_masks) else None)
-    return ModelInputs(t(ids), t(pos), meta, t(logits_idx), logits_rows)
+        slot_mapping=t(h.slot_mapping), query_start_loc=t(h.query_start_loc, torch.int32),
+        seq_lens=t(h.seq_lens, torch.int32), block_tables=tables.to(device, non_blocking=True),
+        query_start_loc_cpu=h.query_start_loc, seq_lens_cpu=h.seq_lens, tree_masks=tree_masks,
+        max_seq_len=max(h.seq_lens), max_q_len=max_q,
+        # NOTE: packed once per step here, not once per layer (the Triton path reads it)
+        tree_mask=pack_tree_masks(tree_masks, max_q, device) if tree_masks is not None and device.type == "cuda"
+        else None)
+    return ModelInputs(t(h.input_ids), t(h.positions), meta, t(h.logits_indices), h.logits_rows)

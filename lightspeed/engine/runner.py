@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.engine.input_prep import prepare_inputs
+from lightspeed import kernels
+from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
 from lightspeed.engine.sampler import Sampler
+from lightspeed.layers.linear import ensure_gemv_tuned
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None):
+                 dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None, enable_cuda_graph: bool = False,
+                 max_num_seqs: int = 64):
         self.model = model
         self.config = model.config
         self.device, self.dtype = device, dtype
@@ -23,6 +26,11 @@ class ModelRunner:
         self.verifier = verifier
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        # CUDA graphs need the Triton path (no host syncs or lists inside a step)
+        self.graphs = None
+        if enable_cuda_graph and device.type == "cuda" and kernels.use_triton(self.kv_caches[0]):
+            from lightspeed.engine.cuda_graph import CudaGraphRunner
+            self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_num_seqs, device)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         g = self.generators.get(request_id)
@@ -42,15 +50,23 @@ class ModelRunner:
         out = RunnerOutput()
         if sched.is_empty:
             return out
-        inputs = prepare_inputs(sched, self.block_size, self.device)
-        aux_ids = getattr(self.proposer, "aux_layer_ids", ())
-        aux_hidden = None
-        if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
-            hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
-                                            aux_layer_ids=aux_ids)
+        host = build_host_inputs(sched, self.block_size)
+        aux_ids = tuple(getattr(self.proposer, "aux_layer_ids", ()))
+        shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
+        # NOTE: the GEMV-vs-cuBLAS choice is per token count; measure it outside any capture
+        ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device)
+        ran = self.graphs.run(shape, host, aux_ids) if shape is not None else None
+        if ran is not None:  # replayed: views of the graph's static outputs, valid this step
+            inputs, hidden, aux_hidden, logits = ran
         else:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
+            inputs = prepare_inputs(sched, self.block_size, self.device, host)
+            aux_hidden = None
+            if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
+                hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
+                                                aux_layer_ids=aux_ids)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
             rows = [inputs.logits_rows[i][0] for i, _ in plain]

@@ -9,6 +9,10 @@ Token regions of a batch of 3 sequences, each with cached context c_i and q_i ne
     q tokens:  | seq0: q0 | seq1: q1 | seq2: q2 |
     query_start_loc = [0, q0, q0+q1, q0+q1+q2]
     seq_lens[i]     = c_i + q_i   (keys visible to the last new token of seq i)
+
+Two paths: the Triton kernels (kernels.use_triton: CUDA) read only the metadata tensors and
+the host bounds max_seq_len / max_q_len, so a step can be CUDA-graph captured (padding
+entries: slot -1, never written); the torch reference (CPU) loops over the host lists.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightspeed import kernels
 
 
 @dataclass
@@ -30,10 +36,53 @@ class AttentionMetadata:
     # NOTE: per sequence, an optional [q_i, q_i] bool mask among its new tokens (True = may
     # attend), used to verify speculation trees; None means causal.
     tree_masks: list[torch.Tensor | None] | None = None
+    # Host bounds that fix the Triton grids (a CUDA graph's bucket); None: from the lists.
+    max_seq_len: int | None = None  # >= every seq_lens[i]
+    max_q_len: int | None = None  # >= every q_i
+    # [S, Q, Q] bool, Q >= max_q_len: tree_masks packed once per step (kernels.pack_tree_masks)
+    tree_mask: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.max_seq_len is None:
+            self.max_seq_len = max(self.seq_lens_cpu, default=1)
+        if self.max_q_len is None:
+            qsl = self.query_start_loc_cpu
+            self.max_q_len = max((qsl[i + 1] - qsl[i] for i in range(len(qsl) - 1)), default=1)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    def packed_tree_mask(self, device) -> torch.Tensor | None:
+        if self.tree_mask is None and self.tree_masks is not None and any(m is not None for m in self.tree_masks):
+            self.tree_mask = kernels.pack_tree_masks(self.tree_masks, self.max_q_len, device)
+        return self.tree_mask
+
+
+def attention_bound(max_seq_len: int) -> int:
+    """The max_seq_len the Triton attention grid is built for: the next power of two, at
+    least 256. NOTE: eager steps and CUDA graphs (one per bound) use the same rule, so both
+    split the keys into the same partitions and give bit-identical outputs."""
+    return max(256, 1 << max(int(max_seq_len) - 1, 0).bit_length())
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                           sliding_window: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D] through the kernels: decode (one token per sequence),
+    verify (<= 16 tokens, causal or tree) or prefill. No host sync, no host lists (except
+    the reference fallback for a tree longer than 16 tokens, never in a CUDA graph)."""
+    bound = attention_bound(meta.max_seq_len)
+    tree = meta.packed_tree_mask(q.device)
+    if tree is None and meta.max_q_len == 1 and q.shape[0] == meta.block_tables.shape[0]:
+        return kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, bound,
+                                              sliding_window)
+    if meta.max_q_len <= kernels.MAX_VERIFY_Q:
+        return kernels.paged_verify_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                              scale, bound, meta.max_q_len, tree, sliding_window)
+    if tree is not None:
+        return paged_attention_ref(q, kv_cache, meta, scale, sliding_window)
+    return kernels.paged_prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                                           scale, meta.max_q_len, sliding_window)
 
 
 def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -87,7 +136,10 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
 
 class Attention(nn.Module):
-    """Writes the new tokens' K/V into the paged cache, then attends over the cache."""
+    """Writes the new tokens' K/V into the paged cache, then attends over the cache.
+
+    forward: q, k (rotated), v given separately. forward_qkv: the fused QKV epilogue (bias +
+    rotary + cache write in one kernel), the Triton path only."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
         super().__init__()
@@ -102,5 +154,18 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         write_kv_ref(kv_cache, k.view(t, self.num_kv_heads, self.head_dim),
                      v.view(t, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        o = paged_attention_ref(q, kv_cache, meta, self.scale, self.sliding_window)
+        if kernels.use_triton(q):
+            o = paged_attention_triton(q.contiguous(), kv_cache, meta, self.scale, self.sliding_window)
+        else:
+            o = paged_attention_ref(q, kv_cache, meta, self.scale, self.sliding_window)
         return o.reshape(t, self.num_heads * self.head_dim)
+
+    def forward_qkv(self, qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """qkv: [T, (Hq + 2 Hkv) D] without bias; positions [T]; cos_sin_cache [max_pos, D]
+        float32 = |cos|sin| -> [T, Hq * D]. K/V land at meta.slot_mapping (-1: skipped)."""
+        t = qkv.shape[0]
+        q = kernels.qkv_rope_cache(qkv, bias, positions, cos_sin_cache, meta.slot_mapping, kv_cache,
+                                   self.num_heads, self.num_kv_heads, self.head_dim)  # [T, Hq, D]
+        o = paged_attention_triton(q, kv_cache, meta, self.scale, self.sliding_window)
+        return o.view(t, self.num_heads * self.head_dim)

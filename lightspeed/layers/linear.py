@@ -5,19 +5,63 @@ dim; `output_sizes` records the pieces so the loader can copy each HF tensor int
 
     weight [sum(output_sizes), in_features]
     rows:  | shard 0 (q) | shard 1 (k) | shard 2 (v) |
+
+FP8 (`quantize_fp8_`): weight [out, in] float8_e4m3fn and weight_scale [out] float32 with
+W ~= weight * weight_scale[:, None] (per output channel); `linear()` then runs fp8_linear.
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightspeed import kernels
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [num_tokens, in], weight: [out, in], bias: [out] -> [num_tokens, out].
+# bf16/fp16 GEMV policy for M <= 16 tokens: "never" (cuBLAS), "always" (Triton gemv), or
+# "tuned" (the (M, N, K, dtype) shapes that ensure_gemv_tuned measured faster than cuBLAS;
+# the default). Env LIGHTSPEED_BF16_GEMV sets the starting mode.
+_GEMV_MODE = os.environ.get("LIGHTSPEED_BF16_GEMV", "tuned")
+_GEMV_FASTER: set[tuple[int, int, int, torch.dtype]] = set()
 
-    NOTE: the single place every projection's matmul runs; Triton / FP8 paths plug in here.
+
+def set_gemv_mode(mode: str) -> None:
+    if mode not in ("never", "always", "tuned"):
+        raise ValueError(f"gemv mode must be never, always or tuned, got {mode!r}")
+    global _GEMV_MODE
+    _GEMV_MODE = mode
+
+
+def gemv_mode() -> str:
+    return _GEMV_MODE
+
+
+def set_gemv_faster(m: int, n: int, k: int, dtype: torch.dtype, faster: bool) -> None:
+    (_GEMV_FASTER.add if faster else _GEMV_FASTER.discard)((m, n, k, dtype))
+
+
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    m = x.shape[0]
+    if _GEMV_MODE == "never" or x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 \
+            or not kernels.use_triton(x):
+        return False  # NOTE: CPU float32 weights are column-major (pack_weight): not for the GEMV
+    return _GEMV_MODE == "always" or (m, weight.shape[0], weight.shape[1], weight.dtype) in _GEMV_FASTER
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [num_tokens, in], weight: [out, in] (fp8 with scale [out]), bias: [out] -> [num_tokens, out].
+
+    NOTE: the single place every projection's matmul runs: fp8_linear when the weight is
+    FP8; the Triton GEMV for small M where the policy says it beats cuBLAS; else F.linear
+    (cuBLAS on CUDA, MKL on CPU).
     """
+    if scale is not None:
+        return kernels.fp8_linear(x, weight, scale, bias)
+    if _use_gemv(x, weight):
+        return kernels.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -45,6 +89,7 @@ class Linear(nn.Module):
         self.out_features = sum(self.output_sizes)
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+        self.register_buffer("weight_scale", None)  # [out] float32 once quantized to FP8
 
     def shard(self, param_name: str, shard_id: int | None) -> torch.Tensor:
         """The rows of `weight`/`bias` that the HF tensor of shard `shard_id` fills (a view)."""
@@ -55,10 +100,102 @@ class Linear(nn.Module):
         return param.data.narrow(0, offset, self.output_sizes[shard_id])
 
     def process_weights_after_loading(self) -> None:
-        self.weight.data = pack_weight(self.weight.data)
+        if self.weight_scale is None:
+            self.weight.data = pack_weight(self.weight.data)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def quantize_fp8_(self) -> None:
+        """Weight -> e4m3 with per-output-channel scales (kernels.quantize_fp8_per_channel)."""
+        if self.weight_scale is not None:
+            return
+        w8, scale = kernels.quantize_fp8_per_channel(self.weight.data)
+        self.weight = nn.Parameter(w8, requires_grad=False)
+        self.weight_scale = scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in]: the weight, or for FP8 weight * scale in float32 (exports, e.g. to HF)."""
+        if self.weight_scale is None:
+            return self.weight.data
+        return self.weight.data.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
+        """skip_bias: the caller adds the bias in a fused epilogue (qkv_rope_cache)."""
+        return linear(x, self.weight, None if skip_bias else self.bias, self.weight_scale)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}"
+        q = ", fp8" if self.weight_scale is not None else ""
+        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{q}"
+
+
+QUANTIZATIONS = (None, "fp8")
+
+
+def quantize_model_(model: nn.Module, method: str | None, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Quantize every Linear of `model` in place except those whose name ends with one of
+    `skip` (embeddings are not Linear); -> how many were quantized."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {method!r}")
+    if method is None:
+        return 0
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not name.endswith(skip):
+            module.quantize_fp8_()
+            n += 1
+    return n
+
+
+def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device) -> None:
+    """In "tuned" mode on CUDA with Triton: for each bf16/fp16 Linear shape of `model` (lm_head
+    included) not yet measured at this M (<= 16), time cuBLAS and the Triton GEMV under a
+    CUDA graph, cycling through enough weight copies to miss L2, and remember where the GEMV
+    is faster. Call it outside graph capture, before the first step of M tokens.
+    NOTE: measured once per process and shape; GEMV_TIMINGS keeps the figures."""
+    if _GEMV_MODE != "tuned" or m > kernels.MAX_M or device.type != "cuda":
+        return
+    shapes = getattr(model, "_linear_shapes", None)
+    if shapes is None:
+        shapes = sorted({(mod.weight.shape[0], mod.weight.shape[1], mod.weight.dtype) for mod in model.modules()
+                         if isinstance(mod, Linear) and mod.weight_scale is None
+                         and mod.weight.dtype in (torch.bfloat16, torch.float16)}, key=str)
+        model._linear_shapes = shapes
+    todo = [(n, k, dtype) for n, k, dtype in shapes if (m, n, k, dtype) not in GEMV_TIMINGS]
+    if not todo or not kernels.use_triton(torch.empty(0, device=device)):
+        return
+    for n, k, dtype in todo:
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        copies = max(1, min(32, -(-4 * l2 // (n * k * 2))))
+        ws = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(copies)]
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        try:
+            t = {name: _graph_time(lambda f=f: [f(x, w) for w in ws], 20) / copies
+                 for name, f in (("cublas", F.linear), ("gemv", kernels.gemv))}
+        except Exception as e:  # noqa: BLE001 - a GEMV that cannot run here just stays on cuBLAS
+            warnings.warn(f"GEMV tuning of {m}x{n}x{k} failed, using cuBLAS: {type(e).__name__}: {e}")
+            t = {"cublas": 0.0, "gemv": float("inf")}
+        set_gemv_faster(m, n, k, dtype, t["gemv"] < t["cublas"])
+        GEMV_TIMINGS[(m, n, k, dtype)] = (round(t["cublas"], 2), round(t["gemv"], 2))
+        del ws
+
+
+GEMV_TIMINGS: dict[tuple, tuple[float, float]] = {}  # (m, n, k, dtype) -> (cuBLAS us, GEMV us)
+
+
+def _graph_time(fn, reps: int) -> float:
+    """Median microseconds of one replay of a CUDA graph of fn (after a warm-up)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(1e3 * a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]

@@ -1,9 +1,12 @@
-"""RMSNorm with an optional fused residual add (vLLM convention)."""
+"""RMSNorm with an optional fused residual add (vLLM convention); the Triton add+RMSNorm
+kernel where kernels.use_triton holds (CUDA), this file's torch code elsewhere (CPU)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lightspeed import kernels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -32,6 +35,9 @@ class RMSNorm(nn.Module):
         otherwise:        returns (rms_norm(x + residual), x + residual); the sum, in x's dtype,
                           is the residual stream carried to the next sublayer (as in HF).
         """
+        if kernels.use_triton(x):
+            normed, summed = kernels.add_rmsnorm(x, residual, self.weight, self.eps)
+            return normed if residual is None else (normed, summed)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         x = x + residual

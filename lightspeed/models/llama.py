@@ -5,6 +5,11 @@ into `gate_up_proj` at load time (STACKED_PARAMS).
 Residual stream, vLLM style: each RMSNorm adds the pending sublayer output into the
 residual before normalising, so layer i receives (hidden, residual) whose sum is HF's
 hidden_states[i] (the input to layer i; for i = 0 the embeddings, residual None).
+
+Where kernels.use_triton holds (CUDA) each layer runs the fused kernels: add+RMSNorm, QKV
+projection then one epilogue (bias + rotary + paged KV write), paged attention, SwiGLU;
+nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CPU) the
+same math in torch (rotary cos/sin gathered once per step for all layers).
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from lightspeed import kernels
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError
 from lightspeed.layers.activation import silu_and_mul
@@ -45,8 +51,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(self.q_size, c.hidden_size, bias=o_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=c.sliding_window)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H]. rope = (positions [T], cos_sin_cache [max_pos, D]) selects the
+        fused path (cos/sin unused); otherwise cos, sin: [T, 1, D] (rotary.cos_sin)."""
+        if rope is not None:
+            qkv = self.qkv_proj(x, skip_bias=True)  # [T, (Hq + 2 Hkv) * D]; bias added in the epilogue
+            return self.o_proj(self.attn.forward_qkv(qkv, self.qkv_proj.bias, rope[0], rope[1], kv_cache, meta))
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D] = | q | k | v |
         qk_size = self.q_size + self.kv_size
@@ -76,14 +87,15 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor | None,
+                sin: torch.Tensor | None, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (mlp_out, residual); HF's layer output is their sum."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta)
+        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -102,12 +114,17 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
-        cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
+        if kernels.use_triton(hidden):
+            cos = sin = None
+            rope = (positions, self.rotary_emb.cos_sin_cache)  # [T], [max_pos, D] float32
+        else:
+            cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
+            rope = None
         aux = {}  # layer id -> [T, H]
         for i, layer in enumerate(self.layers):
             if i in aux_layer_ids:
                 aux[i] = hidden if residual is None else hidden + residual  # HF hidden_states[i]
-            hidden, residual = layer(hidden, residual, cos, sin, kv_caches[i], attn_meta)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_caches[i], attn_meta, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden, aux
 
