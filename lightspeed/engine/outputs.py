@@ -27,12 +27,18 @@ class ScheduledRequest:
     # NOTE: for a draft tree, the parent of each draft token as an index into the drafts
     # (-1 = the last real token); None means a chain.
     draft_parents: list[int] | None = None
+    # the tokens before start_pos, on the first chunk after a prefix-cache hit (whose KV was
+    # computed by another request): proposers track every request's whole context
+    prefix_token_ids: list[int] | None = None
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # drop their runner / proposer state
+    # speculation policy: most draft tokens (chain length / tree depth) to propose for the
+    # next step at this load; 0 turns drafting off, None leaves the proposer's own cap
+    max_draft_tokens: int | None = None
 
     @property
     def num_batched_tokens(self) -> int:
@@ -63,6 +69,7 @@ class RequestMetrics:
     tokens_per_s: float | None  # generated tokens / end-to-end latency
     decode_tokens_per_s: float | None  # (generated - 1) / (finish - first token)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     acceptance_length: float | None = None  # emitted tokens per verify step (speculation only)
     num_verify_steps: int = 0
     acceptance_rate_per_position: list[float] = field(default_factory=list)

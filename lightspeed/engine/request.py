@@ -94,6 +94,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     spec: SpecStats = field(default_factory=SpecStats)
 
     @property

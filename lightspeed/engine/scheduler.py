@@ -13,14 +13,21 @@ from lightspeed.engine.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 spec_thresholds: list[tuple[int, int]] | None = None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # speculation policy: (num_requests, k) pairs; from that load on, at most k drafts (0: off)
+        self.spec_thresholds = sorted(spec_thresholds or ())
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []
+        # counters for metrics and tests
+        self.num_prefix_query_tokens = 0  # tokens of admitted requests looked up in the prefix cache
+        self.num_prefix_hit_tokens = 0  # of those, tokens whose KV was found
+        self.num_scheduled_tokens = 0  # tokens computed, drafts included
 
     # -- requests in and out ---------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -53,18 +60,28 @@ class Scheduler:
         return len(self.waiting)
 
     # -- one step ----------------------------------------------------------------------
+    def draft_limit(self) -> int | None:
+        """Most draft tokens (chain length / tree depth) per request at the current load:
+        running plus waiting requests, up to max_num_seqs. None: no limit."""
+        load = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        limit = None
+        for num_requests, k in self.spec_thresholds:
+            if load >= num_requests:
+                limit = k if limit is None else min(limit, k)
+        return limit
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
+        limit = self.draft_limit()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.draft_token_ids and limit is not None:
+                _truncate_drafts(req, _num_within_depth(req.draft_parents, len(req.draft_token_ids), limit))
             if req.draft_token_ids and req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens > budget:
-                # NOTE: drafts are verified whole in one pass; drop those past the budget (a
-                # tree's parents precede their children, so a prefix is still a tree)
-                keep = max(0, budget - (req.num_tokens - req.num_computed_tokens))
-                req.draft_token_ids = req.draft_token_ids[:keep]
-                req.draft_parents = req.draft_parents[:keep] if req.draft_parents and keep else None
+                # NOTE: drafts are verified whole in one pass; drop those past the budget
+                _truncate_drafts(req, max(0, budget - (req.num_tokens - req.num_computed_tokens)))
             num_new = min(req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
@@ -75,17 +92,27 @@ class Scheduler:
             budget -= num_new
             i += 1
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.block_manager.allocate(req.request_id, req.num_computed_tokens + num_new):
+            req = self.waiting[0]  # holds no blocks: new, or preempted (num_computed_tokens == 0)
+            all_ids = req.all_token_ids
+            blocks, hashes = self.block_manager.find_cached_prefix(all_ids)
+            num_cached = len(blocks) * self.block_manager.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(req.request_id, num_cached + num_new, blocks, hashes):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+                self.num_prefix_query_tokens += req.num_tokens
+                self.num_prefix_hit_tokens += num_cached
             self.running.append(req)
-            scheduled.append(self._schedule_one(req, num_new))
+            scheduled.append(self._schedule_one(req, num_new, all_ids[:num_cached] if num_cached else None))
             budget -= num_new
-        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self._finished_ids)
+        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self._finished_ids,
+                              max_draft_tokens=limit)
         self._finished_ids = []
+        self.num_scheduled_tokens += out.num_batched_tokens
         return out
 
     def _allocate_or_preempt(self, req: Request, num_tokens: int) -> bool:
@@ -106,7 +133,7 @@ class Scheduler:
         req.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _schedule_one(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _schedule_one(self, req: Request, num_new: int, prefix_token_ids: list[int] | None = None) -> ScheduledRequest:
         all_ids = req.all_token_ids + req.draft_token_ids
         start = req.num_computed_tokens
         end = start + num_new
@@ -121,6 +148,7 @@ class Scheduler:
             sampling_params=req.sampling_params,
             num_output_tokens=len(req.output_token_ids),
             draft_parents=req.draft_parents if num_drafts else None,
+            prefix_token_ids=prefix_token_ids,
         )
 
     def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
@@ -134,6 +162,7 @@ class Scheduler:
             req.num_computed_tokens += len(s.token_ids)
             new_ids = out.sampled_token_ids.get(s.request_id)
             if not new_ids:
+                self._cache_blocks(req)
                 continue
             num_accepted = len(new_ids) - 1
             if s.num_draft_tokens:
@@ -147,6 +176,7 @@ class Scheduler:
                     req.output_logprobs.append(logprobs[j])
                 if req.append_token(t):
                     break
+            self._cache_blocks(req)
             if req.is_finished:
                 self.finish_request(req.request_id, req.status)
             else:
@@ -154,6 +184,32 @@ class Scheduler:
                 req.draft_parents = out.draft_parents.get(s.request_id)
             updated.append(req)
         return updated
+
+    def _cache_blocks(self, req: Request) -> None:
+        """Offer the request's newly completed blocks of computed tokens to the prefix cache."""
+        bm = self.block_manager
+        num_computed = min(req.num_computed_tokens, req.num_tokens)
+        if bm.enable_caching and num_computed // bm.block_size > bm.num_hashed_blocks(req.request_id):
+            bm.cache_full_blocks(req.request_id, req.all_token_ids, num_computed)
+
+
+def _truncate_drafts(req: Request, keep: int) -> None:
+    """Keep the first `keep` drafts (a tree's parents precede their children: still a tree)."""
+    if keep < len(req.draft_token_ids):
+        req.draft_token_ids = req.draft_token_ids[:keep]
+        req.draft_parents = req.draft_parents[:keep] if req.draft_parents and keep else None
+
+
+def _num_within_depth(parents: list[int] | None, num_drafts: int, max_depth: int) -> int:
+    """Length of the longest prefix of the drafts whose nodes sit at depth <= max_depth."""
+    if parents is None:
+        return min(num_drafts, max_depth)
+    depth: list[int] = []
+    for i, p in enumerate(parents):
+        depth.append(1 if p < 0 else depth[p] + 1)
+        if depth[-1] > max_depth:
+            return i
+    return num_drafts
 
 
 def _num_draft_positions(s: ScheduledRequest) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from lightspeed.errors import InvalidRequestError
 
-__all__ = ["SpeculativeConfig", "build_speculation"]
+__all__ = ["SpeculativeConfig", "build_speculation", "parse_load_thresholds"]
 
 METHODS = ("draft", "ngram", "eagle3")
 
@@ -34,8 +34,13 @@ class SpeculativeConfig:
     # n-gram / prompt lookup: suffix lengths tried, longest first
     ngram_min: int = 1
     ngram_max: int = 4
+    # speculation policy: (num_requests, k) pairs; once that many requests are running or
+    # waiting, draft at most k tokens (a tree: depth k), 0 = speculation off. None: always k.
+    load_thresholds: list[tuple[int, int]] | None = None
 
     def __post_init__(self):
+        if isinstance(self.load_thresholds, str):
+            self.load_thresholds = parse_load_thresholds(self.load_thresholds)
         if self.method not in METHODS:
             raise InvalidRequestError(f"speculative method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.method in ("draft", "eagle3") and not self.model:
@@ -49,6 +54,8 @@ class SpeculativeConfig:
             (self.tree_num_nodes is None or 1 <= self.tree_num_nodes <= 512,
              f"tree_num_nodes must be in [1, 512], got {self.tree_num_nodes!r}"),
             (1 <= self.ngram_min <= self.ngram_max, f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}"),
+            (all(isinstance(n, int) and isinstance(k, int) and n >= 1 and k >= 0 for n, k in self.load_thresholds or ()),
+             f"load_thresholds must be (num_requests >= 1, k >= 0) pairs, got {self.load_thresholds!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -81,6 +88,17 @@ class SpeculativeConfig:
             raise InvalidRequestError(f"--speculative ngram takes no model, got {spec!r}")
         options = {k: v for k, v in options.items() if v is not None}
         return cls(method=method, model=model or None, num_speculative_tokens=num_speculative_tokens, **options)
+
+
+def parse_load_thresholds(text: str | None) -> list[tuple[int, int]] | None:
+    """"64:2,128:0" -> [(64, 2), (128, 0)]; "" or "none" -> None."""
+    if not text or text.strip().lower() == "none":
+        return None
+    try:
+        return [(int(n), int(k)) for n, k in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise InvalidRequestError(f"speculation thresholds must look like 64:2,128:0 (from N requests on, "
+                                  f"at most k drafts; 0 = off), got {text!r}") from None
 
 
 def build_speculation(config: SpeculativeConfig, engine):

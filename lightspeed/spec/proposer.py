@@ -65,7 +65,7 @@ class Proposer:
             self.draft_probs.pop(s.request_id, None)
             if not emitted:
                 continue
-            job = self._job(runner, i, s, ctx, len(emitted))
+            job = self._job(runner, i, s, ctx, len(emitted), sched.max_draft_tokens)
             if job is not None:
                 jobs.append(job)
         self.draft(runner, sched, inputs, hidden, aux_hidden, jobs, out)
@@ -86,19 +86,27 @@ class Proposer:
             | tokens before start_pos | real tokens of the chunk | emitted (accepted + bonus) |
         """
         ctx = self.contexts.setdefault(s.request_id, [])
+        if s.prefix_token_ids is not None:  # a prefix-cache hit: the chunk starts past 0
+            ctx[:] = s.prefix_token_ids
         del ctx[s.start_pos:]  # NOTE: a preempted request recomputes from 0; same tokens
         ctx += s.token_ids[: len(s.token_ids) - s.num_draft_tokens]
         ctx += out.sampled_token_ids.get(s.request_id, ())
         return ctx
 
-    def _job(self, runner, index: int, s: ScheduledRequest, ctx: list[int], num_emitted: int) -> DraftJob | None:
+    def _job(self, runner, index: int, s: ScheduledRequest, ctx: list[int], num_emitted: int,
+             limit: int | None = None) -> DraftJob | None:
         """Cap the drafts: the last draft position stays below max_model_len, no draft past
-        max_tokens (the bonus token always comes on top), no more than the token budget."""
+        max_tokens (the bonus token always comes on top), no more than the token budget, and
+        no deeper than the scheduler's speculation policy (`limit`; a tree keeps its
+        nodes-per-level ratio)."""
         p = s.sampling_params
         num_left = p.max_tokens - (s.num_output_tokens + num_emitted)  # tokens still to emit
         room = self.max_model_len - len(ctx)  # free positions (and KV slots) after the context
-        max_depth = min(self.config.depth, num_left - 1, room, self.max_num_batched_tokens - 1)
-        max_nodes = min(self.config.num_nodes, room, self.max_num_batched_tokens - 1)
+        depth, nodes = self.config.depth, self.config.num_nodes
+        if limit is not None and limit < depth:
+            depth, nodes = limit, max(limit, nodes * limit // depth)
+        max_depth = min(depth, num_left - 1, room, self.max_num_batched_tokens - 1)
+        max_nodes = min(nodes, room, self.max_num_batched_tokens - 1)
         if max_depth <= 0 or max_nodes <= 0:
             return None
         gen = None if p.is_greedy else runner._generator(s.request_id, p.seed)

@@ -1,0 +1,34 @@
+"""Plots of benchmark results (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_user_vs_server(rows: list[dict], path: str | Path, title: str = "") -> Path:
+    """tokens/s/user (y) against tokens/s/server (x), one line per `speculative` setting,
+    each point labelled with its concurrency."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for label in dict.fromkeys(r.get("speculative", "none") for r in rows):
+        pts = sorted((r["concurrency"], r["tokens_per_s_server"], r["tokens_per_s_user"]) for r in rows
+                     if r.get("speculative", "none") == label and r.get("tokens_per_s_user") is not None)
+        if not pts:
+            continue
+        xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+        ax.plot(xs, ys, marker="o", label="no speculation" if label == "none" else f"spec {label}")
+        for c, x, y in pts:
+            ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("tokens/s/server")
+    ax.set_ylabel("tokens/s/user")
+    ax.set_title(title or "tokens/s/user vs tokens/s/server (labels: concurrency)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
