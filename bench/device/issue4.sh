@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || tr
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"
-    timeout "${TEST_TIMEOUT:-150}" python -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tail -25
+    timeout "${TEST_TIMEOUT:-150}" python -m pytest tests -m gpu -q -p no:cacheprovider --ignore=tests/server 2>&1 | tail -25
 fi
 [ -n "${ONLY_TESTS:-}" ] && exit 0
 
