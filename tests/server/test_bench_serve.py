@@ -19,7 +19,7 @@ def test_summarize_definitions():
 
 def test_bench_serve_drives_a_server(tiny_model, tmp_path):
     from lightspeed.cli import build_parser
-    s = Server(tiny_model, "--speculative", "ngram")
+    s = Server(tiny_model, "--speculative", "ngram", "--spec-thresholds", "none")
     try:
         out = tmp_path / "serve.json"
         args = build_parser().parse_args(["bench", "serve", "--model", str(tiny_model), "--url", s.url,
