@@ -1,4 +1,4 @@
-"""`lightspeed` command line: generate, chat, pull, bench."""
+"""`lightspeed` command line: generate, chat, pull, bench, train-eagle3."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,17 @@ def cmd_bench_serve(args) -> None:
     run_serve_bench(args)
 
 
+def cmd_train_eagle3(args) -> None:
+    from lightspeed.train.eagle3 import TrainConfig, train_eagle3
+    aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
+    out = train_eagle3(TrainConfig(
+        target=args.target, prompts=args.prompts, out=args.out, draft_vocab_size=args.draft_vocab_size,
+        aux_layers=aux, ttt_steps=args.ttt_steps, max_tokens=args.max_tokens, max_len=args.max_len,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
+        checkpoint_every=args.checkpoint_every, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype))
+    print(out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightspeed", description="latency-first LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     from lightspeed.bench.serve import add_serve_bench_args
     add_serve_bench_args(p)
     p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head for a target by self-distillation")
+    p.add_argument("--target", required=True, help="target model (as --model)")
+    p.add_argument("--prompts", required=True, help="JSONL of prompts / chat turns, or stdlib[:N] (built-in)")
+    p.add_argument("--out", required=True, help="output dir: EAGLE-3 head (--speculative eagle3:OUT) + checkpoint")
+    p.add_argument("--draft-vocab-size", type=int, default=32000)
+    p.add_argument("--aux-layers", default=None, help="a,b,c: target layers whose input hidden states feed the head")
+    p.add_argument("--ttt-steps", type=int, default=7, help="training-time-test unroll steps")
+    p.add_argument("--max-tokens", type=int, default=256, help="answer tokens the target generates per prompt")
+    p.add_argument("--max-len", type=int, default=2048, help="longest training sequence (prompt + answer)")
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt and OUT/data.jsonl")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=cmd_train_eagle3)
     return parser
 
 

@@ -1,0 +1,126 @@
+"""Prompt sources for self-distillation (`lightspeed train-eagle3 --prompts SOURCE`).
+
+    path/to/file.jsonl   one prompt per line: a JSON string, {"prompt": str} / {"text": str}
+                         (completion prompts), or {"messages": [...]} / {"conversations": [...]}
+                         / a bare list of {"role", "content"} turns (chat: the target answers the
+                         last turn through its chat template)
+    stdlib[:N]           built-in, offline: functions with docstrings from the Python standard
+                         library sources, as completion prompts (signature + docstring); at most
+                         N of them (default 2000). NOTE: never HumanEval (the evaluation set).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from pathlib import Path
+
+from lightspeed.errors import InvalidRequestError
+
+Prompt = str | list[dict]  # completion text, or chat turns
+
+
+def _from_record(rec, where: str) -> Prompt:
+    if isinstance(rec, str):
+        return rec
+    if isinstance(rec, list):
+        return _turns(rec, where)
+    if isinstance(rec, dict):
+        for key in ("messages", "conversations"):
+            if key in rec:
+                return _turns(rec[key], where)
+        for key in ("prompt", "text", "instruction", "question"):
+            if isinstance(rec.get(key), str):
+                return rec[key]
+    raise InvalidRequestError(f"{where}: expected a string, {{\"prompt\": ...}} or {{\"messages\": [...]}}, "
+                              f"got {str(rec)[:80]!r}")
+
+
+def _turns(turns, where: str) -> list[dict]:
+    out = []
+    for t in turns:
+        if not isinstance(t, dict):
+            raise InvalidRequestError(f"{where}: chat turns must be objects with role and content")
+        role = t.get("role", t.get("from"))
+        content = t.get("content", t.get("value"))
+        role = {"human": "user", "gpt": "assistant"}.get(role, role)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise InvalidRequestError(f"{where}: each chat turn needs a role and a string content")
+        out.append({"role": role, "content": content})
+    if out and out[-1]["role"] == "assistant":
+        out = out[:-1]  # NOTE: the target writes the answer itself (self-distillation)
+    if not out:
+        raise InvalidRequestError(f"{where}: a conversation with no turn for the model to answer")
+    return out
+
+
+def read_jsonl_prompts(path: Path) -> list[Prompt]:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"{path}:{n}: not JSON ({e.msg})") from None
+            p = _from_record(rec, f"{path}:{n}")
+            if p:
+                prompts.append(p)
+    return prompts
+
+
+def stdlib_prompts(limit: int = 2000) -> list[str]:
+    """Signature + docstring of public stdlib functions (sorted files, first `limit`), each
+    a completion prompt ending where the body starts."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "tkinter", "turtledemo")
+    prompts: list[str] = []
+    for f in sorted(root.rglob("*.py")):
+        if any(part in skip for part in f.relative_to(root).parts):
+            continue
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
+            continue
+        lines = src.splitlines()
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node, clean=False)
+            if not doc or len(doc) < 20 or not node.body or len(node.body) < 2:
+                continue
+            end = node.body[0].end_lineno  # the docstring's last line
+            head = "\n".join(lines[node.lineno - 1 - len(node.decorator_list): end])
+            if len(head) > 1500:
+                continue
+            prompts.append(head + "\n")
+            if len(prompts) >= limit:
+                return prompts
+    return prompts
+
+
+def load_prompts(source: str) -> list[Prompt]:
+    """--prompts SOURCE -> prompts; InvalidRequestError when it yields none."""
+    if source == "stdlib" or source.startswith("stdlib:"):
+        limit = 2000
+        if ":" in source:
+            try:
+                limit = int(source.split(":", 1)[1])
+            except ValueError:
+                raise InvalidRequestError(f"--prompts {source}: expected stdlib or stdlib:N") from None
+        prompts: list[Prompt] = list(stdlib_prompts(limit))
+        if not prompts:
+            raise InvalidRequestError("--prompts stdlib: no Python standard library sources with docstrings were "
+                                      "found on this machine; pass a JSONL file of prompts")
+        return prompts
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise InvalidRequestError(f"--prompts {source}: no such file (pass a JSONL file of prompts or chat turns, "
+                                  "or stdlib[:N] for the built-in source)")
+    prompts = read_jsonl_prompts(path)
+    if not prompts:
+        raise InvalidRequestError(f"--prompts {source}: the file holds no prompts (one JSON prompt or conversation "
+                                  "per line)")
+    return prompts

@@ -1,0 +1,533 @@
+"""Train an EAGLE-3 head for a target by self-distillation (`lightspeed train-eagle3`).
+
+1. Data: the target answers the prompts greedily through lightspeed's LLM; the sequences
+   (prompt + answer token ids) are saved to OUT/data.jsonl and reused on --resume.
+2. Draft vocabulary: the N most frequent target tokens of the generated answers (then of the
+   prompts, then the lowest ids), sorted; d2t[i] = id_i - i, t2d marks them.
+3. Target features per sequence, from one forward of the target (single sequence, a paged KV
+   cache of its own): the residual stream entering the 3 aux layers, [L, 3H], and the
+   next-token logits [L, V]; cached in memory.
+4. Training-time test (TTT), K = --ttt-steps, tokens t_0..t_{L-1}, target logits z_i (predict t_{i+1}):
+
+       step 0, row i: hidden fc(aux_i), token t_{i+1}, position i      -> predicts t_{i+2} (z_{i+1})
+       step k, row i: hidden = the head's own pre-norm output of step k-1 row i,
+                      token t_{i+1+k}, position i+k                    -> predicts t_{i+2+k} (z_{i+1+k})
+
+   Attention as at test time (lightspeed/spec/eagle3.py): row i of step k sees the step-0 keys
+   of rows 0..i (the target-state KV) and its own keys of steps 1..k (its chain's scratch KV).
+   Loss of step k: soft cross-entropy between the target distribution restricted to the draft
+   vocabulary and the head's, on rows whose target argmax is in the draft vocabulary; total
+   = sum_k 0.8^k loss_k.
+5. Output: OUT/config.json + OUT/model.safetensors in the published EAGLE-3 format
+   (`--speculative eagle3:OUT`), OUT/checkpoint.pt (head + AdamW + step + RNG: --resume
+   continues exactly), OUT/train_log.json (loss curve, held-out loss / accuracy per step).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightspeed.errors import InvalidRequestError, UnsupportedModelError
+from lightspeed.layers.attention import AttentionMetadata
+from lightspeed.layers.rotary import apply_rotary
+from lightspeed.models.eagle3 import Eagle3Config, Eagle3Head, default_aux_layer_ids
+
+STEP_DECAY = 0.8
+
+
+@dataclass
+class TrainConfig:
+    target: str
+    prompts: str
+    out: str
+    draft_vocab_size: int = 32000
+    aux_layers: list[int] | None = None
+    ttt_steps: int = 7
+    max_tokens: int = 256  # answer length of the target per prompt
+    max_len: int = 2048  # sequences (prompt + answer) are cut to this many tokens
+    steps: int = 2000
+    batch_size: int = 1  # sequences per optimizer step (gradient accumulation)
+    lr: float = 3e-4
+    warmup: int = 50
+    seed: int = 0
+    resume: bool = False
+    checkpoint_every: int = 200
+    holdout: float = 0.1  # fraction of sequences held out for evaluation
+    max_prompts: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------- target
+
+
+def check_target_arch(target: str) -> None:
+    """Clear error for a target whose architecture cannot capture hidden states."""
+    from lightspeed.loader import resolve_model
+    path = resolve_model(target) if not target.startswith("shape:") else None
+    if path is None or not (path / "config.json").is_file():
+        return
+    archs = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    import importlib
+
+    from lightspeed.models import _MODELS
+
+    def captures(arch: str) -> bool:
+        mod, cls = _MODELS[arch]
+        return "aux_layer_ids" in inspect.signature(getattr(importlib.import_module(mod), cls).forward).parameters
+    supported = [a for a in _MODELS if captures(a)]
+    if not any(a in supported for a in archs):
+        raise UnsupportedModelError(
+            f"target {target}: architecture {archs} cannot capture the hidden states an EAGLE-3 head is trained on "
+            f"(train-eagle3 supports {', '.join(supported)})")
+
+
+def check_capture(model) -> None:
+    if "aux_layer_ids" not in inspect.signature(model.forward).parameters:
+        raise UnsupportedModelError(f"{type(model).__name__} cannot return aux-layer hidden states; EAGLE-3 heads "
+                                    "can only be trained for targets with hidden-state capture")
+
+
+def resolve_aux_layers(aux: list[int] | None, num_layers: int) -> list[int]:
+    aux = list(aux) if aux else default_aux_layer_ids(num_layers)
+    if len(aux) != 3:
+        raise InvalidRequestError(f"--aux-layers needs 3 layer ids, got {aux}")
+    bad = [i for i in aux if not 0 <= i < num_layers]
+    if bad:
+        raise InvalidRequestError(f"--aux-layers {aux}: {bad} out of range for the {num_layers}-layer target "
+                                  f"(valid: 0 .. {num_layers - 1})")
+    return aux
+
+
+@torch.no_grad()
+def target_features(model, ids: list[int], aux_layers: list[int], block_size: int = 16):
+    """One sequence through the target -> (aux hidden [L, 3H] float32, logits [L, V] float32)."""
+    c = model.config
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    n = len(ids)
+    nb = -(-n // block_size)
+    caches = [torch.zeros(2, nb, block_size, c.num_key_value_heads, c.head_dim, device=device, dtype=dtype)
+              for _ in range(c.num_hidden_layers)]
+    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device),
+                             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+                             seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+                             block_tables=torch.arange(nb, dtype=torch.int32, device=device)[None],
+                             query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
+    x = torch.tensor(ids, device=device)
+    hidden, aux = model(x, torch.arange(n, device=device), caches, meta, aux_layer_ids=tuple(aux_layers))
+    return aux.float(), model.compute_logits(hidden)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def generate_data(llm, prompts, max_tokens: int, max_len: int) -> list[dict]:
+    """Greedy self-distillation: prompt + the target's own answer, as token ids."""
+    from lightspeed.config import SamplingParams
+    toks = []
+    for p in prompts:
+        try:
+            ids = llm.apply_chat_template(p) if isinstance(p, list) else llm.engine.tokenize_prompt(p)
+        except InvalidRequestError:
+            continue
+        if 2 <= len(ids) < max_len:
+            toks.append(ids)
+    if not toks:
+        raise InvalidRequestError("no usable prompt in the prompt source (all empty or too long)")
+    outs = llm.generate(toks, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return [{"ids": (p + list(o.token_ids))[:max_len], "prompt_len": len(p)} for p, o in zip(toks, outs)]
+
+
+def choose_draft_vocab(seqs: list[list[int]], prompt_lens: list[int], n: int, vocab: int) -> torch.Tensor:
+    """The n most frequent target tokens of the answers (ties: lower id), then of the prompts,
+    then the lowest unused ids; sorted [n] int64."""
+    from collections import Counter
+    n = min(n, vocab)
+    ans, pro = Counter(), Counter()
+    for s, pl in zip(seqs, prompt_lens):
+        ans.update(s[pl:])
+        pro.update(s[:pl])
+    chosen: list[int] = []
+    seen: set[int] = set()
+    for counter in (ans, pro):
+        for tok, _ in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])):
+            if len(chosen) >= n:
+                break
+            if tok not in seen and 0 <= tok < vocab:
+                chosen.append(tok)
+                seen.add(tok)
+    t = 0
+    while len(chosen) < n:
+        if t not in seen:
+            chosen.append(t)
+            seen.add(t)
+        t += 1
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------- head
+
+
+def head_hf_config(target_cfg, draft_vocab_size: int, aux_layers: list[int]) -> dict:
+    c = target_cfg
+    return {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,
+            "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+            "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+            "rope_scaling": c.rope_scaling, "max_position_embeddings": c.max_position_embeddings,
+            "vocab_size": c.vocab_size, "draft_vocab_size": draft_vocab_size, "target_hidden_size": c.hidden_size,
+            "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+            "torch_dtype": "bfloat16",
+            "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux_layers), "use_aux_hidden_state": True}}
+
+
+def build_head(hf_cfg: dict, target_model, draft_ids: torch.Tensor, seed: int) -> Eagle3Head:
+    """A fresh trainable head (float32, on the target's device) sharing the target's frozen embedding."""
+    device = target_model.lm_head.weight.device
+    cfg = Eagle3Config.from_hf_config(hf_cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            head = Eagle3Head(cfg, 3, has_embedding=False)
+        finally:
+            torch.set_default_dtype(prev)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        # NOTE: the target's own output rows are a good start for the head's lm_head
+        head.lm_head.weight.copy_(target_model.lm_head.weight.detach().float()[draft_ids.to(device)].contiguous())
+        head.d2t.copy_(draft_ids.to(device) - torch.arange(len(draft_ids), device=device))
+    for name, p in head.named_parameters():
+        p.requires_grad_(True)
+    head.embed_tokens = target_model.model.embed_tokens  # shared, frozen (not a head parameter)
+    return head
+
+
+def trainable(head: Eagle3Head) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in head.named_parameters() if not n.startswith("embed_tokens")]
+
+
+def head_state(head: Eagle3Head) -> dict[str, torch.Tensor]:
+    """The trained parameters under the published EAGLE-3 names (q/k/v and gate/up split)."""
+    out = {}
+    layer = head.midlayer
+    out["fc.weight"] = head.fc.weight
+    q, k, v = layer.self_attn.qkv_proj.weight.split(layer.self_attn.qkv_proj.output_sizes)
+    out["midlayer.self_attn.q_proj.weight"], out["midlayer.self_attn.k_proj.weight"] = q, k
+    out["midlayer.self_attn.v_proj.weight"] = v
+    out["midlayer.self_attn.o_proj.weight"] = layer.self_attn.o_proj.weight
+    gate, up = layer.mlp.gate_up_proj.weight.split(layer.mlp.gate_up_proj.output_sizes)
+    out["midlayer.mlp.gate_proj.weight"], out["midlayer.mlp.up_proj.weight"] = gate, up
+    out["midlayer.mlp.down_proj.weight"] = layer.mlp.down_proj.weight
+    for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm"):
+        out[f"midlayer.{n}.weight"] = getattr(layer, n).weight
+    out["norm.weight"] = head.norm.weight
+    out["lm_head.weight"] = head.lm_head.weight
+    return {k: t.detach().float().cpu().contiguous() for k, t in out.items()}
+
+
+def save_head(head: Eagle3Head, hf_cfg: dict, out: Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    from safetensors.torch import save_file
+    tensors = {k: t.to(dtype) for k, t in head_state(head).items()}
+    d2t = head.d2t.detach().cpu()
+    tensors["d2t"] = d2t
+    t2d = torch.zeros(hf_cfg["vocab_size"], dtype=torch.bool)
+    t2d[torch.arange(len(d2t)) + d2t] = True
+    tensors["t2d"] = t2d
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps({**hf_cfg, "torch_dtype": str(dtype).removeprefix("torch.")},
+                                                indent=2))
+
+
+# ---------------------------------------------------------------------------------- TTT
+
+
+def _attend(q, k0, v0, ks, vs, num_kv_heads: int, scale: float) -> torch.Tensor:
+    """q [n, Hq, D]; k0/v0 [n, Hkv, D] (step-0 keys: causal); ks/vs: lists of [n, Hkv, D]
+    (later steps' keys: each row sees only its own) -> [n, Hq, D]."""
+    n, hq, d = q.shape
+    rep = hq // num_kv_heads
+    k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
+    s0 = torch.einsum("ihd,jhd->hij", q, k0) * scale  # [Hq, n, n]
+    causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    s0 = s0.masked_fill(~causal, float("-inf"))
+    kk = [k.repeat_interleave(rep, 1) for k in ks]
+    vv = [v.repeat_interleave(rep, 1) for v in vs]
+    diag = [torch.einsum("ihd,ihd->hi", q, k)[..., None] * scale for k in kk]  # [Hq, n, 1] each
+    p = torch.softmax(torch.cat([s0] + diag, -1), -1)
+    out = torch.einsum("hij,jhd->ihd", p[..., :n], v0)
+    for m, v in enumerate(vv):
+        out = out + p[..., n + m].transpose(0, 1)[..., None] * v
+    return out
+
+
+def ttt_forward(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, steps: int):
+    """ids [L]; aux [L, 3H] -> list over steps of draft-vocab logits [L-1, V_draft] (row i of
+    step k predicts t_{i+2+k}; rows past the sequence are garbage, masked by the loss)."""
+    layer, attn = head.midlayer, head.midlayer.self_attn
+    L = ids.shape[0]
+    n = L - 1
+    rows = torch.arange(n, device=ids.device)
+    hidden = head.fc(aux[:n].to(head.fc.weight.dtype))  # [n, H]
+    keys0 = None
+    ks, vs, logits = [], [], []
+    for k in range(steps):
+        tok = ids[(rows + 1 + k).clamp(max=L - 1)]
+        pos = (rows + k).clamp(max=head.rotary_emb.cos_sin_cache.shape[0] - 1)
+        cos, sin = head.rotary_emb.cos_sin(pos)
+        embeds = head.embed_tokens(tok).to(hidden.dtype)
+        normed_h = layer.hidden_norm(hidden)
+        residual = normed_h if layer.norm_before_residual else hidden
+        x = torch.cat([layer.input_layernorm(embeds), normed_h], -1)
+        qkv = attn.qkv_proj(x)
+        qk_size = attn.q_size + attn.kv_size
+        qk = apply_rotary(qkv[:, :qk_size].reshape(n, -1, attn.head_dim), cos, sin)
+        q, key = qk[:, : attn.num_heads], qk[:, attn.num_heads:]
+        v = qkv[:, qk_size:].reshape(n, attn.num_kv_heads, attn.head_dim)
+        if keys0 is None:
+            keys0 = (key, v)
+        else:
+            ks.append(key)
+            vs.append(v)
+        o = _attend(q, keys0[0], keys0[1], ks, vs, attn.num_kv_heads, attn.attn.scale)
+        a = attn.o_proj(o.reshape(n, -1))
+        a, residual = layer.post_attention_layernorm(a, residual)
+        out = layer.mlp(a) + residual  # pre-norm output, fed back as the next step's hidden
+        logits.append(head.lm_head(head.norm(out)).float())
+        hidden = out
+    return logits
+
+
+def ttt_loss(step_logits, tgt_draft: torch.Tensor, tgt_argmax: torch.Tensor, draft_ids: torch.Tensor,
+             t2d: torch.Tensor):
+    """tgt_draft [L, V_draft]: the target's logits over the draft vocabulary; tgt_argmax [L]:
+    its argmax over the full vocabulary -> (weighted loss, per-step losses, per-step (correct, count))."""
+    L = tgt_draft.shape[0]
+    n = L - 1
+    rows = torch.arange(n, device=tgt_draft.device)
+    total = 0.0
+    losses, accs = [], []
+    for k, lg in enumerate(step_logits):
+        idx = rows + 1 + k
+        valid = idx <= L - 1
+        j = idx.clamp(max=L - 1)
+        argmax = tgt_argmax[j]
+        mask = valid & t2d[argmax]
+        p = torch.softmax(tgt_draft[j].float(), -1)
+        ce = -(p * torch.log_softmax(lg, -1)).sum(-1)
+        cnt = int(mask.sum())
+        lk = (ce * mask).sum() / max(cnt, 1)
+        total = total + STEP_DECAY ** k * lk
+        losses.append(float(lk.detach()))
+        pred = draft_ids[lg.argmax(-1)]
+        accs.append((int(((pred == argmax) & valid).sum()), int(valid.sum())))
+    return total, losses, accs
+
+
+# ---------------------------------------------------------------------------------- loop
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, llm=None):
+        self.cfg = cfg
+        out = Path(cfg.out).expanduser()
+        self.out = out
+        if cfg.ttt_steps < 1:
+            raise InvalidRequestError("--ttt-steps must be >= 1")
+        if cfg.draft_vocab_size < 1:
+            raise InvalidRequestError("--draft-vocab-size must be >= 1")
+        check_target_arch(cfg.target)
+        data_file = out / "data.jsonl"
+        resuming = cfg.resume and (out / "checkpoint.pt").is_file() and data_file.is_file()
+        prompts = None
+        if not resuming:
+            from lightspeed.train.data import load_prompts
+            prompts = load_prompts(cfg.prompts)  # before loading the model: fail fast
+            if cfg.max_prompts:
+                prompts = prompts[: cfg.max_prompts]
+        if llm is None:
+            from lightspeed.engine.llm import LLM
+            llm = LLM(cfg.target, device=cfg.device, dtype=cfg.dtype, enable_cuda_graph=False)
+        self.llm = llm
+        self.model = llm.engine.runner.model
+        check_capture(self.model)
+        self.mc = self.model.config
+        self.aux_layers = resolve_aux_layers(cfg.aux_layers, self.mc.num_hidden_layers)
+        if resuming:
+            recs = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+        else:
+            recs = generate_data(llm, prompts, cfg.max_tokens, cfg.max_len)
+            out.mkdir(parents=True, exist_ok=True)
+            with open(data_file, "w") as f:
+                for r in recs:
+                    f.write(json.dumps(r) + "\n")
+        recs = [r for r in recs if len(r["ids"]) >= 3]
+        self.seqs = [r["ids"] for r in recs]
+        if not self.seqs:
+            raise InvalidRequestError("the generated data holds no sequence of 3 or more tokens")
+        n_hold = max(1, int(len(self.seqs) * cfg.holdout)) if len(self.seqs) > 1 else 0
+        self.heldout, self.train = self.seqs[:n_hold], self.seqs[n_hold:] or self.seqs
+        device = self.model.lm_head.weight.device
+        self.device = device
+        self.draft_ids = choose_draft_vocab(self.seqs, [r.get("prompt_len", 0) for r in recs], cfg.draft_vocab_size,
+                                            self.mc.vocab_size).to(device)
+        self.t2d = torch.zeros(self.mc.vocab_size, dtype=torch.bool, device=device)
+        self.t2d[self.draft_ids] = True
+        self.hf_cfg = head_hf_config(self.mc, len(self.draft_ids), self.aux_layers)
+        self.head = build_head(self.hf_cfg, self.model, self.draft_ids, cfg.seed)
+        self.params = [p for _, p in trainable(self.head)]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.log = {"losses": [], "accuracy": [], "eval": []}
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._cache_bytes = 0
+        if resuming:
+            self.load_checkpoint()
+
+    # features -----------------------------------------------------------------------
+    def features(self, seq: list[int]):
+        key = id(seq)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        ids = torch.tensor(seq, device=self.device)
+        aux, logits = target_features(self.model, seq, self.aux_layers)
+        # NOTE: only the draft-vocabulary logits and the argmax are kept (the full [L, V] is large)
+        item = (ids, aux, logits[:, self.draft_ids].contiguous(), logits.argmax(-1))
+        size = aux.numel() * 4 + item[2].numel() * 4
+        if self._cache_bytes + size <= 2 << 30:
+            self._cache[key] = item
+            self._cache_bytes += size
+        return item
+
+    def seq_loss(self, seq):
+        ids, aux, tgt_draft, tgt_argmax = self.features(seq)
+        step_logits = ttt_forward(self.head, ids, aux, self.cfg.ttt_steps)
+        return ttt_loss(step_logits, tgt_draft, tgt_argmax, self.draft_ids, self.t2d)
+
+    @torch.no_grad()
+    def evaluate(self, seqs=None) -> dict:
+        seqs = self.heldout if seqs is None else seqs
+        k = self.cfg.ttt_steps
+        loss, correct, count = 0.0, [0] * k, [0] * k
+        for s in seqs:
+            total, _, accs = self.seq_loss(s)
+            loss += float(total)
+            for j, (c, n) in enumerate(accs):
+                correct[j] += c
+                count[j] += n
+        return {"step": self.step, "loss": loss / max(len(seqs), 1),
+                "accuracy": [c / max(n, 1) for c, n in zip(correct, count)]}
+
+    # checkpoint ---------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {"head": {n: p.detach().cpu() for n, p in trainable(self.head)}, "opt": self.opt.state_dict(),
+                 "step": self.step, "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "py_rng": random.getstate(), "draft_ids": self.draft_ids.cpu(), "log": self.log,
+                 "config": asdict(self.cfg)}
+        tmp = self.out / "checkpoint.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.out / "checkpoint.pt")
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.out / "checkpoint.pt", map_location="cpu", weights_only=False)
+        if not torch.equal(state["draft_ids"], self.draft_ids.cpu()):
+            raise InvalidRequestError(f"{self.out}/checkpoint.pt was trained with another draft vocabulary; "
+                                      "resume with the same --draft-vocab-size")
+        with torch.no_grad():
+            for n, p in trainable(self.head):
+                p.copy_(state["head"][n])
+        self.opt.load_state_dict(state["opt"])
+        self.step = state["step"]
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["py_rng"])
+        self.log = state["log"]
+
+    # loop ---------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup:
+            return c.lr * (step + 1) / c.warmup
+        frac = (step - c.warmup) / max(1, c.steps - c.warmup)
+        return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def train_steps(self, until: int | None = None) -> list[float]:
+        c = self.cfg
+        until = c.steps if until is None else min(until, c.steps)
+        if not self.log["eval"] and self.heldout:
+            self.log["eval"].append(self.evaluate())
+        t0, last = time.time(), 0.0
+        while self.step < until:
+            for g in self.opt.param_groups:
+                g["lr"] = self.lr_at(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            tot, accs_sum = 0.0, [[0, 0] for _ in range(c.ttt_steps)]
+            for _ in range(c.batch_size):
+                i = int(torch.randint(len(self.train), (1,), generator=self.gen))
+                total, _, accs = self.seq_loss(self.train[i])
+                (total / c.batch_size).backward()
+                tot += float(total.detach()) / c.batch_size
+                for j, (a, n) in enumerate(accs):
+                    accs_sum[j][0] += a
+                    accs_sum[j][1] += n
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.step += 1
+            acc = [a / max(n, 1) for a, n in accs_sum]
+            self.log["losses"].append(tot)
+            self.log["accuracy"].append(acc)
+            if c.progress and (time.time() - last > 0.5 or self.step == until):
+                last = time.time()
+                _progress(self.step, c.steps, tot, acc, time.time() - t0)
+            if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
+                self.save_checkpoint()
+        if c.progress:
+            sys.stderr.write("\n")
+        return self.log["losses"]
+
+    def finish(self) -> Path:
+        if self.heldout:
+            self.log["eval"].append(self.evaluate())
+        self.save_checkpoint()
+        save_head(self.head, self.hf_cfg, self.out)
+        (self.out / "train_log.json").write_text(json.dumps(
+            {"config": asdict(self.cfg), "aux_layers": self.aux_layers,
+             "draft_vocab_size": len(self.draft_ids), "num_sequences": len(self.seqs),
+             "num_heldout": len(self.heldout), "command": " ".join(sys.argv), **self.log}))
+        return self.out
+
+
+def _progress(step: int, total: int, loss: float, acc: list[float], elapsed: float) -> None:
+    width = 24
+    done = int(width * step / max(total, 1))
+    accs = " ".join(f"{a:.2f}" for a in acc[:8])
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.4f} acc/step {accs} "
+                     f"{elapsed:.0f}s")
+    sys.stderr.flush()
+
+
+def train_eagle3(cfg: TrainConfig, llm=None) -> Path:
+    trainer = Trainer(cfg, llm)
+    trainer.train_steps()
+    return trainer.finish()
