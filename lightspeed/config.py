@@ -6,7 +6,9 @@ from typing import Any
 
 from lightspeed.errors import InvalidRequestError, UnsupportedModelError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Llama4ForCausalLM",
+                           "Llama4ForConditionalGeneration")
+LLAMA4_ARCHITECTURES = ("Llama4ForCausalLM", "Llama4ForConditionalGeneration")
 
 
 @dataclass
@@ -32,6 +34,20 @@ class ModelConfig:
     sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # -- Llama 4 (defaults: a dense model; HF Llama4TextConfig's __post_init__ rules in from_hf_config)
+    num_local_experts: int = 0  # 0: no MoE layers
+    num_experts_per_tok: int = 1
+    moe_layers: list[int] = field(default_factory=list)  # layer ids with MoE feed-forward
+    intermediate_size_mlp: int | None = None  # dense feed-forward of non-MoE layers (None: intermediate_size)
+    # NOTE: HF's naming: no_rope_layers[i] == 1 means layer i DOES use rope; None: every layer does
+    no_rope_layers: list[int] | None = None
+    layer_types: list[str] | None = None  # per layer "full_attention" | "chunked_attention"
+    attention_chunk_size: int | None = None  # chunked layers: keys visible only within the query's chunk
+    use_qk_norm: bool = False  # L2 norm of q, k (after rope) on rope layers
+    attn_temperature_tuning: bool = False  # NoPE layers: q *= 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    weight_prefix: str = ""  # checkpoint names of the text model start with this ("language_model.")
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -44,6 +60,11 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise UnsupportedModelError(f"config field {name} must be positive, got {getattr(self, name)}")
+        if self.num_local_experts and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+            raise UnsupportedModelError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in "
+                                        f"[1, num_local_experts = {self.num_local_experts}]")
+        if self.layer_types is not None and "chunked_attention" in self.layer_types and not self.attention_chunk_size:
+            raise UnsupportedModelError("layer_types has chunked_attention layers but attention_chunk_size is not set")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -68,6 +89,8 @@ class ModelConfig:
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"architecture {arch!r} is not supported; lightspeed runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch in LLAMA4_ARCHITECTURES:
+            return _llama4_from_hf_config(cls, arch, cfg)
         num_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // num_heads
         eos = cfg.get("eos_token_id")
@@ -96,6 +119,64 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+def _llama4_from_hf_config(cls, arch: str, cfg: dict[str, Any]) -> "ModelConfig":
+    """Llama4ForCausalLM (`llama4_text`), or the text part of Llama4ForConditionalGeneration
+    (`text_config`, weights under `language_model.`); defaults as HF Llama4TextConfig."""
+    prefix = ""
+    if arch == "Llama4ForConditionalGeneration":
+        if not isinstance(cfg.get("text_config"), dict):
+            raise UnsupportedModelError("Llama4ForConditionalGeneration config.json has no text_config")
+        top, cfg = cfg, dict(cfg["text_config"])
+        for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+            if cfg.get(key) is None and top.get(key) is not None:
+                cfg[key] = top[key]
+        prefix = "language_model."
+    n = cfg.get("num_hidden_layers", 48)
+    num_heads = cfg.get("num_attention_heads", 40)
+    hidden = cfg.get("hidden_size", 5120)
+    no_rope = cfg.get("no_rope_layers") or [int((i + 1) % cfg.get("no_rope_layer_interval", 4) != 0) for i in range(n)]
+    step = cfg.get("interleave_moe_layer_step", 1)
+    moe = cfg.get("moe_layers")
+    moe = list(range(step - 1, n, step)) if moe is None else list(moe)
+    layer_types = cfg.get("layer_types") or ["chunked_attention" if r else "full_attention" for r in no_rope]
+    chunk = cfg.get("attention_chunk_size", 8192)
+    if "chunked_attention" not in layer_types:
+        chunk = None
+    eos = cfg.get("eos_token_id", 2)
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return cls(
+        architecture=arch,
+        vocab_size=cfg.get("vocab_size", 202048),
+        hidden_size=hidden,
+        intermediate_size=cfg.get("intermediate_size", 8192),
+        num_hidden_layers=n,
+        num_attention_heads=num_heads,
+        num_key_value_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or hidden // num_heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_theta=(cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 500000.0)),
+        rope_scaling=_rope_scaling(cfg),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096 * 32),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", False),
+        hidden_act=cfg.get("hidden_act", "silu"),
+        bos_token_id=cfg.get("bos_token_id", 1),
+        eos_token_ids=eos_ids,
+        num_local_experts=cfg.get("num_local_experts", 16) if moe else 0,
+        num_experts_per_tok=cfg.get("num_experts_per_tok", 1),
+        moe_layers=moe,
+        intermediate_size_mlp=cfg.get("intermediate_size_mlp", 16384),
+        no_rope_layers=list(no_rope),
+        layer_types=list(layer_types),
+        attention_chunk_size=chunk,
+        use_qk_norm=cfg.get("use_qk_norm", True),
+        attn_temperature_tuning=cfg.get("attn_temperature_tuning", True),
+        floor_scale=cfg.get("floor_scale", 8192),
+        attn_scale=cfg.get("attn_scale", 0.1),
+        weight_prefix=prefix,
+    )
 
 
 def _rope_scaling(cfg: dict) -> dict | None:

@@ -9,6 +9,8 @@ _MODELS = {
     "LlamaForCausalLM": ("lightspeed.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("lightspeed.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("lightspeed.models.llama", "LlamaForCausalLM"),
+    "Llama4ForCausalLM": ("lightspeed.models.llama4", "Llama4ForCausalLM"),
+    "Llama4ForConditionalGeneration": ("lightspeed.models.llama4", "Llama4ForCausalLM"),
 }
 
 

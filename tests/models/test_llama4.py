@@ -1,0 +1,173 @@
+"""Llama 4 text models against HF transformers `Llama4ForCausalLM` (eager, fp32) on tiny random
+configs: MoE on every layer (Scout-like) and interleaved (Maverick-like), a chunk size smaller
+than the prompts, NoPE layers with attention temperature tuning, qk-norm; plus the MoE
+reference against a dense per-token loop, and the Llama4ForConditionalGeneration layout."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+transformers = pytest.importorskip("transformers")
+
+from lightspeed import LLM, SamplingParams  # noqa: E402
+from lightspeed.config import ModelConfig  # noqa: E402
+from lightspeed.layers.moe import moe_ref, route_topk_sigmoid  # noqa: E402
+from lightspeed.models import get_model_class  # noqa: E402
+from tests.models.test_llama_parity import PagedBatch, hf_logits  # noqa: E402
+from tests.tiny import EOS_ID, VOCAB, hf_greedy, save_byte_tokenizer  # noqa: E402
+
+TOL = 1e-4
+BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=48, intermediate_size_mlp=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+            eos_token_id=EOS_ID, bos_token_id=None, pad_token_id=None, tie_word_embeddings=False,
+            attention_chunk_size=8, no_rope_layers=[1, 1, 0, 1], attn_temperature_tuning=True, floor_scale=4,
+            attn_scale=0.1, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+CASES = {
+    # Scout-like: MoE on every layer, qk-norm, llama3 rope
+    "scout": dict(num_local_experts=5, num_experts_per_tok=1, interleave_moe_layer_step=1, use_qk_norm=True,
+                  rope_parameters=LLAMA3_ROPE),
+    # Maverick-like: MoE on every other layer (1, 3), dense elsewhere, no qk-norm
+    "maverick": dict(num_local_experts=7, num_experts_per_tok=1, interleave_moe_layer_step=2, use_qk_norm=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+    # top-2 routing, attention bias (q/k/v and o), explicit moe_layers
+    "top2-bias": dict(num_local_experts=4, num_experts_per_tok=2, moe_layers=[0, 2], attention_bias=True,
+                      use_qk_norm=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+}
+GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+
+
+def make_llama4(path, case: str, seed: int = 0):
+    """HF Llama4ForCausalLM with random (decisive) weights, saved with the byte tokenizer."""
+    torch.manual_seed(seed)
+    cfg = transformers.Llama4TextConfig(**{**BASE, **CASES[case]}, architectures=["Llama4ForCausalLM"])
+    hf = transformers.Llama4ForCausalLM._from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(path)
+    save_byte_tokenizer(path)
+    return hf
+
+
+def load_ours(path):
+    config = ModelConfig.from_hf_config(json.load(open(path / "config.json")))
+    model = get_model_class(config)(config)
+    model.load_weights(load_file(path / "model.safetensors").items())
+    return model, config
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_config_follows_hf_defaults(tmp_path):
+    hf = make_llama4(tmp_path, "maverick")
+    c = ModelConfig.from_hf_config(json.load(open(tmp_path / "config.json")))
+    assert c.moe_layers == hf.config.moe_layers == [1, 3]
+    assert c.layer_types == hf.config.layer_types == ["chunked_attention"] * 2 + ["full_attention", "chunked_attention"]
+    assert c.attention_chunk_size == 8 and c.attn_temperature_tuning and c.floor_scale == 4
+    assert c.intermediate_size_mlp == 96 and c.num_local_experts == 7 and not c.use_qk_norm
+    assert [type(layer.feed_forward).__name__ for layer in get_model_class(c)(c).model.layers] == \
+        ["_DenseMLP", "Llama4MoE", "_DenseMLP", "Llama4MoE"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_and_decode_logits_match_hf(tmp_path, case):
+    hf = make_llama4(tmp_path, case)
+    model, config = load_ours(tmp_path)
+    prompts = prompts_of([21, 1, 13])  # 21 > 2 chunks of 8
+    batch = PagedBatch(model, config, len(prompts))
+    logits, _ = batch.step(prompts)
+    for chunk, prompt in zip(logits.split([len(p) for p in prompts]), prompts):
+        torch.testing.assert_close(chunk, hf_logits(hf, prompt), atol=TOL, rtol=0)
+    seqs = [list(p) for p in prompts]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):  # decode across a chunk boundary (positions 21..24 of the first)
+        new = [[int(torch.randint(256, (1,), generator=g))] for _ in seqs]
+        logits, _ = batch.step(new)
+        for i, seq in enumerate(seqs):
+            seq += new[i]
+            torch.testing.assert_close(logits[i], hf_logits(hf, seq)[-1], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["scout", "maverick"])
+def test_greedy_64_tokens_match_hf_in_a_mixed_batch(tmp_path, case):
+    hf = make_llama4(tmp_path, case)
+    # small blocks and token budget: prompts span several blocks and chunks, prefilled in pieces
+    llm = LLM(str(tmp_path), device="cpu", block_size=4, max_num_batched_tokens=32)
+    prompts = prompts_of([5, 19, 40], seed=1)
+    outs = llm.generate(prompts, GREEDY)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 64)
+    alone = llm.generate(prompts[1], GREEDY)[0]  # batch-independent
+    assert alone.token_ids == outs[1].token_ids
+
+
+def test_conditional_generation_checkpoint_loads_text_part(tmp_path):
+    hf = make_llama4(tmp_path / "text", "scout")
+    text_cfg = json.load(open(tmp_path / "text" / "config.json"))
+    ckpt = tmp_path / "vlm"
+    ckpt.mkdir()
+    weights = {f"language_model.{k}": v for k, v in load_file(tmp_path / "text" / "model.safetensors").items()}
+    weights["vision_model.patch_embedding.linear.weight"] = torch.zeros(4, 4)
+    weights["multi_modal_projector.linear_1.weight"] = torch.zeros(4, 4)
+    save_file(weights, ckpt / "model.safetensors")
+    text_cfg.pop("architectures")
+    (ckpt / "config.json").write_text(json.dumps({
+        "architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text_cfg,
+        "vision_config": {"hidden_size": 4}}))
+    save_byte_tokenizer(ckpt)
+    model, config = load_ours(ckpt)
+    assert config.weight_prefix == "language_model." and config.num_local_experts == 5
+    prompt = prompts_of([12])[0]
+    logits, _ = PagedBatch(model, config, 1).step([prompt])
+    torch.testing.assert_close(logits, hf_logits(hf, prompt), atol=TOL, rtol=0)
+    llm = LLM(str(ckpt), device="cpu", block_size=4)
+    assert llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0].token_ids \
+        == hf_greedy(hf, prompt, 16)
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,on_input", [(1, 16, 1, True), (7, 5, 1, True),
+                                                                   (9, 3, 2, False), (13, 7, 3, True)])
+def test_moe_ref_matches_a_per_token_loop(num_tokens, num_experts, top_k, on_input):
+    g = torch.Generator().manual_seed(num_tokens)
+    h, i = 32, 24
+    x = torch.randn(num_tokens, h, generator=g)
+    gate_up = torch.randn(num_experts, h, 2 * i, generator=g) * 0.1
+    down = torch.randn(num_experts, i, h, generator=g) * 0.1
+    weights, ids = route_topk_sigmoid(torch.randn(num_tokens, num_experts, generator=g), top_k)
+    out = moe_ref(x, gate_up, down, weights, ids, weight_on_input=on_input)
+    ref = torch.zeros_like(x)
+    for t in range(num_tokens):
+        for k in range(top_k):
+            e, w = int(ids[t, k]), weights[t, k]
+            xi = x[t] * w if on_input else x[t]
+            gu = xi @ gate_up[e]
+            y = (torch.nn.functional.silu(gu[:i]) * gu[i:]) @ down[e]
+            ref[t] += y if on_input else w * y
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_path_refuses_chunked_attention_beyond_one_chunk(monkeypatch):
+    from lightspeed.errors import UnsupportedModelError
+    from lightspeed.layers import attention as attn_mod
+    monkeypatch.setattr(attn_mod.kernels, "use_triton", lambda x: True)
+    attn = attn_mod.Attention(2, 1, 8, attention_chunk_size=4)
+    kv = torch.zeros(2, 4, 4, 1, 8)
+    meta = attn_mod.AttentionMetadata(slot_mapping=torch.arange(9), query_start_loc=torch.tensor([0, 9]),
+                                      seq_lens=torch.tensor([9]), block_tables=torch.arange(4)[None],
+                                      query_start_loc_cpu=[0, 9], seq_lens_cpu=[9])
+    with pytest.raises(UnsupportedModelError, match="attention_chunk_size=4"):
+        attn(torch.randn(9, 16), torch.randn(9, 8), torch.randn(9, 8), kv, meta)
