@@ -93,7 +93,8 @@ class Engine:
         kernels.set_pdl(config.enable_pdl)  # NOTE: process-wide, read at each kernel launch
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
-        max_len = config.max_model_len or mc.max_position_embeddings
+        rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
+        max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
         # NOTE: a context longer than the whole cache could never run; cap it there
         self.max_model_len = min(max_len, num_blocks * config.block_size)

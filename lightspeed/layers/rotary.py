@@ -13,6 +13,14 @@ import math
 import torch
 from torch import nn
 
+# NOTE: cos/sin tables stop here (Llama 4 Scout declares 10M positions: 5 GB of table); the
+# engine caps max_model_len to the table.
+MAX_ROPE_POSITIONS = 1 << 18
+
+
+def rope_table_size(max_position_embeddings: int) -> int:
+    return min(max_position_embeddings, MAX_ROPE_POSITIONS)
+
 
 def compute_inv_freq(head_dim: int, base: float, rope_scaling: dict | None = None) -> torch.Tensor:
     """[head_dim // 2] float32, as HF's ROPE_INIT_FUNCTIONS (modeling_rope_utils.py)."""

@@ -35,7 +35,7 @@ from lightspeed.errors import CheckpointError, ModelNotFoundError, UnsupportedMo
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.norm import RMSNorm
-from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary
+from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
 from lightspeed.models.llama import STACKED_PARAMS, LlamaMLP
 
 IGNORED = ("t2d", "rotary_emb.inv_freq")
@@ -119,7 +119,7 @@ class Eagle3Head(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = Linear(c.hidden_size, config.draft_vocab_size)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
-        self.rotary_emb = RotaryEmbedding(c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling)
+        self.rotary_emb = RotaryEmbedding(c.head_dim, rope_table_size(c.max_position_embeddings), c.rope_theta, c.rope_scaling)
         self._target_ids: torch.Tensor | None = None
         self.requires_grad_(False)
 

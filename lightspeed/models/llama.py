@@ -25,7 +25,7 @@ from lightspeed.layers.activation import silu_and_mul
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear, linear
 from lightspeed.layers.norm import RMSNorm
-from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary
+from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
 
 # (fused param, HF param, shard id): HF `...self_attn.k_proj.weight` -> rows 1 of `qkv_proj.weight`
 STACKED_PARAMS = [
@@ -108,8 +108,8 @@ class LlamaModel(nn.Module):
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling)
+        self.max_positions = rope_table_size(config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]

@@ -32,7 +32,7 @@ from lightspeed.layers.linear import Linear
 from lightspeed.layers.moe import Experts, Router
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.models.llama import LlamaForCausalLM, LlamaMLP
-from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary
+from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
 
 _QK_NAME = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk])_proj\.(weight|bias)$")
 
@@ -136,10 +136,8 @@ class Llama4Model(nn.Module):
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList([Llama4DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # NOTE: the cos/sin table covers max_position_embeddings (Scout: 10M positions, 5 GB at
-        # head_dim 128); real-size checkpoints want it capped at the engine's max_model_len.
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                                          config.rope_scaling)
+        self.max_positions = rope_table_size(config.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]

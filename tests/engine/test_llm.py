@@ -117,3 +117,12 @@ def test_missing_path_and_unsupported_architecture(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         LLM(str(tmp_path / "m"), device="cpu")
+
+
+def test_declared_context_beyond_the_rope_table_is_capped(tmp_path):
+    from lightspeed.layers.rotary import MAX_ROPE_POSITIONS
+    make_tiny_checkpoint(tmp_path, "llama", max_position_embeddings=10_000_000)  # as Llama 4 Scout declares
+    llm = LLM(str(tmp_path), device="cpu", kv_cache_gb=0.01)
+    assert llm.engine.runner.model.model.rotary_emb.cos_sin_cache.shape[0] == MAX_ROPE_POSITIONS
+    assert llm.engine.max_model_len <= MAX_ROPE_POSITIONS
+    assert llm.generate([1, 2, 3], SamplingParams(max_tokens=4))[0].finished
