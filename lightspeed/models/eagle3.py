@@ -32,11 +32,11 @@ from torch import nn
 
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
-from lightspeed.layers.attention import Attention, AttentionMetadata
+from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.norm import RMSNorm
-from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
-from lightspeed.models.llama import STACKED_PARAMS, LlamaMLP
+from lightspeed.layers.rotary import RotaryEmbedding, rope_table_size
+from lightspeed.models.llama import STACKED_PARAMS, LlamaAttention, LlamaMLP, RopeInputs
 
 IGNORED = ("t2d", "rotary_emb.inv_freq")
 
@@ -68,40 +68,22 @@ class Eagle3Config:
                    norm_before_residual=bool(cfg.get("norm_before_residual", False)))
 
 
-class Eagle3Attention(nn.Module):
-    def __init__(self, c: ModelConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(2 * c.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=c.attention_bias)
-        self.o_proj = Linear(self.q_size, c.hidden_size, bias=c.attention_bias)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
-
-    def forward(self, x, cos, sin, kv_cache, meta):
-        t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
-        qk_size = self.q_size + self.kv_size
-        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)
-        q, k = qk[:, : self.num_heads].flatten(1), qk[:, self.num_heads:].flatten(1)
-        return self.o_proj(self.attn(q, k, qkv[:, qk_size:], kv_cache, meta))
-
-
 class Eagle3DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, norm_before_residual: bool):
         super().__init__()
-        self.self_attn = Eagle3Attention(c)
+        self.self_attn = LlamaAttention(c, input_size=2 * c.hidden_size)  # q/k/v read [embeds, hidden]
         self.mlp = LlamaMLP(c)
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.hidden_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.norm_before_residual = norm_before_residual
 
-    def forward(self, embeds, hidden, cos, sin, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, embeds, hidden, kv_cache, meta, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds, hidden: [T, H] -> (mlp_out, residual); the pre-norm output is their sum."""
         normed = self.hidden_norm(hidden)
         residual = normed if self.norm_before_residual else hidden
         x = torch.cat([self.input_layernorm(embeds), normed], dim=-1)  # [T, 2H]
-        a = self.self_attn(x, cos, sin, kv_cache, meta)
+        a = self.self_attn(x, kv_cache, meta, rope)
         a, residual = self.post_attention_layernorm(a, residual)
         return self.mlp(a), residual
 
@@ -136,7 +118,7 @@ class Eagle3Head(nn.Module):
         """input_ids, positions: [T]; hidden: [T, H] -> (normed [T, H], pre-norm [T, H])."""
         cos, sin = self.rotary_emb.cos_sin(positions)
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
-        out, residual = self.midlayer(embeds, hidden, cos, sin, kv_caches[0], meta)
+        out, residual = self.midlayer(embeds, hidden, kv_caches[0], meta, RopeInputs(positions, cos, sin))
         return self.norm(out, residual)
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ same math in torch (rotary cos/sin gathered once per step for all layers).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -39,29 +39,40 @@ STACKED_PARAMS = [
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+class RopeInputs(NamedTuple):
+    """Rotary inputs built once per step for every layer: the fused path (Triton) reads
+    positions [T] and cache [max_pos, D]; the torch path reads cos, sin [T, 1, D]."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    cache: torch.Tensor | None = None
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, input_size: int | None = None):
         super().__init__()
         c = config
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(c.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=c.attention_bias)
+        self.qkv_proj = Linear(input_size or c.hidden_size, [self.q_size, self.kv_size, self.kv_size],
+                               bias=c.attention_bias)
         # NOTE: Llama's attention_bias also adds an o_proj bias; Qwen2's q/k/v bias does not.
         o_bias = c.attention_bias and c.architecture == "LlamaForCausalLM"
         self.o_proj = Linear(self.q_size, c.hidden_size, bias=o_bias)
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, sliding_window=c.sliding_window)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x: [T, H] -> [T, H]. rope = (positions [T], cos_sin_cache [max_pos, D]) selects the
-        fused path (cos/sin unused); otherwise cos, sin: [T, 1, D] (rotary.cos_sin)."""
-        if rope is not None:
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                rope: RopeInputs) -> torch.Tensor:
+        """x: [T, H_in] -> [T, H]; rope.cache set selects the fused QKV epilogue."""
+        if rope.cache is not None:
             qkv = self.qkv_proj(x, skip_bias=True)  # [T, (Hq + 2 Hkv) * D]; bias added in the epilogue
-            return self.o_proj(self.attn.forward_qkv(qkv, self.qkv_proj.bias, rope[0], rope[1], kv_cache, meta))
+            return self.o_proj(self.attn.forward_qkv(qkv, self.qkv_proj.bias, rope.positions, rope.cache,
+                                                     kv_cache, meta))
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D] = | q | k | v |
         qk_size = self.q_size + self.kv_size
-        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), cos, sin)  # [T, Hq + Hkv, D]
+        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), rope.cos, rope.sin)  # [T, Hq + Hkv, D]
         q = qk[:, : self.num_heads].flatten(1)  # [T, Hq * D] (strided view)
         k = qk[:, self.num_heads:].flatten(1)  # [T, Hkv * D]
         v = qkv[:, qk_size:]  # [T, Hkv * D]
@@ -87,17 +98,19 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def feed_forward_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp(hidden)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
+                meta: AttentionMetadata, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (mlp_out, residual); HF's layer output is their sum."""
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, kv_cache, meta, rope)
+        hidden = self.self_attn(hidden, kv_cache, meta, rope)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.feed_forward_out(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -106,25 +119,29 @@ class LlamaModel(nn.Module):
         # NOTE: uninitialised like every other parameter here; load_weights fills it.
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList([LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.make_layer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.max_positions = rope_table_size(config.max_position_embeddings)
         self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
 
+    def make_layer(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        return LlamaDecoderLayer(config)
+
+    def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
+        if kernels.use_triton(hidden):
+            return RopeInputs(positions, cache=self.rotary_emb.cos_sin_cache)  # [max_pos, D] float32
+        cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
+        return RopeInputs(positions, cos, sin)
+
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
-        if kernels.use_triton(hidden):
-            cos = sin = None
-            rope = (positions, self.rotary_emb.cos_sin_cache)  # [T], [max_pos, D] float32
-        else:
-            cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
-            rope = None
+        rope = self.rope_inputs(hidden, positions)
         aux = {}  # layer id -> [T, H]
         for i, layer in enumerate(self.layers):
             if i in aux_layer_ids:
                 aux[i] = hidden if residual is None else hidden + residual  # HF hidden_states[i]
-            hidden, residual = layer(hidden, residual, cos, sin, kv_caches[i], attn_meta, rope)
+            hidden, residual = layer(hidden, residual, kv_caches[i], attn_meta, rope)
         hidden, _ = self.norm(hidden, residual)
         return hidden, aux
 

@@ -31,8 +31,8 @@ from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.moe import Experts, Router
 from lightspeed.layers.norm import RMSNorm
-from lightspeed.models.llama import LlamaForCausalLM, LlamaMLP
-from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
+from lightspeed.layers.rotary import apply_rotary
+from lightspeed.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel, RopeInputs
 
 _QK_NAME = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qk])_proj\.(weight|bias)$")
 
@@ -66,10 +66,9 @@ class Llama4Attention(nn.Module):
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim,
                               attention_chunk_size=c.attention_chunk_size if chunked else None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """x [T, H], positions [T], cos/sin [T, 1, D] (rotary.cos_sin) -> [T, H]."""
-        t = x.shape[0]
+    def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, rope: RopeInputs) -> torch.Tensor:
+        """x [T, H] -> [T, H]; rope: positions [T], cos/sin [T, 1, D] (rotary.cos_sin)."""
+        t, positions, cos, sin = x.shape[0], rope.positions, rope.cos, rope.sin
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D] = | q | k | v |
         qk_size = self.q_size + self.kv_size
         qk = qkv[:, :qk_size].view(t, -1, self.head_dim)  # [T, Hq + Hkv, D]
@@ -109,47 +108,30 @@ class _DenseMLP(LlamaMLP):
         self.down_proj = Linear(i, config.hidden_size, bias=False)
 
 
-class Llama4DecoderLayer(nn.Module):
+class Llama4DecoderLayer(LlamaDecoderLayer):
+    """LlamaDecoderLayer's residual flow with Llama 4 attention and a MoE or dense feed-forward."""
+
     def __init__(self, config: ModelConfig, layer_id: int):
-        super().__init__()
+        nn.Module.__init__(self)
         self.self_attn = Llama4Attention(config, layer_id)
         self.is_moe_layer = layer_id in config.moe_layers
         self.feed_forward = Llama4MoE(config) if self.is_moe_layer else _DenseMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, residual, positions, cos, sin, kv_cache, meta):
-        """(hidden, residual) -> (feed_forward_out, residual); HF's layer output is their sum."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, cos, sin, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.feed_forward(hidden), residual
+    def feed_forward_out(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(hidden)
 
 
-class Llama4Model(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList([Llama4DecoderLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.max_positions = rope_table_size(config.max_position_embeddings)
-        self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
+class Llama4Model(LlamaModel):
+    def make_layer(self, config: ModelConfig, layer_id: int) -> nn.Module:
+        return Llama4DecoderLayer(config, layer_id)
 
-    def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
-        hidden = self.embed_tokens(input_ids)  # [T, H]
-        residual = None
+    def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
+        # NOTE: always the torch path: NoPE layers, qk-norm and temperature tuning sit between
+        # the projection and the cache write, which the fused epilogue does not do yet.
         cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
-        aux = {}  # layer id -> [T, H]
-        for i, layer in enumerate(self.layers):
-            if i in aux_layer_ids:
-                aux[i] = hidden if residual is None else hidden + residual  # HF hidden_states[i]
-            hidden, residual = layer(hidden, residual, positions, cos, sin, kv_caches[i], attn_meta)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden, aux
+        return RopeInputs(positions, cos, sin)
 
 
 class Llama4ForCausalLM(LlamaForCausalLM):

@@ -30,11 +30,10 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lightspeed.errors import InvalidRequestError, UnsupportedModelError
 from lightspeed.layers.attention import AttentionMetadata
