@@ -14,7 +14,8 @@ from lightspeed.engine.llm import LLM
 from lightspeed.errors import InvalidRequestError, LightspeedError, UnsupportedModelError
 from lightspeed.spec import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
-from lightspeed.train.eagle3 import TrainConfig, Trainer, ttt_forward
+from lightspeed.train.eagle3 import TrainConfig, Trainer
+from lightspeed.train.head import ttt_forward
 from tests.tiny import make_tiny_checkpoint
 
 
