@@ -36,7 +36,8 @@ from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.layers.rotary import RotaryEmbedding, rope_table_size
-from lightspeed.models.llama import STACKED_PARAMS, LlamaAttention, LlamaMLP, RopeInputs
+from lightspeed.models.llama import (LlamaAttention, LlamaMLP, RopeInputs, checkpoint_targets, copy_weights,
+                                     mismatch_problems)
 
 IGNORED = ("t2d", "rotary_emb.inv_freq")
 
@@ -133,41 +134,22 @@ class Eagle3Head(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Published names (midlayer.* or layers.0.*, optional model. prefix) -> parameters.
         Returns the checkpoint names; raises CheckpointError listing every problem."""
-        fused = {hf: (f, sid) for f, hf, sid in STACKED_PARAMS}
-        targets: dict[str, torch.Tensor] = {}
-        for name, p in list(self.named_parameters()) + list(self.named_buffers()):
-            if name.startswith("rotary_emb."):
-                continue
-            parts = name.split(".")
-            module = self.get_submodule(".".join(parts[:-1]))
-            leaf = parts[-2] if len(parts) > 1 else ""
-            if isinstance(module, Linear) and leaf in {f for f, _, _ in STACKED_PARAMS}:
-                for hf, (f, sid) in fused.items():
-                    if f == leaf:
-                        targets[".".join(parts[:-2] + [hf, parts[-1]])] = module.shard(parts[-1], sid)
-            else:
-                targets[name] = p.data
-        seen, unexpected, bad = set(), [], []
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
-            if name.startswith("layers.0."):
-                name = "midlayer." + name[len("layers.0."):]
-            seen.add(name)
-            if name.endswith(IGNORED):
-                continue
-            dst = targets.pop(name, None)
-            if dst is None:
-                unexpected.append(name)
-            elif dst.shape != tensor.shape:
-                bad.append(f"{name}: checkpoint {tuple(tensor.shape)}, head expects {tuple(dst.shape)}")
-            else:
-                dst.copy_(tensor)
+        targets = checkpoint_targets(self)  # published name -> destination view
+        targets["d2t"] = self.d2t
+        seen: set[str] = set()
+
+        def published_names():
+            for name, tensor in weights:
+                name = name.removeprefix("model.")
+                if name.startswith("layers.0."):
+                    name = "midlayer." + name[len("layers.0."):]
+                seen.add(name)
+                if not name.endswith(IGNORED):
+                    yield name, tensor
+
+        unexpected, bad = copy_weights(targets, published_names())
         targets.pop("d2t", None)  # NOTE: no d2t: the draft vocabulary is the target's (identity)
-        problems = [f"missing tensors: {sorted(targets)}"] if targets else []
-        if unexpected:
-            problems.append(f"unexpected tensors: {sorted(unexpected)}")
-        if bad:
-            problems.append("wrong shapes: " + "; ".join(bad))
+        problems = mismatch_problems(targets, unexpected, bad)
         if problems:
             raise CheckpointError("EAGLE-3 head checkpoint does not fit its config.json / the target: "
                                   + " | ".join(problems))

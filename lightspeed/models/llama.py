@@ -149,10 +149,12 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Serves LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints."""
 
+    model_cls = LlamaModel  # subclasses swap the decoder stack (Llama 4)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.model_cls(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -189,28 +191,18 @@ class LlamaForCausalLM(nn.Module):
         Raises CheckpointError after reading every tensor, naming all that are missing,
         unexpected or of the wrong shape.
         """
-        targets = self._checkpoint_targets()  # HF name -> destination view
+        targets = checkpoint_targets(self)  # HF name -> destination view
         is_tied = self.lm_head.weight is self.model.embed_tokens.weight
         if is_tied:
             del targets["lm_head.weight"]
-        unexpected, bad_shapes = [], []
-        for name, tensor in weights:
-            if name.endswith(IGNORED_SUFFIXES) or (is_tied and name == "lm_head.weight"):
-                continue
-            dst = targets.pop(name, None)
-            if dst is None:
-                unexpected.append(name)
-            elif dst.shape != tensor.shape:
-                bad_shapes.append(f"{name}: checkpoint {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
-            else:
-                dst.copy_(tensor)
+        unexpected, bad_shapes = copy_weights(targets, (
+            (name, tensor) for name, tensor in weights
+            if not (name.endswith(IGNORED_SUFFIXES) or (is_tied and name == "lm_head.weight"))))
         if "lm_head.weight" in targets and "model.embed_tokens.weight" not in targets:
             # NOTE: no lm_head in the checkpoint: it shares the input embedding (as HF ties it).
             del targets["lm_head.weight"]
             self.lm_head.weight = self.model.embed_tokens.weight
-        problems = [f"{len(v)} {kind}: " + "; ".join(sorted(v)[:8]) + (" ..." if len(v) > 8 else "")
-                    for kind, v in (("missing tensors", targets), ("unexpected tensors", unexpected),
-                                    ("wrong shapes", bad_shapes)) if v]
+        problems = mismatch_problems(targets, unexpected, bad_shapes)
         if problems:
             raise CheckpointError(f"checkpoint does not match {self.config.architecture} "
                                   f"({self.config.num_hidden_layers} layers): " + " | ".join(problems)
@@ -219,19 +211,43 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.process_weights_after_loading()  # NOTE: a tied lm_head repacks embed_tokens too
 
-    def _checkpoint_targets(self) -> dict[str, torch.Tensor]:
-        """HF tensor name -> view of the parameter rows it fills."""
-        fused = {}
-        for fused_name, hf_name, shard_id in STACKED_PARAMS:
-            fused.setdefault(fused_name, []).append((hf_name, shard_id))
-        targets = {}
-        for module_name, module in self.named_modules(remove_duplicate=False):
-            leaf = module_name.rsplit(".", 1)[-1]
-            for pname, param in module.named_parameters(recurse=False):
-                if isinstance(module, Linear) and leaf in fused:
-                    prefix = module_name[: -len(leaf)]
-                    for hf_name, shard_id in fused[leaf]:
-                        targets[f"{prefix}{hf_name}.{pname}"] = module.shard(pname, shard_id)
-                else:
-                    targets[f"{module_name}.{pname}"] = param.data
-        return targets
+
+def checkpoint_targets(root: nn.Module) -> dict[str, torch.Tensor]:
+    """HF tensor name -> view of the parameter rows it fills (fused Linears per STACKED_PARAMS)."""
+    fused = {}
+    for fused_name, hf_name, shard_id in STACKED_PARAMS:
+        fused.setdefault(fused_name, []).append((hf_name, shard_id))
+    targets = {}
+    for module_name, module in root.named_modules(remove_duplicate=False):
+        leaf = module_name.rsplit(".", 1)[-1]
+        for pname, param in module.named_parameters(recurse=False):
+            if isinstance(module, Linear) and leaf in fused:
+                prefix = module_name[: -len(leaf)]
+                for hf_name, shard_id in fused[leaf]:
+                    targets[f"{prefix}{hf_name}.{pname}"] = module.shard(pname, shard_id)
+            else:
+                targets[f"{module_name}.{pname}"] = param.data
+    return targets
+
+
+def copy_weights(targets: dict[str, torch.Tensor], weights: Iterable[tuple[str, torch.Tensor]]
+                 ) -> tuple[list[str], list[str]]:
+    """Copy each (name, tensor) into `targets[name]` (cast to its dtype), removing the entry;
+    -> (unexpected names, wrong-shape descriptions). What stays in `targets` is missing."""
+    unexpected, bad_shapes = [], []
+    for name, tensor in weights:
+        dst = targets.pop(name, None)
+        if dst is None:
+            unexpected.append(name)
+        elif dst.shape != tensor.shape:
+            bad_shapes.append(f"{name}: checkpoint {tuple(tensor.shape)}, model expects {tuple(dst.shape)}")
+        else:
+            dst.copy_(tensor)
+    return unexpected, bad_shapes
+
+
+def mismatch_problems(missing, unexpected: list[str], bad_shapes: list[str]) -> list[str]:
+    """One line per kind of mismatch, naming the first 8 tensors of each."""
+    return [f"{len(v)} {kind}: " + "; ".join(sorted(v)[:8]) + (" ..." if len(v) > 8 else "")
+            for kind, v in (("missing tensors", missing), ("unexpected tensors", unexpected),
+                            ("wrong shapes", bad_shapes)) if v]

@@ -138,14 +138,7 @@ class Llama4ForCausalLM(LlamaForCausalLM):
     """Serves Llama4ForCausalLM and (text only) Llama4ForConditionalGeneration checkpoints;
     forward / compute_logits / kv_cache_shape as LlamaForCausalLM."""
 
-    def __init__(self, config: ModelConfig):
-        nn.Module.__init__(self)
-        self.config = config
-        self.model = Llama4Model(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.requires_grad_(False)
+    model_cls = Llama4Model
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF names (after config.weight_prefix) into the parameters; expert tensors
