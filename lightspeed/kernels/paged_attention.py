@@ -34,6 +34,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE: tl.constexpr):
+    """Sequence s -> (keys visible to its last query, first query row, number of queries)."""
+    seq_len = tl.load(seq_lens_ptr + s)
+    if IS_DECODE:
+        q_start = s
+        q_len = seq_len * 0 + 1
+    else:
+        q_start = tl.load(qsl_ptr + s)
+        q_len = tl.load(qsl_ptr + s + 1) - q_start
+    return seq_len, q_start, q_len
+
+
+@triton.jit
 def _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE: tl.constexpr, HAS_TREE: tl.constexpr,
                    HAS_WINDOW: tl.constexpr):
     """Keys [lo, hi) that some query of the tile [tile_q0, tile_q0 + Q_TILE) may see."""
@@ -71,13 +84,7 @@ def _paged_attn_kernel(
     kvh = tl.program_id(1)
     q_tile = tl.program_id(2) // num_parts
     part = tl.program_id(2) % num_parts
-    seq_len = tl.load(seq_lens_ptr + s)
-    if IS_DECODE:
-        q_start = s
-        q_len = seq_len * 0 + 1
-    else:
-        q_start = tl.load(qsl_ptr + s)
-        q_len = tl.load(qsl_ptr + s + 1) - q_start
+    seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
     ctx = seq_len - q_len
     tile_q0 = q_tile * Q_TILE
     lo, hi = _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE, HAS_TREE, HAS_WINDOW)
@@ -156,13 +163,7 @@ def _paged_attn_reduce_kernel(
     s = tl.program_id(0)
     h = tl.program_id(1)
     qi = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + s)
-    if IS_DECODE:
-        q_start = s
-        q_len = seq_len * 0 + 1
-    else:
-        q_start = tl.load(qsl_ptr + s)
-        q_len = tl.load(qsl_ptr + s + 1) - q_start
+    seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
     if qi < q_len:
         lo, hi = _tile_kv_range(seq_len, q_len, (qi // Q_TILE) * Q_TILE, window, Q_TILE, HAS_TREE, HAS_WINDOW)
         p_lo = lo // part_size
