@@ -146,6 +146,11 @@ def cmd_bench_serve(args) -> None:
     run_serve_bench(args)
 
 
+def cmd_bench_fp8_accuracy(args) -> None:
+    from lightspeed.bench.fp8_accuracy import run_fp8_accuracy
+    run_fp8_accuracy(args)
+
+
 def cmd_train_eagle3(args) -> None:
     from lightspeed.train.eagle3 import TrainConfig, train_eagle3
     aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
@@ -196,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lightspeed.bench.serve import add_serve_bench_args
     add_serve_bench_args(p)
     p.set_defaults(func=cmd_bench_serve)
+    p = bench.add_parser("fp8-accuracy", help="greedy agreement, KL and perplexity of --quantization fp8 vs unquantized")
+    _add_model_args(p)
+    from lightspeed.bench.fp8_accuracy import add_fp8_accuracy_args
+    add_fp8_accuracy_args(p)
+    p.set_defaults(func=cmd_bench_fp8_accuracy)
 
     p = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head for a target by self-distillation")
     p.add_argument("--target", required=True, help="target model (as --model)")

@@ -99,3 +99,26 @@ def test_fp8_on_gpu_matches_the_cpu_reference_and_graphs(tmp_path):
     runs = [LLM(str(tmp_path), device="cuda", quantization="fp8", enable_cuda_graph=g)
             .generate(ids[:9].tolist(), params) for g in (False, True)]
     assert runs[0][0].token_ids == runs[1][0].token_ids
+
+
+def test_bench_fp8_accuracy_cli(tmp_path):
+    """The accuracy report on a tiny checkpoint: every figure present and in range; FP8
+    keeps most greedy choices of fp32 and a perplexity close to fp32's."""
+    import json
+
+    from lightspeed.bench.fp8_accuracy import compare_logits, first_difference
+    from lightspeed.cli import main
+    make_tiny_checkpoint(tmp_path / "m")
+    out = tmp_path / "r.json"
+    assert main(["bench", "fp8-accuracy", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float32",
+                 "--prompts", "random", "--num-prompts", "3", "--output-len", "12", "--ppl-tokens", "300",
+                 "--ppl-window", "100", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][0]
+    assert row["teacher_forced_positions"] == 36 and row["ppl_tokens"] == 297
+    assert 0.7 <= row["teacher_forced_agreement"] <= 1 and 0 <= row["mean_kl"] < 0.05
+    assert 0 <= row["greedy_outputs_identical"] <= 1 and 0 <= row["mean_first_difference"] <= 12
+    assert row["ppl_ref"] > 1 and abs(row["ppl_fp8"] / row["ppl_ref"] - 1) < 0.05
+    x = torch.randn(5, 40)
+    assert compare_logits(x, x)[0] == 5 and abs(compare_logits(x, x)[1]) < 1e-5
+    assert compare_logits(x, -x)[0] == 0 and compare_logits(x, -x)[1] > 0
+    assert first_difference([1, 2, 3], [1, 2, 4]) == 2 and first_difference([1, 2], [1, 2]) == 2
