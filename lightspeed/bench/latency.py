@@ -91,18 +91,20 @@ def step_weight_bytes(model) -> int:
     return sum(seen.values())
 
 
+def load_hf_model(model_path, dtype):
+    """HF transformers' own model for a checkpoint (a GGUF file or an HF directory)."""
+    from transformers import AutoModelForCausalLM
+    if model_path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+
+
 def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype,
             model=None) -> dict:
     """HF transformers eager greedy generate, batch 1, on the same checkpoint (GGUF or HF dir),
     or on `model` (an HF model built from lightspeed's weights, models/random.to_hf_model)."""
     import torch
-    if model is None:
-        from transformers import AutoModelForCausalLM
-        if model_path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    model = model.to(device).eval()
+    model = (model or load_hf_model(model_path, dtype)).to(device).eval()
 
     def run(ids, n):
         x = torch.tensor([ids], device=device)

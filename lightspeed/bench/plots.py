@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+NAMES = {"none": "no speculation", "hf-transformers": "HF transformers batched generate"}
+
+
 def plot_user_vs_server(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """tokens/s/user (y) against tokens/s/server (x), one line per `speculative` setting,
     each point labelled with its concurrency."""
@@ -18,7 +21,7 @@ def plot_user_vs_server(rows: list[dict], path: str | Path, title: str = "") -> 
         if not pts:
             continue
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        ax.plot(xs, ys, marker="o", label="no speculation" if label == "none" else f"spec {label}")
+        ax.plot(xs, ys, marker="o", label=NAMES.get(label, f"spec {label}"))
         for c, x, y in pts:
             ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens/s/server")

@@ -36,6 +36,8 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=128, help="prompt length for --prompts random")
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--baseline", action="store_true", help="with --speculative: also run a server without it")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also run HF transformers' batched generate on the same prompts (one batch of c per level)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="for the started server (default: max concurrency)")
     p.add_argument("--spec-thresholds", default=None, help="for the started server (see `lightspeed serve`)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
@@ -199,6 +201,29 @@ def bench_server(args, base: str, levels: list[int], label: str) -> list[dict]:
     return rows
 
 
+def hf_peer_rows(args, levels: list[int], device) -> list[dict]:
+    """HF transformers' batched generate on the checkpoint the server ran (after it stopped)."""
+    import torch
+
+    from lightspeed.bench.hf_batched import hf_batched_rows
+    from lightspeed.bench.latency import load_hf_model
+    from lightspeed.loader import open_checkpoint, resolve_model
+    path = resolve_model(args.model)
+    ckpt = open_checkpoint(path)
+    tok = ckpt.tokenizer()
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_hf_model(path, dtype).to(device).eval()
+    rows = []
+    for c in levels:
+        texts = _prompts(args, {"vocab_size": ckpt.config.vocab_size}, c)
+        ids = [tok.encode(t) if isinstance(t, str) else list(t) for t in texts]
+        rows += hf_batched_rows(model, ids, [c], args.output_len, Path(args.model).name)
+        print(f"c={c:4d}  {rows[-1]['tokens_per_s_user']:9.1f} tok/s/user  {rows[-1]['tokens_per_s_server']:10.1f} "
+              "tok/s/server  (HF transformers batched generate)", file=sys.stderr)
+    del model
+    return rows
+
+
 def run_serve_bench(args) -> list[dict]:
     import torch
 
@@ -224,6 +249,8 @@ def run_serve_bench(args) -> list[dict]:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name)
     out = Path(args.out or f"bench/results/serve-{name}.json")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.compare_hf:
+        rows += hf_peer_rows(args, levels, device)
     save_results(out, device, rows)
     plot = plot_user_vs_server(rows, Path(args.plot) if args.plot else out.with_suffix(".png"),
                                title=f"{name}, {args.prompts} prompts, {args.output_len} new tokens")

@@ -24,12 +24,15 @@ def test_bench_serve_drives_a_server(tiny_model, tmp_path):
         out = tmp_path / "serve.json"
         args = build_parser().parse_args(["bench", "serve", "--model", str(tiny_model), "--url", s.url,
                                           "--prompts", "random", "--input-len", "16", "--output-len", "12",
-                                          "--concurrency", "1,3", "--num-prompts", "3", "--out", str(out)])
+                                          "--concurrency", "1,3", "--num-prompts", "3", "--compare-hf", "--out", str(out)])
         args.func(args)
     finally:
         s.stop()
     rows = json.loads(out.read_text())["results"]
-    assert [r["concurrency"] for r in rows] == [1, 3]
+    hf = [r for r in rows if r.get("peer") == "hf-transformers-batched-generate"]
+    rows = [r for r in rows if "peer" not in r]
+    assert [r["concurrency"] for r in rows] == [1, 3] and [r["concurrency"] for r in hf] == [1, 3]
+    assert all(r["num_output_tokens"] == r["concurrency"] * 12 and r["tokens_per_s_server"] > 0 for r in hf)
     for r in rows:
         assert r["num_output_tokens"] == 3 * 12 and r["tokens_per_s_user"] > 0 and r["tokens_per_s_server"] > 0
         assert r["ttft_ms_p50"] > 0 and r["itl_ms_p99"] >= r["itl_ms_p50"] > 0
