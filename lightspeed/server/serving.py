@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.outputs import RequestOutput
@@ -102,6 +102,21 @@ def chat_job(state, body: ChatCompletionRequest) -> "Job":
     return ChatJob(state, body, subs, random_id("chatcmpl"))
 
 
+def coalesce(items: list) -> list[RequestOutput]:
+    """Queued outputs -> one per request (its latest, with the new tokens and text of all),
+    in order of each request's last output; an exception among them is raised."""
+    merged: dict[str, RequestOutput] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            raise item
+        prev = merged.pop(item.request_id, None)
+        if prev is not None:
+            item = replace(item, new_token_ids=prev.new_token_ids + item.new_token_ids,
+                                       new_text=prev.new_text + item.new_text)
+        merged[item.request_id] = item
+    return list(merged.values())
+
+
 @dataclass
 class Job:
     state: object
@@ -121,12 +136,13 @@ class Job:
                 engine.add_request(s.request_id, s.prompt_ids, s.params, q)
                 pending.add(s.request_id)
             while pending:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    pending.discard(item.request_id)
-                yield index[item.request_id], item
+                items = [await q.get()]
+                while not q.empty():  # NOTE: under load, one chunk per request carries every step since the last
+                    items.append(q.get_nowait())
+                for item in coalesce(items):
+                    if item.finished:
+                        pending.discard(item.request_id)
+                    yield index[item.request_id], item
         finally:
             for rid in pending:
                 engine.abort(rid)

@@ -143,3 +143,18 @@ def test_spec_policy_lowers_k_under_load_and_output_is_unchanged(tiny_model, ser
         assert per_pos > 0 and spec.metric("spec_decode_acceptance_length") >= 1.0
     finally:
         spec.stop()
+
+
+def test_coalesce_merges_queued_outputs_per_request():
+    from lightspeed.engine.outputs import RequestMetrics, RequestOutput
+    from lightspeed.server.serving import coalesce
+
+    def out(rid, ids, new, finished=False):
+        return RequestOutput(rid, [1], ids, "".join(map(str, ids)), new, "".join(map(str, new)), finished,
+                             "length" if finished else None, None, RequestMetrics(1, len(ids), None, None, None, None))
+    merged = coalesce([out("a", [5], [5]), out("b", [7], [7]), out("a", [5, 6], [6]), out("a", [5, 6, 8], [8], True)])
+    assert [m.request_id for m in merged] == ["b", "a"]
+    a = merged[1]
+    assert a.new_token_ids == [5, 6, 8] and a.new_text == "568" and a.token_ids == [5, 6, 8] and a.finished
+    with pytest.raises(ValueError):
+        coalesce([out("a", [5], [5]), ValueError("boom")])
