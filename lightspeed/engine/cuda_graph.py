@@ -31,13 +31,13 @@ from lightspeed.engine.input_prep import HostInputs, ModelInputs
 from lightspeed.engine.outputs import SchedulerOutput
 from lightspeed.layers.attention import AttentionMetadata, attention_bound
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
 MAX_GRAPHS = 64  # NOTE: each graph holds its own logits [T, vocab]; past this, new buckets run eagerly
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
-    """Batch sizes that get graphs: the powers of two below max_num_seqs (<= 64) and
-    max_num_seqs itself when it is at most 64."""
+    """Batch sizes that get graphs: the BATCH_BUCKETS below max_num_seqs, and max_num_seqs
+    itself when it is at most the largest (larger batches run eagerly)."""
     top = min(max_num_seqs, BATCH_BUCKETS[-1])
     return sorted({b for b in BATCH_BUCKETS if b < top} | {top})
 
