@@ -181,7 +181,8 @@ def _prompts(args, model_card: dict, num: int) -> list:
 def bench_server(args, base: str, levels: list[int], label: str) -> list[dict]:
     card = _get_json(base + "/v1/models", args.api_key)["data"][0]
     model = card["id"]
-    asyncio.run(_run_level(base, _prompts(args, card, max(levels)), max(levels), 16, model, args.api_key))  # warm-up
+    for c in levels:  # warm-up: each level's batch sizes (CUDA graphs are captured on first use)
+        asyncio.run(_run_level(base, _prompts(args, card, c), c, 16, model, args.api_key))
     rows = []
     for c in levels:
         num = args.num_prompts or max(8, 2 * c)
