@@ -1,4 +1,4 @@
-"""AsyncEngine: the one engine loop of a server.
+"""AsyncEngine: the one engine loop of a server, in a thread of the server's process.
 
     event loop (HTTP handlers)                    engine thread
     add_request / abort  --- inbox (SimpleQueue) --->  drain -> Engine.add_request / abort_request
@@ -6,7 +6,7 @@
 
 Only the engine thread touches the Engine after start() (the handlers may tokenize: the
 tokenizer is read only). A step never waits on HTTP: outputs are handed to the event loop
-in one batch per step.
+in one batch per step. server/engine_process.py runs the same loop in a process of its own.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from lightspeed.config import SamplingParams
 from lightspeed.engine.outputs import RequestOutput
 from lightspeed.errors import LightspeedError
+from lightspeed.server.metrics import StepStats
 
 _log = logging.getLogger("lightspeed.server")
 
@@ -85,13 +86,16 @@ class AsyncEngine:
                     outputs = engine.step()
                     self._deliver(outputs, time.perf_counter())
                 if self.metrics is not None:
-                    self.metrics.on_step(engine)
+                    self.metrics.on_step(StepStats.of(engine))
         except BaseException as e:  # noqa: BLE001 -- every waiting client must hear of it
-            self.error = e
-            for rid, sink in list(self._sinks.items()):
-                _send(sink.loop, sink.queue.put_nowait, EngineDeadError(f"engine loop failed: {e!r}"))
-            self._sinks.clear()
-            _log.exception("the engine loop stopped; the server answers 503 until restarted")
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        self.error = e
+        for sink in list(self._sinks.values()):
+            _send(sink.loop, sink.queue.put_nowait, EngineDeadError(f"engine loop failed: {e!r}"))
+        self._sinks.clear()
+        _log.error("the engine loop stopped (%r); the server answers 503 until restarted", e, exc_info=e)
 
     def _drain(self, block: bool) -> None:
         try:

@@ -12,8 +12,8 @@ import threading
 import time
 
 # NOTE: measured on an H200 (bench/results/serve-qwen1.5b-h200.json): n-gram speculation helps a
-# single user (711 vs 604 tok/s) but already costs throughput at 4 concurrent requests, where
-# mixed verify/decode steps run without CUDA graphs; so by default it is off from 2 requests on.
+# single user (657 vs 567 tok/s) but cost throughput at 4 concurrent requests and more in an
+# earlier run; so by default it is off from 2 requests on.
 DEFAULT_SPEC_THRESHOLDS = "2:0"
 
 
@@ -34,6 +34,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="speculation policy N:K,...: from N running+waiting requests on, at most K drafts "
                         f"(0 = off); 'none' keeps k always (default {DEFAULT_SPEC_THRESHOLDS})")
     p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
+    p.add_argument("--no-engine-process", dest="engine_process", action="store_false",
+                   help="run the engine loop in a thread of the server process (default: a process of its own, "
+                        "so HTTP work and engine steps run in parallel)")
     p.add_argument("--log-level", default="info")
 
 
@@ -54,9 +57,12 @@ def build_server(args):
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, **engine_options(args))
-    engine = Engine(config, spec)
     name = args.served_model_name or args.model
-    async_engine = AsyncEngine(engine, ServerMetrics(name))
+    if args.engine_process:
+        from lightspeed.server.engine_process import ProcessAsyncEngine
+        async_engine = ProcessAsyncEngine(config, spec, ServerMetrics(name))
+    else:
+        async_engine = AsyncEngine(Engine(config, spec), ServerMetrics(name))
     app = build_app(async_engine, name, api_key=args.api_key, max_queue=args.max_queue,
                     max_body_bytes=args.max_body_bytes)
     return app, async_engine, name

@@ -1,10 +1,12 @@
 """Prometheus metrics of a server (names follow vLLM's, prefixed `lightspeed:`).
 
-Updated from the engine thread only: per output (tokens, TTFT, inter-token latency), per
+Updated from one thread (the engine thread, or the thread reading an engine process): per output (tokens, TTFT, inter-token latency), per
 finished request, and per step (running / waiting, KV-cache usage, prefix cache,
 speculation counters as deltas of the Engine's aggregate SpecStats).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
@@ -12,6 +14,23 @@ disable_created_metrics()  # NOTE: process-wide; drops the `*_created` timestamp
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class StepStats:
+    """What the per-step metrics read of an Engine (sent from an engine process as is)."""
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    spec: object  # the Engine's aggregate SpecStats
+
+    @classmethod
+    def of(cls, engine) -> "StepStats":
+        sched = engine.scheduler
+        return cls(sched.num_running, sched.num_waiting, engine.block_manager.usage, sched.num_prefix_query_tokens,
+                   sched.num_prefix_hit_tokens, engine.spec_stats)
 
 
 class ServerMetrics:
@@ -71,15 +90,15 @@ class ServerMetrics:
     def on_abort(self) -> None:
         self.aborted.inc()
 
-    def on_step(self, engine) -> None:
-        sched, seen = engine.scheduler, self._seen
-        self.running.set(sched.num_running)
-        self.waiting.set(sched.num_waiting)
-        self.kv_usage.set(engine.block_manager.usage)
-        self.prefix_queries.inc(sched.num_prefix_query_tokens - seen["queries"])
-        self.prefix_hits.inc(sched.num_prefix_hit_tokens - seen["hits"])
-        seen["queries"], seen["hits"] = sched.num_prefix_query_tokens, sched.num_prefix_hit_tokens
-        st = engine.spec_stats
+    def on_step(self, stats: "StepStats") -> None:
+        seen = self._seen
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_usage)
+        self.prefix_queries.inc(stats.prefix_query_tokens - seen["queries"])
+        self.prefix_hits.inc(stats.prefix_hit_tokens - seen["hits"])
+        seen["queries"], seen["hits"] = stats.prefix_query_tokens, stats.prefix_hit_tokens
+        st = stats.spec
         if st.num_verify_steps == seen["steps"]:
             return
         self.spec_steps.inc(st.num_verify_steps - seen["steps"])

@@ -24,6 +24,10 @@ class Server:
     def __init__(self, model_path, *extra: str):
         from lightspeed.cli import build_parser
         from lightspeed.server.launch import ServerThread, build_server
+        if "--engine-process" in extra:  # NOTE: in-thread by default, so tests can read the Engine
+            extra = tuple(a for a in extra if a != "--engine-process")
+        else:
+            extra = ("--no-engine-process", *extra)
         args = build_parser().parse_args(["serve", "--model", str(model_path), "--device", "cpu",
                                           "--served-model-name", MODEL, *extra])
         self.api_key = args.api_key

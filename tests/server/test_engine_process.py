@@ -1,0 +1,77 @@
+"""`lightspeed serve`'s default: the engine loop in a process of its own. Same answers as
+the in-thread engine, errors from the engine process, aborts that leak no KV blocks, and
+503 once the engine process is gone."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.server.conftest import MODEL, Server, assert_openai_error
+from tests.server.test_load import _open_and_drop, concurrent, prompts
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model):
+    proc, thread = Server(tiny_model, "--engine-process"), Server(tiny_model)
+    yield proc, thread
+    proc.stop()
+    thread.stop()
+
+
+def _until(cond, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_same_answers_as_the_engine_thread(pair):
+    proc, thread = pair
+    from lightspeed.server.engine_process import EngineView
+    assert isinstance(proc.engine, EngineView) and proc.async_engine._proc.is_alive()
+    ps = prompts(12, seed=5)
+    assert concurrent(proc, ps, 20) == concurrent(thread, ps, 20)
+    c = proc.client()
+    whole = c.completions.create(model=MODEL, prompt="abc def", max_tokens=16, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    parts = c.completions.create(model=MODEL, prompt="abc def", max_tokens=16, temperature=0, stream=True,
+                                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    chunks = list(parts)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 16 == whole.usage.completion_tokens
+
+
+def test_errors_and_aborts(pair):
+    proc, _ = pair
+    too_long = "x" * (4 * proc.engine.max_model_len)
+    assert_openai_error(proc.request("POST", "/v1/completions", {"model": MODEL, "prompt": too_long}), 400)
+    body = {"model": MODEL, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
+
+    async def many():
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, _open_and_drop, proc, {**body, "prompt": p}, 2 + i % 3)
+                               for i, p in enumerate(prompts(10, seed=7))))
+    asyncio.run(many())
+    _until(lambda: proc.metric("num_requests_running") == 0 and proc.metric("num_requests_waiting") == 0)
+    assert proc.metric("kv_cache_usage_perc") == 0 and proc.metric("request_aborted_total") >= 10
+    assert proc.async_engine._sinks == {}
+    assert concurrent(proc, prompts(2, seed=8), 6)  # still serving
+
+
+def test_a_dead_engine_process_answers_503(tiny_model):
+    s = Server(tiny_model, "--engine-process")
+    try:
+        s.async_engine._proc.kill()
+        _until(lambda: not s.async_engine.is_alive)
+        assert_openai_error(s.request("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}), 503)
+        assert s.request("GET", "/health")[0] == 503
+    finally:
+        s.stop()
+
+
+def test_a_missing_checkpoint_fails_before_serving(tmp_path):
+    from lightspeed.errors import LightspeedError
+    with pytest.raises(LightspeedError):
+        Server(tmp_path / "nothing-here", "--engine-process")
