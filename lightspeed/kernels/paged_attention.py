@@ -10,15 +10,22 @@ of the tile times the G = Hq / Hkv query heads of the kv head, padded to BLOCK_M
 
     row r -> query token qi = tile * Q_TILE + r // G, query head kvh * G + r % G
 
-and it reads keys [lo, hi) of its tile (causal end, sliding-window start) cut to its
-partition [part * PART, (part + 1) * PART). With NUM_PARTS > 1 each program writes an
+and it reads keys [lo, hi) of its tile (causal end; sliding-window or chunk start: blocks
+before lo are skipped, not masked) cut to its partition [part * PART, (part + 1) * PART). With NUM_PARTS > 1 each program writes an
 unnormalised partial (acc, running max m in log2 units, sum l) and the reduce kernel merges
 the partitions of each (token, head); with one partition the program writes the output.
 
 Query token qi of sequence s (q_len tokens, ctx = seq_len - q_len cached keys before them)
-sits at position ctx + qi and sees key j when
-    j <= ctx + qi                    (causal; with a tree mask: j < ctx or tree[s, qi, j - ctx])
-    j >  ctx + qi - sliding_window   (when a window is set)
+sits at position pos(qi) = ctx + qi and sees key j (at position pos(j)) when
+    j <= ctx + qi                         (causal; with a tree mask: j < ctx or tree[s, qi, j - ctx])
+    pos(j) >  pos(qi) - sliding_window    (when a window is set)
+    pos(j) >= pos(qi) // C * C            (Llama 4 chunked attention, chunk size C)
+With a tree mask the new tokens sit at their depth: pos(ctx + i) = ctx + (ancestors of i,
+itself included, = the ones in tree row i) - 1; cached keys keep pos(j) = j.
+
+Batch invariance: verify runs one query token per program (Q_TILE = 1) with the partition
+size decode picks for the same (sequences, bound), so row i of a verify step computes the
+same operations in the same order as a decode step of that token (bitwise equal outputs).
 """
 from __future__ import annotations
 
@@ -47,18 +54,31 @@ def _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE: tl.constexpr):
 
 
 @triton.jit
-def _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE: tl.constexpr, HAS_TREE: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr):
+def _tile_kv_range(seq_len, q_len, tile_q0, window, chunk, Q_TILE: tl.constexpr, HAS_TREE: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr):
     """Keys [lo, hi) that some query of the tile [tile_q0, tile_q0 + Q_TILE) may see."""
     ctx = seq_len - q_len
     if HAS_TREE:
         hi = seq_len
+        first = ctx  # the lowest position a tree token may have
     else:
         hi = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + Q_TILE, q_len))
+        first = ctx + tile_q0
     lo = hi * 0
     if HAS_WINDOW:
-        lo = tl.maximum(lo, ctx + tile_q0 - window + 1)
+        lo = tl.maximum(lo, first - window + 1)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, first // chunk * chunk)
     return lo, hi
+
+
+@triton.jit
+def _tree_pos(tree_row_ptr, rows, rows_ok, ctx, q_len, stride_tree_q, BLOCK_TQ: tl.constexpr):
+    """Positions of new tokens `rows` [R] of a tree: ctx + (ones in tree row) - 1."""
+    offs_c = tl.arange(0, BLOCK_TQ)
+    t = tl.load(tree_row_ptr + rows[:, None] * stride_tree_q + offs_c[None, :],
+                mask=rows_ok[:, None] & (offs_c < q_len)[None, :], other=0)  # [R, BLOCK_TQ]
+    return ctx + tl.sum((t != 0).to(tl.int32), axis=1) - 1
 
 
 @triton.jit
@@ -72,13 +92,13 @@ def _paged_attn_kernel(
     out_ptr,  # [T, Hq, D] (NUM_PARTS == 1) or partial acc [T, Hq, NUM_PARTS, D] float32
     ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum) (unused when NUM_PARTS == 1)
     qk_scale,  # softmax scale * log2(e)
-    window, part_size, num_parts,
+    window, chunk, part_size, num_parts,
     stride_q_t, stride_q_h, stride_kv_kv, stride_kv_blk, stride_kv_tok, stride_kv_h,
     stride_bt, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
     HQ: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, BLOCK_TQ: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -87,7 +107,7 @@ def _paged_attn_kernel(
     seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
     ctx = seq_len - q_len
     tile_q0 = q_tile * Q_TILE
-    lo, hi = _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE, HAS_TREE, HAS_WINDOW)
+    lo, hi = _tile_kv_range(seq_len, q_len, tile_q0, window, chunk, Q_TILE, HAS_TREE, HAS_WINDOW, HAS_CHUNK)
     lo = tl.maximum(lo, part * part_size)
     hi = tl.minimum(hi, part * part_size + part_size)
     # NOTE: a program with no keys writes nothing; the reduce skips its partition, and with
@@ -97,12 +117,19 @@ def _paged_attn_kernel(
         qi = tile_q0 + offs_m // G
         head = kvh * G + offs_m % G
         row_ok = (offs_m < Q_TILE * G) & (qi < q_len)
-        q_pos = ctx + qi  # [BLOCK_M]
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         tok = (q_start + qi).to(tl.int64)
         bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+        tree_row = tree_ptr + s.to(tl.int64) * stride_tree_s
         pdl_wait(USE_PDL)
+        TREE_POS: tl.constexpr = HAS_TREE and (HAS_WINDOW or HAS_CHUNK)
+        if TREE_POS:
+            q_pos = _tree_pos(tree_row, qi, row_ok, ctx, q_len, stride_tree_q, BLOCK_TQ)  # [BLOCK_M]
+        else:
+            q_pos = ctx + qi  # [BLOCK_M]
+        if HAS_CHUNK:
+            q_lo = q_pos // chunk * chunk  # first key position of the row's chunk
         q = tl.load(q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -118,16 +145,21 @@ def _paged_attn_kernel(
             k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
+            k_pos = offs_n  # [BLOCK_N]
             if HAS_TREE:
                 is_new = offs_n >= ctx
-                tm = tl.load(tree_ptr + s.to(tl.int64) * stride_tree_s + qi[:, None] * stride_tree_q
-                             + (offs_n - ctx)[None, :],
+                tm = tl.load(tree_row + qi[:, None] * stride_tree_q + (offs_n - ctx)[None, :],
                              mask=row_ok[:, None] & (is_new & n_ok)[None, :], other=0)
                 seen = n_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
+                if TREE_POS:
+                    new_pos = _tree_pos(tree_row, offs_n - ctx, is_new & n_ok, ctx, q_len, stride_tree_q, BLOCK_TQ)
+                    k_pos = tl.where(is_new, new_pos, offs_n)
             else:
                 seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             if HAS_WINDOW:
-                seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+                seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+            if HAS_CHUNK:
+                seen = seen & (k_pos[None, :] >= q_lo[:, None])
             qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -155,9 +187,10 @@ def _paged_attn_reduce_kernel(
     seq_lens_ptr,  # [S] int32
     qsl_ptr,  # [S + 1] int32 (unused when IS_DECODE)
     out_ptr,  # [T, Hq, D]
-    window, part_size, num_parts, stride_o_t, stride_o_h,
+    window, chunk, part_size, num_parts, stride_o_t, stride_o_h,
     HQ: tl.constexpr, Q_TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+    IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # grid (S, Hq, max_q_len): one (query token, head) each
     s = tl.program_id(0)
@@ -165,7 +198,8 @@ def _paged_attn_reduce_kernel(
     qi = tl.program_id(2)
     seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
     if qi < q_len:
-        lo, hi = _tile_kv_range(seq_len, q_len, (qi // Q_TILE) * Q_TILE, window, Q_TILE, HAS_TREE, HAS_WINDOW)
+        lo, hi = _tile_kv_range(seq_len, q_len, (qi // Q_TILE) * Q_TILE, window, chunk, Q_TILE, HAS_TREE,
+                                HAS_WINDOW, HAS_CHUNK)
         p_lo = lo // part_size
         p_hi = tl.where(hi > lo, (hi + part_size - 1) // part_size, p_lo)
         p_hi = tl.minimum(p_hi, num_parts)
@@ -207,11 +241,13 @@ def choose_partition_size(num_programs: int, max_seq_len: int, block_n: int, dev
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
                            max_seq_len: int, max_q_len: int, *, q_tile: int, tree_mask: torch.Tensor | None = None,
-                           sliding_window: int | None = None, partition_size: int | None = None,
-                           block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, chunk_size: int | None = None,
+                           partition_size: int | None = None, block_n: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """The common launcher: q [T, Hq, D] -> [T, Hq, D]. query_start_loc None means decode
     (token s is sequence s). max_seq_len / max_q_len: host-side upper bounds of seq_lens and
-    of the query lengths; they fix the grid (a CUDA graph captures them)."""
+    of the query lengths; they fix the grid (a CUDA graph captures them). chunk_size: Llama 4
+    chunked attention (keys of the query's chunk only)."""
     require_triton(q)
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(f"paged attention: q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -242,6 +278,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                              f"with contiguous rows, got {tuple(tree_mask.shape)}")
         if tree_mask.dtype == torch.bool:
             tree_mask = tree_mask.view(torch.uint8)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"paged attention: chunk_size must be >= 1, got {chunk_size}")
     out = torch.empty_like(q) if out is None else out
     if tuple(out.shape) != (t, hq, d) or out.stride(2) != 1:
         raise ValueError(f"paged attention: out must be [{t}, {hq}, {d}] with contiguous D")
@@ -255,7 +293,9 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     block_n = max(16, block_n)
     num_q_tiles = cdiv(max_q_len, q_tile)
     if partition_size is None:
-        partition_size = choose_partition_size(s * hkv * num_q_tiles, max_seq_len, block_n, q.device)
+        # NOTE: from (sequences, kv heads, bound) only, not the query tiles: verify (Q_TILE = 1)
+        # splits the keys exactly as decode does (batch invariance, see the module docstring)
+        partition_size = choose_partition_size(s * hkv, max_seq_len, block_n, q.device)
     num_parts = max(1, cdiv(max_seq_len, partition_size))
     split = num_parts > 1
     if split:
@@ -265,33 +305,62 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_acc, part_ml = out, out
     pdl = use_pdl(q.device)
     window = int(sliding_window) if sliding_window else 0
+    chunk = int(chunk_size) if chunk_size else 0
     qsl = query_start_loc if query_start_loc is not None else seq_lens
     tree = tree_mask if tree_mask is not None else seq_lens
     num_warps = 8 if block_m >= 32 or d > 128 else 4
     _paged_attn_kernel[(s, hkv, num_q_tiles * num_parts)](
         q, kv_cache, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
         # NOTE: one partition is not cut at partition_size, so a stale max_seq_len drops no keys
-        scale * LOG2E, window, partition_size if split else 1 << 30, num_parts,
+        scale * LOG2E, window, chunk, partition_size if split else 1 << 30, num_parts,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), tree.stride(0) if tree_mask is not None else 0,
         tree.stride(1) if tree_mask is not None else 0, out.stride(0), out.stride(1),
         HQ=hq, G=g, Q_TILE=q_tile, BLOCK_M=block_m, D=d, BLOCK_D=max(16, next_pow2(d)), BS=bs, BLOCK_N=block_n,
         SPLIT=split, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
-        DOT_F32=dot_in_f32(), USE_PDL=pdl, num_warps=num_warps, num_stages=2, launch_pdl=pdl,
+        HAS_CHUNK=chunk > 0, BLOCK_TQ=max(16, next_pow2(max_q_len)), DOT_F32=dot_in_f32(), USE_PDL=pdl,
+        num_warps=num_warps, num_stages=2, launch_pdl=pdl,
     )
     if split:
         _paged_attn_reduce_kernel[(s, hq, max_q_len)](
-            part_acc, part_ml, seq_lens, qsl, out, window, partition_size, num_parts, out.stride(0), out.stride(1),
-            HQ=hq, Q_TILE=q_tile, D=d, BLOCK_D=next_pow2(d), BLOCK_P=min(16, next_pow2(num_parts)),
-            IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0, USE_PDL=pdl,
+            part_acc, part_ml, seq_lens, qsl, out, window, chunk, partition_size, num_parts, out.stride(0),
+            out.stride(1), HQ=hq, Q_TILE=q_tile, D=d, BLOCK_D=next_pow2(d),
+            # NOTE: a fixed BLOCK_P: the combine order does not depend on the number of partitions
+            BLOCK_P=16, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
+            HAS_CHUNK=chunk > 0, USE_PDL=pdl,
             num_warps=4 if d > 64 else 2, launch_pdl=pdl,
         )
     return out
 
 
+def visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, sliding_window: int | None,
+                 chunk_size: int | None, device) -> torch.Tensor | None:
+    """[num_q, seq_len] bool: which keys each of a sequence's last num_q tokens sees (the rules
+    of the module docstring); None when plain causal needs no mask. tree_mask [num_q, num_q]."""
+    ctx = seq_len - num_q
+    if chunk_size and seq_len <= chunk_size:
+        chunk_size = None  # every position is in chunk 0
+    if tree_mask is None and not sliding_window and not chunk_size and num_q == 1:
+        return None
+    pos = torch.arange(seq_len, device=device)  # [seq_len] position of each key
+    if tree_mask is not None:
+        tree_mask = tree_mask.to(device).bool()
+        pos[ctx:] = ctx + tree_mask.sum(1) - 1  # depth of each new token
+    q_pos, k_pos = pos[ctx:, None], pos[None, :]  # [num_q, 1], [1, seq_len]
+    mask = torch.arange(seq_len, device=device)[None, :] <= torch.arange(ctx, seq_len, device=device)[:, None]
+    if tree_mask is not None:
+        mask[:, ctx:] = tree_mask
+    if sliding_window:
+        mask &= k_pos > q_pos - sliding_window
+    if chunk_size:
+        mask &= k_pos >= q_pos // chunk_size * chunk_size
+    return mask
+
+
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
-                        tree_mask: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                        tree_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                        chunk_size: int | None = None) -> torch.Tensor:
     """Plain torch (float32 softmax), the semantics of layers/attention.paged_attention_ref;
     query_start_loc None means one query token per sequence. Syncs with the host."""
     _, _, bs, hkv, d = kv_cache.shape
@@ -309,14 +378,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()
         k = k.repeat_interleave(hq // hkv, dim=0)
         v = v.repeat_interleave(hq // hkv, dim=0)
-        ctx = n - nq
-        q_pos = torch.arange(ctx, n, device=q.device)[:, None]  # [nq, 1]
-        k_pos = torch.arange(n, device=q.device)[None, :]  # [1, n]
-        mask = k_pos <= q_pos
-        if tree_mask is not None:
-            mask[:, ctx:] = tree_mask[i, :nq, :nq].to(q.device).bool()
-        if sliding_window:
-            mask &= k_pos > q_pos - sliding_window
+        tm = tree_mask[i, :nq, :nq] if tree_mask is not None else None
+        mask = visible_mask(nq, n, tm, sliding_window, chunk_size, q.device)
         o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out

@@ -97,6 +97,65 @@ def test_prefill(device, dtype):
     assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125)) < TOL[dtype]
     o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), sliding_window=10)
     assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125, 10)) < TOL[dtype]
+    for chunk in (8, 12):  # Llama 4 chunks: on and inside the 8-key blocks
+        o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), chunk_size=chunk, q_tile=8,
+                                           block_n=16 if device == "cpu" else None)
+        assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125, chunk_size=chunk)) < TOL[dtype]
+
+
+def tree_of_parents(parents):
+    """[n, n] ancestor mask (itself included) of a tree given by each node's parent (-1: root)."""
+    m = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] |= m[p]
+    return m
+
+
+CHUNK_CASES = [  # seq_lens, q_lens, hq, hkv, d, block_size, chunk, tree parents (None: causal), partition_size
+    ([45, 70, 9], [1, 1, 1], 9, 3, 64, 8, 12, None, None),        # decode, boundary inside a block
+    ([45, 70, 9], [1, 1, 1], 7, 7, 32, 16, 16, None, 16),         # decode, boundary on a block, split-KV
+    ([37, 52], [5, 4], 12, 2, 64, 8, 12, None, 16),               # verify: 36 | 37..48: a boundary among the new
+    ([50, 33], [5, 6], 9, 3, 64, 16, 16, [-1, 0, 0, 1, 3], 16),   # tree: depth 3 crosses 48
+    ([30], [7], 6, 2, 32, 8, 8, [-1, 0, 1, 1, 2, 4, 0], None),    # tree: 24 + depths 0..4, chunk 24..31
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[str(i) for i in range(len(CHUNK_CASES))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_attention(device, case, dtype):
+    """Llama 4 chunked attention: each query sees only keys of its chunk (tree tokens at their depth)."""
+    seq_lens, q_lens, hq, hkv, d, bs, chunk, parents, part = case
+    q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device)
+    out = poison(q.shape, dtype, device)
+    block_n = 16 if device == "cpu" else None
+    if max(q_lens) == 1:
+        o = paged_decode_attention_triton(q, kv, bt, sl, d ** -0.5, max(seq_lens), chunk_size=chunk,
+                                          partition_size=part, block_n=block_n, out=out)
+        ref = paged_decode_attention_ref(q, kv, bt, sl, d ** -0.5, chunk_size=chunk)
+    else:
+        masks = [tree_of_parents(parents[:n]) if parents else None for n in q_lens]
+        tm = pack_tree_masks(masks, max(q_lens), device) if parents else None
+        o = paged_verify_attention_triton(q, kv, qsl, sl, bt, d ** -0.5, max(seq_lens), max(q_lens), tm,
+                                          chunk_size=chunk, partition_size=part, block_n=block_n, out=out)
+        ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm, chunk_size=chunk)
+        unchunked = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm)
+        assert rel_err(unchunked, ref) > 0.1  # the chunks matter
+    assert_all_written(o)
+    assert rel_err(o, ref) < TOL[dtype]
+
+
+def test_chunk_mask_rules():
+    """visible_mask: keys [p // C * C, p]; a tree token at its depth, its ancestors at theirs."""
+    from lightspeed.kernels.paged_attention import visible_mask
+    m = visible_mask(3, 10, None, None, 4, "cpu")  # queries at 7, 8, 9
+    assert m.tolist() == [[k in range(4, 8) for k in range(10)], [k in (8,) for k in range(10)],
+                          [k in (8, 9) for k in range(10)]]
+    tree = tree_of_parents([-1, 0, 0, 2])  # new tokens at positions 6, 7, 7, 8
+    m = visible_mask(4, 10, tree, None, 4, "cpu")
+    assert m[3].tolist() == [False] * 9 + [True]  # position 8 starts a chunk: only itself
+    assert m[2].tolist() == [False] * 4 + [True, True, True, False, True, False]  # 4, 5, root, itself
 
 
 @pytest.mark.parametrize("device", DEVICES)
