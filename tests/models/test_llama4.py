@@ -164,7 +164,16 @@ SPEC_CASES = {  # over a Llama 4 target whose chunk (8) is crossed by prompts an
     "ngram-k3": dict(method="ngram", num_speculative_tokens=3, ngram_min=1),
     "draft-self-k4": dict(method="draft", num_speculative_tokens=4),
     "draft-self-tree": dict(method="draft", num_speculative_tokens=3, tree_topk=2),
+    "eagle3-k3": dict(method="eagle3", num_speculative_tokens=3),
+    "eagle3-tree": dict(method="eagle3", num_speculative_tokens=3, tree_topk=2),
 }
+
+
+def make_llama4_eagle3_head(path, **overrides):
+    """A full-vocabulary EAGLE-3 head (no d2t / t2d) reading layers 0, 2, 3 of the 4-layer target."""
+    from tests.spec.helpers import make_eagle3_head
+    return make_eagle3_head(path, **{"draft_vocab": VOCAB, "with_d2t": False, "aux_layer_ids": [0, 2, 3],
+                                     **overrides})
 
 
 @pytest.mark.parametrize("name", list(SPEC_CASES))
@@ -174,6 +183,8 @@ def test_speculative_greedy_equals_plain_greedy(tmp_path, name):
     case = dict(SPEC_CASES[name])
     if case["method"] == "draft":
         case["model"] = str(tmp_path)
+    if case["method"] == "eagle3":
+        case["model"] = str(make_llama4_eagle3_head(tmp_path / "head"))
     prompts = prompts_of([5, 19], seed=2) + [[7, 8, 9, 10, 11] * 3]
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     llm = LLM(str(tmp_path), device="cpu", block_size=4, max_num_batched_tokens=32,
@@ -237,3 +248,36 @@ def test_triton_path_chunked_attention_on_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     _run_triton("cuda", tmp_path, 48, {})
+
+
+def test_eagle3_head_loads_for_llama4(tmp_path):
+    """Full-vocabulary head: aux layers from its config, identity vocabulary map, the target's
+    Llama 4 embedding shared; a head that does not fit is refused."""
+    from lightspeed import SpeculativeConfig
+    from lightspeed.errors import UnsupportedModelError
+    make_llama4(tmp_path / "target", "maverick")
+    llm = LLM(str(tmp_path / "target"), device="cpu", block_size=4,
+              speculative=SpeculativeConfig("eagle3", model=str(make_llama4_eagle3_head(tmp_path / "head"))))
+    proposer = llm.engine.runner.proposer
+    assert proposer.aux_layer_ids == (0, 2, 3)
+    assert torch.equal(proposer.head.d2t, torch.zeros(VOCAB, dtype=torch.long))
+    out = llm.generate(prompts_of([19])[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert proposer.head.embed_tokens is llm.engine.runner.model.model.embed_tokens and out.metrics.num_verify_steps
+    for bad, match in ((dict(hidden=32, heads=2, kv_heads=1, target_hidden=64), "cannot share the target's embedding"),
+                       (dict(vocab=300, draft_vocab=300), "vocab_size is 300"),
+                       (dict(target_hidden=32), "fc.weight takes 96 inputs"),
+                       (dict(aux_layer_ids=[0, 2, 4]), "aux layers")):
+        head = make_llama4_eagle3_head(tmp_path / f"bad{len(match)}", **bad)
+        with pytest.raises(UnsupportedModelError, match=match):
+            LLM(str(tmp_path / "target"), device="cpu", speculative=SpeculativeConfig("eagle3", model=str(head)))
+
+
+def test_aux_hidden_states_match_hf(tmp_path):
+    """EAGLE-3 capture: the residual stream entering layers 0, 2, 3 == HF's output_hidden_states."""
+    hf = make_llama4(tmp_path, "maverick")
+    model, config = load_ours(tmp_path)
+    prompt = prompts_of([13])[0]
+    _, aux = PagedBatch(model, config, 1).step([prompt], aux_layer_ids=(0, 2, 3))
+    with torch.no_grad():
+        hs = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(aux, torch.cat([hs[i][0] for i in (0, 2, 3)], -1), atol=TOL, rtol=0)
