@@ -23,7 +23,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, quer
     q_tile = q_tile or max(1, 64 // g)
     return paged_attention_triton(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, 1, max(max_q_len, 1),
                                   q_tile=q_tile, sliding_window=sliding_window, chunk_size=chunk_size,
-                                  partition_size=1 << 30,
+                                  num_parts=1,
                                   block_n=block_n, out=out)
 
 

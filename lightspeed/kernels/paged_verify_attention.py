@@ -32,7 +32,7 @@ def paged_verify_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query
                                   seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                   max_seq_len: int, max_q_len: int, tree_mask: torch.Tensor | None = None,
                                   sliding_window: int | None = None, chunk_size: int | None = None, *,
-                                  partition_size: int | None = None, block_n: int | None = None,
+                                  num_parts: int | None = None, block_n: int | None = None,
                                   out: torch.Tensor | None = None) -> torch.Tensor:
     """max_seq_len, max_q_len: host-side upper bounds (they fix the grid)."""
     if not 1 <= max_q_len <= MAX_VERIFY_Q:
@@ -40,7 +40,7 @@ def paged_verify_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query
                          "(longer queries: paged_prefill_attention)")
     return paged_attention_triton(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
                                   max_q_len, q_tile=1, tree_mask=tree_mask, sliding_window=sliding_window,
-                                  chunk_size=chunk_size, partition_size=partition_size, block_n=block_n, out=out)
+                                  chunk_size=chunk_size, num_parts=num_parts, block_n=block_n, out=out)
 
 
 def paged_verify_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
