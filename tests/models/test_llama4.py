@@ -217,8 +217,14 @@ opts = dict(device=device, dtype="float32", block_size=4, max_num_batched_tokens
 plain = [o.token_ids for o in LLM(str(tmp), **opts).generate(prompts, params)]
 for p, o in zip(prompts, plain):
     assert o == hf_greedy(hf, p, n), (p, o)
-for spec in (dict(method="draft", model=str(tmp), num_speculative_tokens=3),
-             dict(method="draft", model=str(tmp), num_speculative_tokens=3, tree_topk=2)):
+specs = [dict(method="draft", model=str(tmp), num_speculative_tokens=3),
+         dict(method="draft", model=str(tmp), num_speculative_tokens=3, tree_topk=2)]
+if device == "cuda":  # a full-vocabulary EAGLE-3 head too (too slow for the interpreter)
+    from tests.models.test_llama4 import make_llama4_eagle3_head
+    head = str(make_llama4_eagle3_head(tmp / "head"))
+    specs += [dict(method="eagle3", model=head, num_speculative_tokens=3),
+              dict(method="eagle3", model=head, num_speculative_tokens=3, tree_topk=2)]
+for spec in specs:
     outs = LLM(str(tmp), speculative=SpeculativeConfig(**spec), **opts).generate(prompts, params)
     assert [o.token_ids for o in outs] == plain, spec
     assert sum(o.metrics.num_verify_steps for o in outs) > 0
