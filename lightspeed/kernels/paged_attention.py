@@ -47,11 +47,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _tree_pos(tree_row_ptr, rows, rows_ok, ctx, q_len, stride_tree_q, BLOCK_TQ: tl.constexpr):
-    """Positions of new tokens `rows` [R] of a tree: ctx + (ones in tree row) - 1."""
+def _tree_pos(tree_row_ptr, rows, rows_ok, ctx, stride_tree_q, BLOCK_TQ: tl.constexpr):
+    """Positions of new tokens `rows` [R] of a tree: ctx + (ones in tree row, up to the
+    diagonal) - 1."""
     offs_c = tl.arange(0, BLOCK_TQ)
     t = tl.load(tree_row_ptr + rows[:, None] * stride_tree_q + offs_c[None, :],
-                mask=rows_ok[:, None] & (offs_c < q_len)[None, :], other=0)  # [R, BLOCK_TQ]
+                mask=rows_ok[:, None] & (offs_c[None, :] <= rows[:, None]), other=0)  # [R, BLOCK_TQ]
     return ctx + tl.sum((t != 0).to(tl.int32), axis=1) - 1
 
 
@@ -75,8 +76,8 @@ def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stri
     first = ctx + tile_q0
     if TREE_POS:  # Q_TILE == 1: the token's depth
         r = tl.full([1], 0, tl.int32) + tile_q0
-        first = tl.max(_tree_pos(tree_ptr + s.to(tl.int64) * stride_tree_s, r, r < q_len, ctx, q_len,
-                                 stride_tree_q, BLOCK_TQ), axis=0)
+        first = tl.max(_tree_pos(tree_ptr + s.to(tl.int64) * stride_tree_s, r, r < q_len, ctx, stride_tree_q,
+                                 BLOCK_TQ), axis=0)
     lo = hi * 0
     if HAS_WINDOW:
         lo = tl.maximum(lo, first - window + 1)
@@ -157,7 +158,7 @@ def _paged_attn_kernel(
                              mask=row_ok[:, None] & (is_new & n_ok)[None, :], other=0)
                 seen = n_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
                 if TREE_POS:
-                    new_pos = _tree_pos(tree_row, offs_n - ctx, is_new & n_ok, ctx, q_len, stride_tree_q, BLOCK_TQ)
+                    new_pos = _tree_pos(tree_row, offs_n - ctx, is_new & n_ok, ctx, stride_tree_q, BLOCK_TQ)
                     k_pos = tl.where(is_new, new_pos, offs_n)
             else:
                 seen = n_ok[None, :] & (offs_n[None, :] <= (ctx + qi)[:, None])
@@ -352,13 +353,11 @@ def visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, slidi
     if tree_mask is None and not sliding_window and not chunk_size and num_q == 1:
         return None
     pos = torch.arange(seq_len, device=device)  # [seq_len] position of each key
+    mask = pos[None, :] <= pos[ctx:, None]  # [num_q, seq_len] causal
     if tree_mask is not None:
-        tree_mask = tree_mask.to(device).bool()
-        pos[ctx:] = ctx + tree_mask.sum(1) - 1  # depth of each new token
+        mask[:, ctx:] &= tree_mask.to(device).bool()  # NOTE: a token never sees a later one
+        pos[ctx:] = ctx + mask[:, ctx:].sum(1) - 1  # depth of each new token
     q_pos, k_pos = pos[ctx:, None], pos[None, :]  # [num_q, 1], [1, seq_len]
-    mask = torch.arange(seq_len, device=device)[None, :] <= torch.arange(ctx, seq_len, device=device)[:, None]
-    if tree_mask is not None:
-        mask[:, ctx:] = tree_mask
     if sliding_window:
         mask &= k_pos > q_pos - sliding_window
     if chunk_size:

@@ -148,6 +148,8 @@ def compile_all() -> None:
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t)
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,
                                                       torch.ones(1, t, t, dtype=torch.bool), 256)
+                        _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,
+                                                      torch.ones(1, t, t, dtype=torch.bool))  # CUDA graphs' verify
                         # Llama 4 chunked layers: causal and tree
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t, None, None, 512)
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,

@@ -212,8 +212,8 @@ if device == "cpu":
 hf = make_llama4(tmp, "scout")
 prompts = prompts_of([5, 19], seed=2)
 params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-opts = dict(device=device, dtype="float32", block_size=4, max_num_batched_tokens=16,
-            enable_cuda_graph=device == "cuda")
+# NOTE: no CUDA graphs: the MoE reference syncs with the host (expert counts)
+opts = dict(device=device, dtype="float32", block_size=4, max_num_batched_tokens=16, enable_cuda_graph=False)
 plain = [o.token_ids for o in LLM(str(tmp), **opts).generate(prompts, params)]
 for p, o in zip(prompts, plain):
     assert o == hf_greedy(hf, p, n), (p, o)
