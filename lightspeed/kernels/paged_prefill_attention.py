@@ -16,8 +16,8 @@ from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attent
 def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                    max_q_len: int, sliding_window: int | None = None,
-                                   chunk_size: int | None = None, *, q_tile: int | None = None, block_n: int | None = None,
-                                   out: torch.Tensor | None = None) -> torch.Tensor:
+                                   chunk_size: int | None = None, *, q_tile: int | None = None,
+                                   block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """max_q_len: a host-side upper bound of the query lengths (fixes the grid)."""
     g = q.shape[1] // kv_cache.shape[3]
     q_tile = q_tile or max(1, 64 // g)
