@@ -78,38 +78,40 @@ def qkv_rope_cache(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torc
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, max_seq_len: int,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """q [S, Hq, D] (one token per sequence) -> [S, Hq, D]."""
     if use_triton(q):
-        return paged_decode_attention_triton(q, kv_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window)
-    return paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens, scale, sliding_window)
+        return paged_decode_attention_triton(q, kv_cache, block_tables, seq_lens, scale, max_seq_len, sliding_window,
+                                             chunk_size)
+    return paged_decode_attention_ref(q, kv_cache, block_tables, seq_lens, scale, sliding_window, chunk_size)
 
 
 def paged_verify_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seq_len: int,
                            max_q_len: int, tree_mask: torch.Tensor | None = None,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """q [T, Hq, D], up to 16 query tokens per sequence, causal or tree_mask [S, Q, Q] -> [T, Hq, D]."""
     if use_triton(q):
         return paged_verify_attention_triton(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
-                                             max_seq_len, max_q_len, tree_mask, sliding_window)
+                                             max_seq_len, max_q_len, tree_mask, sliding_window, chunk_size)
     return paged_verify_attention_ref(q, kv_cache, query_start_loc, seq_lens, block_tables, scale, tree_mask,
-                                      sliding_window)
+                                      sliding_window, chunk_size)
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_q_len: int,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """q [T, Hq, D], any query lengths, causal -> [T, Hq, D]."""
     if use_triton(q):
         return paged_prefill_attention_triton(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
-                                              max_q_len, sliding_window)
-    return paged_prefill_attention_ref(q, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window)
+                                              max_q_len, sliding_window, chunk_size)
+    return paged_prefill_attention_ref(q, kv_cache, query_start_loc, seq_lens, block_tables, scale, sliding_window,
+                                       chunk_size)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float, sliding_window: int | None = None,
-                    *, tree_mask: torch.Tensor | None = None, max_seq_len: int | None = None,
-                    max_q_len: int | None = None) -> torch.Tensor:
+                    chunk_size: int | None = None, *, tree_mask: torch.Tensor | None = None,
+                    max_seq_len: int | None = None, max_q_len: int | None = None) -> torch.Tensor:
     """q [T, Hq, D] over an AttentionMetadata (layers/attention.py) -> [T, Hq, D]: decode,
     verify or prefill by the query lengths in meta.query_start_loc_cpu.
 
@@ -124,14 +126,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
             and any(m is not None for m in meta.tree_masks):
         tree_mask = pack_tree_masks(meta.tree_masks, max_q, q.device)
     if tree_mask is None and max_q == 1 and len(q_lens) == q.shape[0]:
-        return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, max_kv, sliding_window)
+        return paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, max_kv, sliding_window,
+                                      chunk_size)
     if max_q <= MAX_VERIFY_Q:
         return paged_verify_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
-                                      max_kv, max_q, tree_mask, sliding_window)
+                                      max_kv, max_q, tree_mask, sliding_window, chunk_size)
     if tree_mask is not None:
         raise ValueError(f"tree masks support at most {MAX_VERIFY_Q} new tokens per sequence, got {max_q}")
     return paged_prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
-                                   max_q, sliding_window)
+                                   max_q, sliding_window, chunk_size)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:

@@ -10,15 +10,28 @@ of the tile times the G = Hq / Hkv query heads of the kv head, padded to BLOCK_M
 
     row r -> query token qi = tile * Q_TILE + r // G, query head kvh * G + r % G
 
-and it reads keys [lo, hi) of its tile (causal end, sliding-window start) cut to its
-partition [part * PART, (part + 1) * PART). With NUM_PARTS > 1 each program writes an
-unnormalised partial (acc, running max m in log2 units, sum l) and the reduce kernel merges
-the partitions of each (token, head); with one partition the program writes the output.
+The tile reads keys [lo, hi): hi its causal end, lo its sliding-window or chunk start (the
+blocks before lo are skipped, not masked). NUM_PARTS > 1 splits them into partitions of
+
+    part_size = round_up(cdiv(hi - lo, NUM_PARTS), BLOCK_N)   keys: [lo + p * part_size, ...)
+
+each program writing an unnormalised partial (acc, running max m in log2 units, sum l) that
+the reduce kernel merges in partition order; with one partition the program writes the output.
 
 Query token qi of sequence s (q_len tokens, ctx = seq_len - q_len cached keys before them)
-sits at position ctx + qi and sees key j when
-    j <= ctx + qi                    (causal; with a tree mask: j < ctx or tree[s, qi, j - ctx])
-    j >  ctx + qi - sliding_window   (when a window is set)
+sits at position pos(qi) = ctx + qi and sees key j (at position pos(j)) when
+    j <= ctx + qi                         (causal; with a tree mask: j < ctx or tree[s, qi, j - ctx])
+    pos(j) >  pos(qi) - sliding_window    (when a window is set)
+    pos(j) >= pos(qi) // C * C            (Llama 4 chunked attention, chunk size C)
+With a tree mask the new tokens sit at their depth: pos(ctx + i) = ctx + (ones in tree row
+i: its ancestors and itself) - 1; cached keys keep pos(j) = j. Tree rows list ancestors
+before descendants (tree[i, j] = 0 for j > i), as every drafter orders them.
+
+Batch invariance: decode and verify run one query token per program (Q_TILE = 1) and the
+split of a row depends only on its (lo, hi) and on NUM_PARTS, which depends on the number of
+sequences and kv heads (not on the bound): row i of a verify step then runs the same
+operations in the same order as a decode step of that token, and the outputs are bitwise
+equal (tests/kernels/test_paged_attention.py::test_verify_rows_equal_decode).
 """
 from __future__ import annotations
 
@@ -34,8 +47,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE: tl.constexpr):
-    """Sequence s -> (keys visible to its last query, first query row, number of queries)."""
+def _tree_pos(tree_row_ptr, rows, rows_ok, ctx, stride_tree_q, BLOCK_TQ: tl.constexpr):
+    """Positions of new tokens `rows` [R] of a tree: ctx + (ones in tree row, up to the
+    diagonal) - 1."""
+    offs_c = tl.arange(0, BLOCK_TQ)
+    t = tl.load(tree_row_ptr + rows[:, None] * stride_tree_q + offs_c[None, :],
+                mask=rows_ok[:, None] & (offs_c[None, :] <= rows[:, None]), other=0)  # [R, BLOCK_TQ]
+    return ctx + tl.sum((t != 0).to(tl.int32), axis=1) - 1
+
+
+@triton.jit
+def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk,
+                num_parts, Q_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TQ: tl.constexpr,
+                IS_DECODE: tl.constexpr, TREE_POS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_CHUNK: tl.constexpr):
+    """Sequence s, tile [tile_q0, tile_q0 + Q_TILE) -> (first query row, number of queries,
+    ctx, position of the tile's first token, keys [lo, hi) the tile may see, keys per
+    partition). Shared by both kernels, so that they agree on the partitions."""
     seq_len = tl.load(seq_lens_ptr + s)
     if IS_DECODE:
         q_start = s
@@ -43,22 +71,20 @@ def _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE: tl.constexpr):
     else:
         q_start = tl.load(qsl_ptr + s)
         q_len = tl.load(qsl_ptr + s + 1) - q_start
-    return seq_len, q_start, q_len
-
-
-@triton.jit
-def _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE: tl.constexpr, HAS_TREE: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr):
-    """Keys [lo, hi) that some query of the tile [tile_q0, tile_q0 + Q_TILE) may see."""
     ctx = seq_len - q_len
-    if HAS_TREE:
-        hi = seq_len
-    else:
-        hi = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + Q_TILE, q_len))
+    hi = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + Q_TILE, q_len))
+    first = ctx + tile_q0
+    if TREE_POS:  # Q_TILE == 1: the token's depth
+        r = tl.full([1], 0, tl.int32) + tile_q0
+        first = tl.max(_tree_pos(tree_ptr + s.to(tl.int64) * stride_tree_s, r, r < q_len, ctx, stride_tree_q,
+                                 BLOCK_TQ), axis=0)
     lo = hi * 0
     if HAS_WINDOW:
-        lo = tl.maximum(lo, ctx + tile_q0 - window + 1)
-    return lo, hi
+        lo = tl.maximum(lo, first - window + 1)
+    if HAS_CHUNK:
+        lo = tl.maximum(lo, first // chunk * chunk)
+    part_size = tl.cdiv(tl.cdiv(hi - lo, num_parts), BLOCK_N) * BLOCK_N
+    return q_start, q_len, ctx, first, lo, hi, part_size
 
 
 @triton.jit
@@ -72,24 +98,26 @@ def _paged_attn_kernel(
     out_ptr,  # [T, Hq, D] (NUM_PARTS == 1) or partial acc [T, Hq, NUM_PARTS, D] float32
     ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum) (unused when NUM_PARTS == 1)
     qk_scale,  # softmax scale * log2(e)
-    window, part_size, num_parts,
+    window, chunk, num_parts, grid_parts,
     stride_q_t, stride_q_h, stride_kv_kv, stride_kv_blk, stride_kv_tok, stride_kv_h,
     stride_bt, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
     HQ: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, BLOCK_TQ: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # grid (S, Hkv, q tiles * grid_parts); grid_parts <= num_parts (the rest would be empty)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
-    q_tile = tl.program_id(2) // num_parts
-    part = tl.program_id(2) % num_parts
-    seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
-    ctx = seq_len - q_len
+    q_tile = tl.program_id(2) // grid_parts
+    part = tl.program_id(2) % grid_parts
     tile_q0 = q_tile * Q_TILE
-    lo, hi = _tile_kv_range(seq_len, q_len, tile_q0, window, Q_TILE, HAS_TREE, HAS_WINDOW)
-    lo = tl.maximum(lo, part * part_size)
-    hi = tl.minimum(hi, part * part_size + part_size)
+    TREE_POS: tl.constexpr = HAS_TREE and (HAS_WINDOW or HAS_CHUNK)
+    q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
+        s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
+        Q_TILE, BLOCK_N, BLOCK_TQ, IS_DECODE, TREE_POS, HAS_WINDOW, HAS_CHUNK)
+    lo = lo + part * part_size
+    hi = tl.minimum(hi, lo + part_size)
     # NOTE: a program with no keys writes nothing; the reduce skips its partition, and with
     # one partition every valid tile has keys (each query sees itself).
     if (tile_q0 < q_len) & (lo < hi):
@@ -98,10 +126,15 @@ def _paged_attn_kernel(
         head = kvh * G + offs_m % G
         row_ok = (offs_m < Q_TILE * G) & (qi < q_len)
         q_pos = ctx + qi  # [BLOCK_M]
+        if TREE_POS:
+            q_pos = first + 0 * qi  # Q_TILE == 1
+        if HAS_CHUNK:
+            q_lo = q_pos // chunk * chunk  # first key position of the row's chunk
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
         tok = (q_start + qi).to(tl.int64)
         bt_row = block_tables_ptr + s.to(tl.int64) * stride_bt
+        tree_row = tree_ptr + s.to(tl.int64) * stride_tree_s
         pdl_wait(USE_PDL)
         q = tl.load(q_ptr + tok[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -118,16 +151,21 @@ def _paged_attn_kernel(
             k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
+            k_pos = offs_n  # [BLOCK_N]
             if HAS_TREE:
                 is_new = offs_n >= ctx
-                tm = tl.load(tree_ptr + s.to(tl.int64) * stride_tree_s + qi[:, None] * stride_tree_q
-                             + (offs_n - ctx)[None, :],
+                tm = tl.load(tree_row + qi[:, None] * stride_tree_q + (offs_n - ctx)[None, :],
                              mask=row_ok[:, None] & (is_new & n_ok)[None, :], other=0)
                 seen = n_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
+                if TREE_POS:
+                    new_pos = _tree_pos(tree_row, offs_n - ctx, is_new & n_ok, ctx, stride_tree_q, BLOCK_TQ)
+                    k_pos = tl.where(is_new, new_pos, offs_n)
             else:
-                seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+                seen = n_ok[None, :] & (offs_n[None, :] <= (ctx + qi)[:, None])
             if HAS_WINDOW:
-                seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+                seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+            if HAS_CHUNK:
+                seen = seen & (k_pos[None, :] >= q_lo[:, None])
             qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -138,7 +176,7 @@ def _paged_attn_kernel(
             m_i = m_new
         pdl_launch_dependents(USE_PDL)
         if SPLIT:
-            prow = (tok * HQ + head) * num_parts + part  # [BLOCK_M] row of [T, Hq, NUM_PARTS]
+            prow = (tok * HQ + head) * grid_parts + part  # [BLOCK_M] row of [T, Hq, grid_parts]
             tl.store(out_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
             tl.store(ml_ptr + prow * 2, m_i, mask=row_ok)
             tl.store(ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
@@ -150,38 +188,40 @@ def _paged_attn_kernel(
 
 @triton.jit
 def _paged_attn_reduce_kernel(
-    acc_ptr,  # [T, Hq, NUM_PARTS, D] float32 partial acc
-    ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum)
+    acc_ptr,  # [T, Hq, grid_parts, D] float32 partial acc
+    ml_ptr,  # [T, Hq, grid_parts, 2] float32 partial (max, sum)
     seq_lens_ptr,  # [S] int32
     qsl_ptr,  # [S + 1] int32 (unused when IS_DECODE)
+    tree_ptr,  # [S, TQ, TQ] uint8 (unused unless HAS_TREE)
     out_ptr,  # [T, Hq, D]
-    window, part_size, num_parts, stride_o_t, stride_o_h,
-    HQ: tl.constexpr, Q_TILE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-    IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
+    window, chunk, num_parts, grid_parts, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_TQ: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    # grid (S, Hq, max_q_len): one (query token, head) each
+    # grid (S, Hq, max_q_len): one (query token, head) each; the split kernel ran Q_TILE = 1
     s = tl.program_id(0)
     h = tl.program_id(1)
     qi = tl.program_id(2)
-    seq_len, q_start, q_len = _seq_query_range(s, seq_lens_ptr, qsl_ptr, IS_DECODE)
+    TREE_POS: tl.constexpr = HAS_TREE and (HAS_WINDOW or HAS_CHUNK)
+    q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
+        s, qi, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
+        1, BLOCK_N, BLOCK_TQ, IS_DECODE, TREE_POS, HAS_WINDOW, HAS_CHUNK)
     if qi < q_len:
-        lo, hi = _tile_kv_range(seq_len, q_len, (qi // Q_TILE) * Q_TILE, window, Q_TILE, HAS_TREE, HAS_WINDOW)
-        p_lo = lo // part_size
-        p_hi = tl.where(hi > lo, (hi + part_size - 1) // part_size, p_lo)
-        p_hi = tl.minimum(p_hi, num_parts)
-        row = ((q_start + qi).to(tl.int64) * HQ + h) * num_parts  # partition 0 of this (token, head)
+        p_hi = tl.minimum(tl.cdiv(hi - lo, part_size), grid_parts)  # partitions with keys, in order
+        row = ((q_start + qi).to(tl.int64) * HQ + h) * grid_parts  # partition 0 of this (token, head)
         offs_p = tl.arange(0, BLOCK_P)
         offs_d = tl.arange(0, BLOCK_D)
         pdl_wait(USE_PDL)
         m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
-        for p0 in range(p_lo, p_hi, BLOCK_P):
+        for p0 in range(0, p_hi, BLOCK_P):
             p_ok = p0 + offs_p < p_hi
             m_max = tl.maximum(m_max, tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf")))
         m_all = tl.max(m_max, axis=0)
         m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
         acc = tl.zeros([BLOCK_D], tl.float32)
         l_vec = tl.zeros([BLOCK_P], tl.float32)
-        for p0 in range(p_lo, p_hi, BLOCK_P):
+        for p0 in range(0, p_hi, BLOCK_P):
             p_ok = p0 + offs_p < p_hi
             m = tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf"))
             l = tl.load(ml_ptr + (row + p0 + offs_p) * 2 + 1, mask=p_ok, other=0.0)
@@ -197,21 +237,24 @@ def _paged_attn_reduce_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
-def choose_partition_size(num_programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
-    """Keys per partition so that (programs x partitions) covers about two waves of the GPU."""
-    target = 2 * num_sms(device)
-    parts = max(1, cdiv(target, max(num_programs, 1)))
-    return max(block_n, next_pow2(cdiv(max(max_seq_len, 1), parts)))
+def choose_num_parts(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Partitions per query row so that (sequences x kv heads x partitions) covers about two
+    waves of the GPU. NOTE: not a function of the sequence lengths or their bound, so that a
+    row splits its keys the same way in every step (batch invariance, CUDA graphs)."""
+    return max(1, cdiv(2 * num_sms(device), max(num_seqs * num_kv_heads, 1)))
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
                            max_seq_len: int, max_q_len: int, *, q_tile: int, tree_mask: torch.Tensor | None = None,
-                           sliding_window: int | None = None, partition_size: int | None = None,
-                           block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, chunk_size: int | None = None,
+                           num_parts: int | None = None, block_n: int | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """The common launcher: q [T, Hq, D] -> [T, Hq, D]. query_start_loc None means decode
     (token s is sequence s). max_seq_len / max_q_len: host-side upper bounds of seq_lens and
-    of the query lengths; they fix the grid (a CUDA graph captures them)."""
+    of the query lengths; they fix the grid (a CUDA graph captures them). chunk_size: Llama 4
+    chunked attention (keys of the query's chunk only). num_parts: the split-KV partitions of
+    a row (None: choose_num_parts); more than one needs q_tile 1, and so does a tree mask."""
     require_triton(q)
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(f"paged attention: q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -242,6 +285,10 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                              f"with contiguous rows, got {tuple(tree_mask.shape)}")
         if tree_mask.dtype == torch.bool:
             tree_mask = tree_mask.view(torch.uint8)
+    if q_tile != 1 and (tree_mask is not None or (num_parts or 1) > 1):
+        raise ValueError("paged attention: tree masks and split-KV need q_tile 1")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"paged attention: chunk_size must be >= 1, got {chunk_size}")
     out = torch.empty_like(q) if out is None else out
     if tuple(out.shape) != (t, hq, d) or out.stride(2) != 1:
         raise ValueError(f"paged attention: out must be [{t}, {hq}, {d}] with contiguous D")
@@ -254,44 +301,74 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         block_n = 16 if q.dtype == torch.float32 else 64 if d <= 128 and block_m <= 64 else 32
     block_n = max(16, block_n)
     num_q_tiles = cdiv(max_q_len, q_tile)
-    if partition_size is None:
-        partition_size = choose_partition_size(s * hkv * num_q_tiles, max_seq_len, block_n, q.device)
-    num_parts = max(1, cdiv(max_seq_len, partition_size))
-    split = num_parts > 1
+    if num_parts is None:
+        num_parts = choose_num_parts(s, hkv, q.device) if q_tile == 1 else 1
+    # NOTE: a row of n <= max_seq_len keys uses at most min(num_parts, cdiv(n, block_n)) partitions
+    grid_parts = max(1, min(num_parts, cdiv(max_seq_len, block_n)))
+    split = grid_parts > 1
+    if not split:
+        num_parts = 1  # one partition takes every key, so a stale max_seq_len drops none
     if split:
-        part_acc = torch.empty((t, hq, num_parts, d), dtype=torch.float32, device=q.device)
-        part_ml = torch.empty((t, hq, num_parts, 2), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty((t, hq, grid_parts, d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((t, hq, grid_parts, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc, part_ml = out, out
     pdl = use_pdl(q.device)
     window = int(sliding_window) if sliding_window else 0
+    chunk = int(chunk_size) if chunk_size else 0
     qsl = query_start_loc if query_start_loc is not None else seq_lens
     tree = tree_mask if tree_mask is not None else seq_lens
     num_warps = 8 if block_m >= 32 or d > 128 else 4
-    _paged_attn_kernel[(s, hkv, num_q_tiles * num_parts)](
+    tree_strides = (tree.stride(0), tree.stride(1)) if tree_mask is not None else (0, 0)
+    block_tq = max(16, next_pow2(max_q_len))
+    _paged_attn_kernel[(s, hkv, num_q_tiles * grid_parts)](
         q, kv_cache, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
-        # NOTE: one partition is not cut at partition_size, so a stale max_seq_len drops no keys
-        scale * LOG2E, window, partition_size if split else 1 << 30, num_parts,
+        scale * LOG2E, window, chunk, num_parts, grid_parts,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), tree.stride(0) if tree_mask is not None else 0,
-        tree.stride(1) if tree_mask is not None else 0, out.stride(0), out.stride(1),
+        block_tables.stride(0), *tree_strides, out.stride(0), out.stride(1),
         HQ=hq, G=g, Q_TILE=q_tile, BLOCK_M=block_m, D=d, BLOCK_D=max(16, next_pow2(d)), BS=bs, BLOCK_N=block_n,
         SPLIT=split, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
-        DOT_F32=dot_in_f32(), USE_PDL=pdl, num_warps=num_warps, num_stages=2, launch_pdl=pdl,
+        HAS_CHUNK=chunk > 0, BLOCK_TQ=block_tq, DOT_F32=dot_in_f32(), USE_PDL=pdl,
+        num_warps=num_warps, num_stages=2, launch_pdl=pdl,
     )
     if split:
         _paged_attn_reduce_kernel[(s, hq, max_q_len)](
-            part_acc, part_ml, seq_lens, qsl, out, window, partition_size, num_parts, out.stride(0), out.stride(1),
-            HQ=hq, Q_TILE=q_tile, D=d, BLOCK_D=next_pow2(d), BLOCK_P=min(16, next_pow2(num_parts)),
-            IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0, USE_PDL=pdl,
+            part_acc, part_ml, seq_lens, qsl, tree, out, window, chunk, num_parts, grid_parts, *tree_strides,
+            out.stride(0), out.stride(1), HQ=hq, D=d, BLOCK_D=next_pow2(d),
+            # NOTE: a fixed BLOCK_P: the combine order does not depend on the number of partitions
+            BLOCK_P=16, BLOCK_N=block_n, BLOCK_TQ=block_tq, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None,
+            HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, USE_PDL=pdl,
             num_warps=4 if d > 64 else 2, launch_pdl=pdl,
         )
     return out
 
 
+def visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, sliding_window: int | None,
+                 chunk_size: int | None, device) -> torch.Tensor | None:
+    """[num_q, seq_len] bool: which keys each of a sequence's last num_q tokens sees (the rules
+    of the module docstring); None when plain causal needs no mask. tree_mask [num_q, num_q]."""
+    ctx = seq_len - num_q
+    if chunk_size and seq_len <= chunk_size:
+        chunk_size = None  # every position is in chunk 0
+    if tree_mask is None and not sliding_window and not chunk_size and num_q == 1:
+        return None
+    pos = torch.arange(seq_len, device=device)  # [seq_len] position of each key
+    mask = pos[None, :] <= pos[ctx:, None]  # [num_q, seq_len] causal
+    if tree_mask is not None:
+        mask[:, ctx:] &= tree_mask.to(device).bool()  # NOTE: a token never sees a later one
+        pos[ctx:] = ctx + mask[:, ctx:].sum(1) - 1  # depth of each new token
+    q_pos, k_pos = pos[ctx:, None], pos[None, :]  # [num_q, 1], [1, seq_len]
+    if sliding_window:
+        mask &= k_pos > q_pos - sliding_window
+    if chunk_size:
+        mask &= k_pos >= q_pos // chunk_size * chunk_size
+    return mask
+
+
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
-                        tree_mask: torch.Tensor | None = None, sliding_window: int | None = None) -> torch.Tensor:
+                        tree_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                        chunk_size: int | None = None) -> torch.Tensor:
     """Plain torch (float32 softmax), the semantics of layers/attention.paged_attention_ref;
     query_start_loc None means one query token per sequence. Syncs with the host."""
     _, _, bs, hkv, d = kv_cache.shape
@@ -309,14 +386,8 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()
         k = k.repeat_interleave(hq // hkv, dim=0)
         v = v.repeat_interleave(hq // hkv, dim=0)
-        ctx = n - nq
-        q_pos = torch.arange(ctx, n, device=q.device)[:, None]  # [nq, 1]
-        k_pos = torch.arange(n, device=q.device)[None, :]  # [1, n]
-        mask = k_pos <= q_pos
-        if tree_mask is not None:
-            mask[:, ctx:] = tree_mask[i, :nq, :nq].to(q.device).bool()
-        if sliding_window:
-            mask &= k_pos > q_pos - sliding_window
+        tm = tree_mask[i, :nq, :nq] if tree_mask is not None else None
+        mask = visible_mask(nq, n, tm, sliding_window, chunk_size, q.device)
         o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
     return out

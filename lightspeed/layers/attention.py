@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightspeed import kernels
-from lightspeed.errors import UnsupportedModelError
+from lightspeed.kernels.paged_attention import visible_mask
 
 
 @dataclass
@@ -68,7 +68,7 @@ def attention_bound(max_seq_len: int) -> int:
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D] through the kernels: decode (one token per sequence),
     verify (<= 16 tokens, causal or tree) or prefill. No host sync, no host lists (except
     the reference fallback for a tree longer than 16 tokens, never in a CUDA graph)."""
@@ -76,14 +76,14 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
     tree = meta.packed_tree_mask(q.device)
     if tree is None and meta.max_q_len == 1 and q.shape[0] == meta.block_tables.shape[0]:
         return kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, bound,
-                                              sliding_window)
+                                              sliding_window, chunk_size)
     if meta.max_q_len <= kernels.MAX_VERIFY_Q:
         return kernels.paged_verify_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                              scale, bound, meta.max_q_len, tree, sliding_window)
+                                              scale, bound, meta.max_q_len, tree, sliding_window, chunk_size)
     if tree is not None:
-        return paged_attention_ref(q, kv_cache, meta, scale, sliding_window)
+        return paged_attention_ref(q, kv_cache, meta, scale, sliding_window, chunk_size)
     return kernels.paged_prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                           scale, meta.max_q_len, sliding_window)
+                                           scale, meta.max_q_len, sliding_window, chunk_size)
 
 
 def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -92,28 +92,6 @@ def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
     flat = kv_cache.view(2, nb * bs, hkv, d)
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
     flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
-
-
-def _visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, sliding_window: int | None,
-                  device, chunk_size: int | None = None) -> torch.Tensor | None:
-    """[num_q, seq_len] bool: which keys each new token sees; None when plain causal needs no mask.
-    chunk_size (Llama 4 chunked attention): a key is visible only in its query's chunk,
-    key_pos // chunk_size == query_pos // chunk_size (as HF's chunked_overlay)."""
-    ctx = seq_len - num_q
-    if chunk_size is not None and seq_len <= chunk_size:
-        chunk_size = None  # every position is in chunk 0
-    if tree_mask is None and sliding_window is None and chunk_size is None and num_q == 1:
-        return None
-    q_pos = torch.arange(ctx, seq_len, device=device)[:, None]  # [num_q, 1]
-    k_pos = torch.arange(seq_len, device=device)[None, :]  # [1, seq_len]
-    mask = k_pos <= q_pos
-    if tree_mask is not None:
-        mask[:, ctx:] = tree_mask.to(device)
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    if chunk_size is not None:
-        mask &= (k_pos // chunk_size) == (q_pos // chunk_size)
-    return mask
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
@@ -134,7 +112,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
         v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n]
         tm = meta.tree_masks[i] if meta.tree_masks is not None else None
-        mask = _visible_mask(e - s, n, tm, sliding_window, q.device, chunk_size)
+        mask = visible_mask(e - s, n, tm, sliding_window, chunk_size, q.device)
         qi = q[s:e].transpose(0, 1)  # [Hq, q, D]
         ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, n, D]
         o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=hkv != q.shape[1])
@@ -154,15 +132,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
-        self.attention_chunk_size = attention_chunk_size  # None: no chunking (torch reference path only)
-
-    def _check_chunking(self, meta: AttentionMetadata) -> None:
-        """The Triton kernels do not mask chunks yet: fine while every key is in chunk 0."""
-        if self.attention_chunk_size is not None and meta.max_seq_len > self.attention_chunk_size:
-            raise UnsupportedModelError(
-                f"chunked attention (attention_chunk_size={self.attention_chunk_size}) beyond one chunk is not "
-                f"implemented in the CUDA kernels yet (sequence bound {meta.max_seq_len}); run on CPU or cap "
-                f"max_model_len at {self.attention_chunk_size}")
+        self.attention_chunk_size = attention_chunk_size  # None: no chunking (Llama 4 local layers)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -172,8 +142,8 @@ class Attention(nn.Module):
         write_kv_ref(kv_cache, k.view(t, self.num_kv_heads, self.head_dim),
                      v.view(t, self.num_kv_heads, self.head_dim), meta.slot_mapping)
         if kernels.use_triton(q):
-            self._check_chunking(meta)
-            o = paged_attention_triton(q.contiguous(), kv_cache, meta, self.scale, self.sliding_window)
+            o = paged_attention_triton(q.contiguous(), kv_cache, meta, self.scale, self.sliding_window,
+                                       self.attention_chunk_size)
         else:
             o = paged_attention_ref(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size)
         return o.reshape(t, self.num_heads * self.head_dim)
@@ -183,8 +153,7 @@ class Attention(nn.Module):
         """qkv: [T, (Hq + 2 Hkv) D] without bias; positions [T]; cos_sin_cache [max_pos, D]
         float32 = |cos|sin| -> [T, Hq * D]. K/V land at meta.slot_mapping (-1: skipped)."""
         t = qkv.shape[0]
-        self._check_chunking(meta)
         q = kernels.qkv_rope_cache(qkv, bias, positions, cos_sin_cache, meta.slot_mapping, kv_cache,
                                    self.num_heads, self.num_kv_heads, self.head_dim)  # [T, Hq, D]
-        o = paged_attention_triton(q, kv_cache, meta, self.scale, self.sliding_window)
+        o = paged_attention_triton(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size)
         return o.view(t, self.num_heads * self.head_dim)

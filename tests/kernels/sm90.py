@@ -142,11 +142,18 @@ def compile_all() -> None:
                     q = torch.randn(t, hq, d, dtype=bf)
                     if t == 1:
                         _try(paged_decode_attention_triton, q, kv, bt, sl, 0.1, 1024)
+                        _try(paged_decode_attention_triton, q, kv, bt, sl, 0.1, 1024, None, 512)
                     else:
                         qsl = torch.tensor([0, t], dtype=torch.int32)
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t)
                         _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,
                                                       torch.ones(1, t, t, dtype=torch.bool), 256)
+                        _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,
+                                                      torch.ones(1, t, t, dtype=torch.bool))  # CUDA graphs' verify
+                        # Llama 4 chunked layers: causal and tree
+                        _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t, None, None, 512)
+                        _try(paged_verify_attention_triton, q, kv, qsl, sl, bt, 0.1, 1024, t,
+                                                      torch.ones(1, t, t, dtype=torch.bool), None, 512)
                     for n, k in (((hq + 2 * hkv) * d, h), (h, hq * d), (2 * inter, h), (h, inter)):
                         w = torch.randn(n, k, dtype=bf)
                         _try(gemv_triton, torch.randn(t, k, dtype=bf), w)
@@ -156,6 +163,8 @@ def compile_all() -> None:
                 q = torch.randn(60, hq, d, dtype=bf)
                 _try(paged_prefill_attention_triton, q, kv, torch.tensor([0, 60], dtype=torch.int32),
                                                torch.tensor([100], dtype=torch.int32), bt, 0.1, 60)
+                _try(paged_prefill_attention_triton, q, kv, torch.tensor([0, 60], dtype=torch.int32),
+                                               torch.tensor([100], dtype=torch.int32), bt, 0.1, 60, None, 64)
             _try(paged_decode_attention_triton, torch.randn(2, 9, 256, dtype=bf), torch.randn(2, 8, 16, 3, 256, dtype=bf),
                                           torch.zeros(2, 8, dtype=torch.int32), torch.tensor([5, 100], dtype=torch.int32),
                                           0.1, 128, 64)

@@ -36,13 +36,13 @@ def random_tree_masks(q_lens):
     return masks
 
 
-DECODE_CASES = [  # seq_lens, hq, hkv, d, block_size, window, partition_size
+DECODE_CASES = [  # seq_lens, hq, hkv, d, block_size, window, num_parts
     ([37, 70, 1], 14, 2, 64, 16, None, None),
-    ([37, 70, 5], 14, 2, 64, 16, None, 32),       # split-KV + reduce
-    ([50, 9], 9, 3, 64, 8, None, 16),
-    ([100, 33], 4, 2, 128, 16, 20, 32),           # sliding window across partitions
-    ([40], 8, 8, 80, 16, None, 16),               # MHA, head_dim 80
-    ([64, 17], 4, 1, 256, 16, None, 32),          # head_dim 256
+    ([37, 70, 5], 14, 2, 64, 16, None, 3),        # split-KV + reduce
+    ([50, 9], 9, 3, 64, 8, None, 4),
+    ([100, 33], 4, 2, 128, 16, 20, 4),            # sliding window across partitions
+    ([40], 8, 8, 80, 16, None, 3),                # MHA, head_dim 80
+    ([64, 17], 4, 1, 256, 16, None, 2),           # head_dim 256
 ]
 
 
@@ -53,18 +53,18 @@ def test_decode(device, case, dtype):
     seq_lens, hq, hkv, d, bs, window, part = case
     q, kv, bt, sl, _ = make_batch(seq_lens, [1] * len(seq_lens), hq, hkv, d, bs, dtype, device)
     out = poison(q.shape, dtype, device)
-    o = paged_decode_attention_triton(q, kv, bt, sl, d ** -0.5, max(seq_lens) + 5, window, partition_size=part,
+    o = paged_decode_attention_triton(q, kv, bt, sl, d ** -0.5, max(seq_lens) + 5, window, num_parts=part,
                                       block_n=16 if device == "cpu" else None, out=out)
     ref = paged_decode_attention_ref(q, kv, bt, sl, d ** -0.5, window)
     assert_all_written(o)
     assert rel_err(o, ref) < TOL[dtype]
 
 
-VERIFY_CASES = [  # seq_lens, q_lens, hq, hkv, d, block_size, tree, window, partition_size
+VERIFY_CASES = [  # seq_lens, q_lens, hq, hkv, d, block_size, tree, window, num_parts
     ([37, 21, 60], [5, 3, 1], 14, 2, 64, 16, False, None, None),
-    ([37, 21], [5, 4], 9, 3, 64, 8, False, None, 16),
-    ([40, 33], [5, 5], 9, 3, 64, 8, True, None, 16),
-    ([70, 19], [4, 16], 12, 2, 128, 16, True, 12, 32),
+    ([37, 21], [5, 4], 9, 3, 64, 8, False, None, 3),
+    ([40, 33], [5, 5], 9, 3, 64, 8, True, None, 3),
+    ([70, 19], [4, 16], 12, 2, 128, 16, True, 12, 4),
     ([26], [2], 4, 2, 80, 16, False, 7, None),
 ]
 
@@ -78,7 +78,7 @@ def test_verify(device, case, dtype):
     tm = pack_tree_masks(random_tree_masks(q_lens), max(q_lens), device) if tree else None
     out = poison(q.shape, dtype, device)
     o = paged_verify_attention_triton(q, kv, qsl, sl, bt, d ** -0.5, max(seq_lens), max(q_lens), tm, window,
-                                      partition_size=part, block_n=16 if device == "cpu" else None, out=out)
+                                      num_parts=part, block_n=16 if device == "cpu" else None, out=out)
     ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm, window)
     assert_all_written(o)
     assert rel_err(o, ref) < TOL[dtype]
@@ -97,6 +97,65 @@ def test_prefill(device, dtype):
     assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125)) < TOL[dtype]
     o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), sliding_window=10)
     assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125, 10)) < TOL[dtype]
+    for chunk in (8, 12):  # Llama 4 chunks: on and inside the 8-key blocks
+        o = paged_prefill_attention_triton(q, kv, qsl, sl, bt, 0.125, max(q_lens), chunk_size=chunk, q_tile=8,
+                                           block_n=16 if device == "cpu" else None)
+        assert rel_err(o, paged_prefill_attention_ref(q, kv, qsl, sl, bt, 0.125, chunk_size=chunk)) < TOL[dtype]
+
+
+def tree_of_parents(parents):
+    """[n, n] ancestor mask (itself included) of a tree given by each node's parent (-1: root)."""
+    m = torch.eye(len(parents), dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            m[i] |= m[p]
+    return m
+
+
+CHUNK_CASES = [  # seq_lens, q_lens, hq, hkv, d, block_size, chunk, tree parents (None: causal), num_parts
+    ([45, 70, 9], [1, 1, 1], 9, 3, 64, 8, 12, None, None),        # decode, boundary inside a block
+    ([45, 70, 9], [1, 1, 1], 7, 7, 32, 16, 16, None, 3),          # decode, boundary on a block, split-KV
+    ([37, 52], [5, 4], 12, 2, 64, 8, 12, None, 2),                # verify: 36 | 37..48: a boundary among the new
+    ([50, 33], [5, 6], 9, 3, 64, 16, 16, [-1, 0, 0, 1, 3], 2),    # tree: depth 3 crosses 48
+    ([30], [7], 6, 2, 32, 8, 8, [-1, 0, 1, 1, 2, 4, 0], None),    # tree: 24 + depths 0..4, chunk 24..31
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[str(i) for i in range(len(CHUNK_CASES))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunked_attention(device, case, dtype):
+    """Llama 4 chunked attention: each query sees only keys of its chunk (tree tokens at their depth)."""
+    seq_lens, q_lens, hq, hkv, d, bs, chunk, parents, part = case
+    q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device)
+    out = poison(q.shape, dtype, device)
+    block_n = 16 if device == "cpu" else None
+    if max(q_lens) == 1:
+        o = paged_decode_attention_triton(q, kv, bt, sl, d ** -0.5, max(seq_lens), chunk_size=chunk,
+                                          num_parts=part, block_n=block_n, out=out)
+        ref = paged_decode_attention_ref(q, kv, bt, sl, d ** -0.5, chunk_size=chunk)
+    else:
+        masks = [tree_of_parents(parents[:n]) if parents else None for n in q_lens]
+        tm = pack_tree_masks(masks, max(q_lens), device) if parents else None
+        o = paged_verify_attention_triton(q, kv, qsl, sl, bt, d ** -0.5, max(seq_lens), max(q_lens), tm,
+                                          chunk_size=chunk, num_parts=part, block_n=block_n, out=out)
+        ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm, chunk_size=chunk)
+        unchunked = paged_verify_attention_ref(q, kv, qsl, sl, bt, d ** -0.5, tm)
+        assert rel_err(unchunked, ref) > 0.1  # the chunks matter
+    assert_all_written(o)
+    assert rel_err(o, ref) < TOL[dtype]
+
+
+def test_chunk_mask_rules():
+    """visible_mask: keys [p // C * C, p]; a tree token at its depth, its ancestors at theirs."""
+    from lightspeed.kernels.paged_attention import visible_mask
+    m = visible_mask(3, 10, None, None, 4, "cpu")  # queries at 7, 8, 9
+    assert m.tolist() == [[k in range(4, 8) for k in range(10)], [k in (8,) for k in range(10)],
+                          [k in (8, 9) for k in range(10)]]
+    tree = tree_of_parents([-1, 0, 0, 2])  # new tokens at positions 6, 7, 7, 8
+    m = visible_mask(4, 10, tree, None, 4, "cpu")
+    assert m[3].tolist() == [False] * 9 + [True]  # position 8 starts a chunk: only itself
+    assert m[2].tolist() == [False] * 4 + [True, True, True, False, True, False]  # 4, 5, root, itself
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,7 +163,7 @@ def test_graph_bounds(device):
     """Grid sized for larger bounds than the batch (a CUDA-graph bucket): same result."""
     q, kv, bt, sl, qsl = make_batch([30, 12], [3, 2], 4, 2, 64, 16, torch.bfloat16, device)
     ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, 0.125)
-    o = paged_verify_attention_triton(q, kv, qsl, sl, bt, 0.125, 200, 5, partition_size=32)
+    o = paged_verify_attention_triton(q, kv, qsl, sl, bt, 0.125, 200, 5, num_parts=4)
     assert rel_err(o, ref) < 1e-2
 
 
@@ -123,3 +182,46 @@ def test_ref_matches_layer_ref():
     for window in (None, 6):
         ours = paged_attention_ref(q, kv, bt, sl, qsl, 0.2, pack_tree_masks(masks, 5, "cpu"), window)
         torch.testing.assert_close(ours, layer_ref(q, kv, meta, 0.2, window), atol=1e-5, rtol=1e-5)
+
+
+def _verify_rows_equal_decode(device, dtype, seq_lens, q_len, hq, hkv, d, bs, tree, chunk, block_n):
+    """Row i of a verify step (k + 1 = q_len new tokens per sequence, causal or a causal tree
+    mask as CUDA graphs pass it) == a decode step of that token, bitwise; each launch with
+    its own attention_bound (as eager steps and graph buckets use)."""
+    from lightspeed.layers.attention import attention_bound
+    q, kv, bt, sl, qsl = make_batch(seq_lens, [q_len] * len(seq_lens), hq, hkv, d, bs, dtype, device)
+    tm = torch.ones(len(seq_lens), q_len, q_len, dtype=torch.bool, device=device).tril() if tree else None
+    scale = d ** -0.5
+    o = paged_verify_attention_triton(q, kv, qsl, sl, bt, scale, attention_bound(max(seq_lens)), q_len, tm,
+                                      chunk_size=chunk, block_n=block_n)
+    for i in range(q_len):
+        rows = qsl[:-1] + i
+        dec_lens = sl - q_len + i + 1
+        dec = paged_decode_attention_triton(q[rows].contiguous(), kv, bt, dec_lens, scale,
+                                            attention_bound(int(dec_lens.max())), chunk_size=chunk, block_n=block_n)
+        assert torch.equal(o[rows], dec), f"row {i}: max diff {(o[rows].float() - dec.float()).abs().max()}"
+    ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, scale, tm, chunk_size=chunk)
+    assert rel_err(o, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tree", [False, True], ids=["causal", "tree"])
+@pytest.mark.parametrize("chunk", [None, 24], ids=["full", "chunk24"])
+def test_verify_rows_equal_decode(device, dtype, tree, chunk):
+    """Batch invariance (issue 4): 258 = a verify step crossing the bound 256 its decode rows
+    stay under; split-KV in both (the interpreter's 4 'SMs': 2 partitions)."""
+    _verify_rows_equal_decode(device, dtype, [29, 258], 5, 6, 2, 32, 8, tree, chunk,
+                              16 if device == "cpu" else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tree", [False, True], ids=["causal", "tree"])
+@pytest.mark.parametrize("chunk", [None, 1024], ids=["full", "chunk1024"])
+@pytest.mark.parametrize("seq_lens", [[100], [1030], [3000], [129, 515, 2049, 3000]], ids=str)
+def test_verify_rows_equal_decode_real_shapes_gpu(dtype, tree, chunk, seq_lens):
+    """Qwen2.5-1.5B attention (12 q heads, 2 kv heads, head_dim 128, block 16), k + 1 = 5."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _verify_rows_equal_decode("cuda", dtype, seq_lens, 5, 12, 2, 128, 16, tree, chunk, None)

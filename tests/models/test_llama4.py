@@ -160,14 +160,130 @@ def test_moe_ref_matches_a_per_token_loop(num_tokens, num_experts, top_k, on_inp
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_kernel_path_refuses_chunked_attention_beyond_one_chunk(monkeypatch):
+SPEC_CASES = {  # over a Llama 4 target whose chunk (8) is crossed by prompts and drafts
+    "ngram-k3": dict(method="ngram", num_speculative_tokens=3, ngram_min=1),
+    "draft-self-k4": dict(method="draft", num_speculative_tokens=4),
+    "draft-self-tree": dict(method="draft", num_speculative_tokens=3, tree_topk=2),
+    "eagle3-k3": dict(method="eagle3", num_speculative_tokens=3),
+    "eagle3-tree": dict(method="eagle3", num_speculative_tokens=3, tree_topk=2),
+}
+
+
+def make_llama4_eagle3_head(path, **overrides):
+    """A full-vocabulary EAGLE-3 head (no d2t / t2d) reading layers 0, 2, 3 of the 4-layer target."""
+    from tests.spec.helpers import make_eagle3_head
+    return make_eagle3_head(path, **{"draft_vocab": VOCAB, "with_d2t": False, "aux_layer_ids": [0, 2, 3],
+                                     **overrides})
+
+
+@pytest.mark.parametrize("name", list(SPEC_CASES))
+def test_speculative_greedy_equals_plain_greedy(tmp_path, name):
+    from lightspeed import SpeculativeConfig
+    hf = make_llama4(tmp_path, "scout")
+    case = dict(SPEC_CASES[name])
+    if case["method"] == "draft":
+        case["model"] = str(tmp_path)
+    if case["method"] == "eagle3":
+        case["model"] = str(make_llama4_eagle3_head(tmp_path / "head"))
+    prompts = prompts_of([5, 19], seed=2) + [[7, 8, 9, 10, 11] * 3]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(tmp_path), device="cpu", block_size=4, max_num_batched_tokens=32,
+              speculative=SpeculativeConfig(**case))
+    outs = llm.generate(prompts, params)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 32)
+    assert sum(o.metrics.num_verify_steps for o in outs) > 0
+
+
+# The Triton kernels (chunked decode / verify / prefill attention and the rest) on a Llama 4
+# target: greedy == HF greedy, and speculative (chain and tree verify) == plain greedy.
+TRITON_SCRIPT = r"""
+import sys
+from pathlib import Path
+import lightspeed.kernels as K
+from lightspeed import LLM, SamplingParams, SpeculativeConfig
+from tests.models.test_llama4 import make_llama4, prompts_of
+from tests.tiny import hf_greedy
+
+device, tmp, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+if device == "cpu":
+    assert K.interpreter_active()
+    K.force_triton(True)
+hf = make_llama4(tmp, "scout")
+prompts = prompts_of([5, 19], seed=2)
+params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+# NOTE: no CUDA graphs: the MoE reference syncs with the host (expert counts)
+opts = dict(device=device, dtype="float32", block_size=4, max_num_batched_tokens=16, enable_cuda_graph=False)
+plain = [o.token_ids for o in LLM(str(tmp), **opts).generate(prompts, params)]
+for p, o in zip(prompts, plain):
+    assert o == hf_greedy(hf, p, n), (p, o)
+specs = [dict(method="draft", model=str(tmp), num_speculative_tokens=3),
+         dict(method="draft", model=str(tmp), num_speculative_tokens=3, tree_topk=2)]
+if device == "cuda":  # a full-vocabulary EAGLE-3 head too (too slow for the interpreter)
+    from tests.models.test_llama4 import make_llama4_eagle3_head
+    head = str(make_llama4_eagle3_head(tmp / "head"))
+    specs += [dict(method="eagle3", model=head, num_speculative_tokens=3),
+              dict(method="eagle3", model=head, num_speculative_tokens=3, tree_topk=2)]
+for spec in specs:
+    outs = LLM(str(tmp), speculative=SpeculativeConfig(**spec), **opts).generate(prompts, params)
+    assert [o.token_ids for o in outs] == plain, spec
+    assert sum(o.metrics.num_verify_steps for o in outs) > 0
+print("ok llama4")
+"""
+
+
+def _run_triton(device: str, tmp_path, num_tokens: int, env: dict) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, device, str(tmp_path), str(num_tokens)], cwd=root,
+                       env={**os.environ, "PYTHONPATH": str(root), **env}, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0 and "ok llama4" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
+
+
+def test_triton_path_chunked_attention_in_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    _run_triton("cpu", tmp_path, 10, {"TRITON_INTERPRET": "1"})
+
+
+@pytest.mark.gpu
+def test_triton_path_chunked_attention_on_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _run_triton("cuda", tmp_path, 48, {})
+
+
+def test_eagle3_head_loads_for_llama4(tmp_path):
+    """Full-vocabulary head: aux layers from its config, identity vocabulary map, the target's
+    Llama 4 embedding shared; a head that does not fit is refused."""
+    from lightspeed import SpeculativeConfig
     from lightspeed.errors import UnsupportedModelError
-    from lightspeed.layers import attention as attn_mod
-    monkeypatch.setattr(attn_mod.kernels, "use_triton", lambda x: True)
-    attn = attn_mod.Attention(2, 1, 8, attention_chunk_size=4)
-    kv = torch.zeros(2, 4, 4, 1, 8)
-    meta = attn_mod.AttentionMetadata(slot_mapping=torch.arange(9), query_start_loc=torch.tensor([0, 9]),
-                                      seq_lens=torch.tensor([9]), block_tables=torch.arange(4)[None],
-                                      query_start_loc_cpu=[0, 9], seq_lens_cpu=[9])
-    with pytest.raises(UnsupportedModelError, match="attention_chunk_size=4"):
-        attn(torch.randn(9, 16), torch.randn(9, 8), torch.randn(9, 8), kv, meta)
+    make_llama4(tmp_path / "target", "maverick")
+    llm = LLM(str(tmp_path / "target"), device="cpu", block_size=4,
+              speculative=SpeculativeConfig("eagle3", model=str(make_llama4_eagle3_head(tmp_path / "head"))))
+    proposer = llm.engine.runner.proposer
+    assert proposer.aux_layer_ids == (0, 2, 3)
+    assert torch.equal(proposer.head.d2t, torch.zeros(VOCAB, dtype=torch.long))
+    out = llm.generate(prompts_of([19])[0], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    assert proposer.head.embed_tokens is llm.engine.runner.model.model.embed_tokens and out.metrics.num_verify_steps
+    for bad, match in ((dict(hidden=32, heads=2, kv_heads=1, target_hidden=64), "cannot share the target's embedding"),
+                       (dict(vocab=300, draft_vocab=300), "vocab_size is 300"),
+                       (dict(target_hidden=32), "fc.weight takes 96 inputs"),
+                       (dict(aux_layer_ids=[0, 2, 4]), "aux layers")):
+        head = make_llama4_eagle3_head(tmp_path / f"bad{len(match)}", **bad)
+        with pytest.raises(UnsupportedModelError, match=match):
+            LLM(str(tmp_path / "target"), device="cpu", speculative=SpeculativeConfig("eagle3", model=str(head)))
+
+
+def test_aux_hidden_states_match_hf(tmp_path):
+    """EAGLE-3 capture: the residual stream entering layers 0, 2, 3 == HF's output_hidden_states."""
+    hf = make_llama4(tmp_path, "maverick")
+    model, config = load_ours(tmp_path)
+    prompt = prompts_of([13])[0]
+    _, aux = PagedBatch(model, config, 1).step([prompt], aux_layer_ids=(0, 2, 3))
+    with torch.no_grad():
+        hs = hf(torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(aux, torch.cat([hs[i][0] for i in (0, 2, 3)], -1), atol=TOL, rtol=0)

@@ -20,8 +20,9 @@ def random_prompts(lengths, seed=0, high=256):
 def make_eagle3_head(path: Path, target_hidden: int = 64, vocab: int = VOCAB, draft_vocab: int = 200,
                      hidden: int = 64, heads: int = 4, kv_heads: int = 2, prefix: str = "midlayer.",
                      aux_layer_ids: list[int] | None = None, with_embedding: bool = False, seed: int = 0,
-                     num_aux: int = 3, target_hidden_size: int | None = None) -> Path:
-    """A random EAGLE-3 head: config.json (LlamaForCausalLMEagle3) + model.safetensors."""
+                     num_aux: int = 3, target_hidden_size: int | None = None, with_d2t: bool = True) -> Path:
+    """A random EAGLE-3 head: config.json (LlamaForCausalLMEagle3) + model.safetensors.
+    with_d2t False: a full-vocabulary head (draft_vocab == vocab, no d2t / t2d), as for Llama 4."""
     from safetensors.torch import save_file
     g = torch.Generator().manual_seed(seed)
 
@@ -51,6 +52,9 @@ def make_eagle3_head(path: Path, target_hidden: int = 64, vocab: int = VOCAB, dr
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[target_ids] = True
     t["t2d"] = t2d
+    if not with_d2t:
+        assert draft_vocab == vocab, "a head without d2t drafts over the whole vocabulary"
+        del t["d2t"], t["t2d"]
     if with_embedding:
         t["embed_tokens.weight"] = w(vocab, hidden)
     cfg = {"architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama", "hidden_size": hidden,
