@@ -51,8 +51,9 @@ def test_ttt_step0_matches_inference_head(setup):
     """Step 0 of the training forward equals the paged inference path of the same head."""
     root, prompts, llm = setup
     tr = Trainer(_cfg(root, prompts, root / "t0", steps=1), llm)
-    seq = tr.train[0]
-    ids, aux, _, _ = tr.features(seq)
+    ids, _, aux, _, _ = tr.features.batch([tr.train[0]])
+    ids, aux = ids[0], aux[0]
+    seq = tr.seqs[tr.train[0]]
     with torch.no_grad():
         lg = ttt_forward(tr.head, ids, aux, 1)[0]
         from lightspeed.layers.attention import AttentionMetadata
