@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lightspeed.errors import InvalidRequestError, LightspeedError, UnsupportedM
 from lightspeed.spec import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
 from lightspeed.train.eagle3 import TrainConfig, Trainer
-from lightspeed.train.head import ttt_forward
+from lightspeed.train.head import trainable, ttt_forward
 from tests.tiny import make_tiny_checkpoint
 
 
@@ -109,6 +110,47 @@ def test_resume_continues_same_curve(setup):
     assert len(resumed.log["losses"]) == 40
     torch.testing.assert_close(torch.tensor(resumed.log["losses"]), torch.tensor(full.log["losses"]),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_batched_loss_equals_accumulation(setup):
+    """One padded batch of sequences of different lengths: the same loss, gradients and
+    accuracy counts as the mean of the one-sequence losses (gradient accumulation)."""
+    root, prompts, llm = setup
+    tr = Trainer(_cfg(root, prompts, root / "batched", steps=1, batch_size=3), llm)
+    idx = sorted(tr.train, key=lambda i: len(tr.seqs[i]))[::4][:3]
+    assert len({len(tr.seqs[i]) for i in idx}) == 3  # padding really happens
+    params = [p for _, p in trainable(tr.head)]
+    total, losses, accs, num = tr.batch_loss(idx)
+    assert num == sum(len(tr.seqs[i]) for i in idx)
+    grads = torch.autograd.grad(total, params)
+    ref_total, ref_losses, ref_accs, ref_grads = 0.0, 0.0, 0, [torch.zeros_like(p) for p in params]
+    for i in idx:
+        t, lo, a, _ = tr.batch_loss([i])
+        ref_total, ref_losses, ref_accs = ref_total + t / 3, ref_losses + lo / 3, ref_accs + a
+        ref_grads = [r + g / 3 for r, g in zip(ref_grads, torch.autograd.grad(t, params))]
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+    assert torch.equal(accs, ref_accs) and accs[:, 1].min() > 0
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_time_budget_stops_and_saves_a_loadable_head(setup):
+    root, prompts, llm = setup
+    tr = Trainer(_cfg(root, prompts, root / "budget", steps=100000, batch_size=2, time_budget=3600.0), llm)
+    tr.cfg.time_budget = time.time() - tr.t_start + 2.0  # NOTE: the budget counts from the start (data included)
+    tr.train_steps()
+    out = tr.finish()
+    assert 0 < tr.step < 100000 and tr.speed["train_steps"] == tr.step and tr.speed["ms_per_step"] > 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["train_tokens_per_s"] > 0 and len(log["losses"]) == tr.step
+    spec = LLM(str(root / "target"), device="cpu",
+               speculative=SpeculativeConfig("eagle3", model=str(out), num_speculative_tokens=2))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    ids = [tr.seqs[0][:6]]
+    assert spec.generate(ids, params)[0].token_ids == llm.generate(ids, params)[0].token_ids
+    with pytest.raises(InvalidRequestError, match="time-budget"):
+        Trainer(_cfg(root, prompts, root / "budget", time_budget=0), llm)
 
 
 def test_bad_inputs(setup, tmp_path):
