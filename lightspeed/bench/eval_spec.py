@@ -92,7 +92,9 @@ def run_eval_spec(args) -> list[dict]:
     configs = parse_configs(args.speculative, args.num_speculative_tokens)
     if args.num_prompts < 1 or args.output_len < 1 or args.batch_size < 1 or args.num_iters < 1:
         raise InvalidRequestError("--num-prompts, --output-len, --batch-size and --num-iters must be positive")
-    results, plain, prompts, device = [], None, None, None
+    rows, plain, prompts = [], None, None
+    name = Path(args.model).name.removesuffix(".gguf")
+    out = args.out or f"bench/results/eval-spec-{name}-cpu.json"
     for label, spec in configs:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, speculative=spec, max_num_seqs=args.batch_size,
                   max_model_len=args.max_model_len, **engine_options(args))
@@ -101,6 +103,7 @@ def run_eval_spec(args) -> list[dict]:
         if prompts is None:
             prompts = load_prompts(args.prompts, args.num_prompts, args.input_len, eng.tokenizer,
                                    eng.model_config.vocab_size)
+            out = args.out or out.replace("-cpu.json", f"-{device.type}.json")
         ls = time_lightspeed(llm, prompts, args.batch_size, args.output_len, args.num_iters)
         row = {"name": f"{args.model} {label}", "model": args.model, "speculative": label,
                "prompts": args.prompts, "num_prompts": len(prompts), "output_len": args.output_len,
@@ -115,22 +118,21 @@ def run_eval_spec(args) -> list[dict]:
                        acceptance_rate_per_position=ls["acceptance_rate_per_position"])
             if spec.is_tree:
                 row.update(tree_topk=spec.tree_topk, tree_depth=spec.depth, tree_num_nodes=spec.num_nodes)
-        results.append((row, ls))
-        del llm, eng
+        rows.append((row, ls["token_ids"], ls["tokens_per_s_user"]))
+        del llm, eng, ls
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    rows = []
-    for row, ls in results:
-        if plain is not None and row["speculative"] != "none":
-            row.update(speedup_vs_plain=ls["tokens_per_s_user"] / plain["tokens_per_s_user"],
-                       outputs_identical_to_plain=ls["token_ids"] == plain["token_ids"])
-        rows.append(row)
+        for r, token_ids, rate in rows:  # NOTE: saved after every row: a failure later keeps these
+            if plain is not None and r["speculative"] != "none":
+                r.update(speedup_vs_plain=rate / plain["tokens_per_s_user"],
+                         outputs_identical_to_plain=token_ids == plain["token_ids"])
+        path = save_results(out, device, [r for r, _, _ in rows])
+    results = [r for r, _, _ in rows]
     cols = ["speculative", "tokens_per_s_user", "acceptance_length", "speedup_vs_plain", "outputs_identical_to_plain",
             "per_position"]
-    name = Path(args.model).name.removesuffix(".gguf")
-    path = save_results(args.out or f"bench/results/eval-spec-{name}-{device.type}.json", device, rows)
-    shown = [dict(r, per_position=" ".join(f"{a:.2f}" for a in r.get("acceptance_rate_per_position") or [])) for r in rows]
+    shown = [dict(r, per_position=" ".join(f"{a:.2f}" for a in r.get("acceptance_rate_per_position") or []))
+             for r in results]
     print_table(shown, [c for c in cols if any(c in r for r in shown)])
     print(f"saved {path}")
-    return rows
+    return results
