@@ -116,12 +116,13 @@ def generate_data(llm, prompts, max_tokens: int, max_len: int) -> list[dict]:
     """Greedy self-distillation: prompt + the target's own answer, as token ids."""
     from lightspeed.config import SamplingParams
     toks = []
+    limit = min(max_len, llm.engine.max_model_len)  # NOTE: a prompt must leave room for an answer
     for p in prompts:
         try:
             ids = llm.apply_chat_template(p) if isinstance(p, list) else llm.engine.tokenize_prompt(p)
         except InvalidRequestError:
             continue
-        if 2 <= len(ids) < max_len:
+        if 2 <= len(ids) < limit:
             toks.append(ids)
     if not toks:
         raise InvalidRequestError("no usable prompt in the prompt source (all empty or too long)")
@@ -188,7 +189,7 @@ class Trainer:
             # NOTE: a bounded KV cache: the rest of the GPU holds the feature cache and the training
             on_gpu = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
             llm = LLM(cfg.target, device=cfg.device, dtype=cfg.dtype, max_num_seqs=cfg.gen_batch,
-                      max_num_batched_tokens=8192, kv_cache_gb=8.0 if on_gpu else None)
+                      kv_cache_gb=8.0 if on_gpu else None)
         self.llm = llm
         self.model = llm.engine.runner.model
         check_capture(self.model)

@@ -3,6 +3,7 @@ per-position accuracy up), loads as `--speculative eagle3:DIR` with lossless gre
 resumes exactly, and rejects bad input clearly."""
 from __future__ import annotations
 
+import ast
 import json
 import math
 import shutil
@@ -177,7 +178,11 @@ def test_bad_inputs(setup, tmp_path):
 def test_stdlib_source():
     ps = stdlib_prompts(1500)
     assert len(ps) == 1500 and all(p.lstrip().startswith(("def ", "async def ", "@", "class ")) for p in ps)
-    assert all('"""' in p or "'''" in p for p in ps)
+    for p in ps:  # each prompt is a def with its docstring, ending where the body starts
+        line = next(ln for ln in p.splitlines() if ln.lstrip().startswith(("def ", "async def ")))
+        tree = ast.parse(p + line[: len(line) - len(line.lstrip())] + "    pass\n")
+        fn = next(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)))
+        assert ast.get_docstring(fn) and isinstance(fn.body[-1], ast.Pass), p
     methods = [p for p in ps if p.startswith("class ")]
     assert methods and all(p.splitlines()[1].startswith((" ", "\t")) for p in methods)
 
