@@ -56,9 +56,10 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """True when autograd must differentiate through an op on these tensors: the Triton
-    kernels have no backward, so such calls take the torch reference (training)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """True when a tensor requires grad (a trainable weight, or computed from one): the Triton
+    kernels have no backward, so such calls take the torch reference, in training and in its
+    no-grad evaluation alike (one numerical path)."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
