@@ -321,7 +321,10 @@ class Trainer:
             self.log["accuracy"].append(acc)
             if c.progress and (time.time() - last > 0.5 or self.step == until):
                 last = time.time()
-                _progress(self.step, c.steps, loss, acc, last - t0, self.step - first_step, tokens)
+                done = self.step / c.steps
+                if c.time_budget:
+                    done = max(done, (last - self.t_start) / c.time_budget)
+                _progress(done, self.step, loss, acc, last - t0, self.step - first_step, tokens)
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
         seconds, steps = time.time() - t0, self.step - first_step
@@ -347,12 +350,14 @@ class Trainer:
         return self.out
 
 
-def _progress(step: int, total: int, loss: float, acc: list[float], elapsed: float, steps: int, tokens: int) -> None:
+def _progress(done: float, step: int, loss: float, acc: list[float], elapsed: float, steps: int,
+              tokens: int) -> None:
+    """One line, redrawn: done (fraction of --steps or of the time budget), loss, per-TTT-step accuracy, speed."""
     width = 24
-    done = int(width * step / max(total, 1))
+    bar = int(width * min(done, 1.0))
     accs = " ".join(f"{a:.2f}" for a in acc[:8])
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.4f} acc/step {accs} "
-                     f"{elapsed:.0f}s {1000 * elapsed / max(steps, 1):.0f} ms/step {tokens / max(elapsed, 1e-9):.0f} tok/s")
+    sys.stderr.write(f"\r[{'#' * bar}{'.' * (width - bar)}] step {step} loss {loss:.4f} acc/step {accs} {elapsed:.0f}s "
+                     f"{1000 * elapsed / max(steps, 1):.0f} ms/step {tokens / max(elapsed, 1e-9):.0f} tok/s")
     sys.stderr.flush()
 
 
