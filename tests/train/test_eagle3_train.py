@@ -18,6 +18,7 @@ from lightspeed.errors import InvalidRequestError, LightspeedError, UnsupportedM
 from lightspeed.spec import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
 from lightspeed.train.eagle3 import TrainConfig, Trainer
+from lightspeed.train.features import FeatureStore, target_features
 from lightspeed.train.head import trainable, ttt_forward
 from tests.tiny import make_tiny_checkpoint
 
@@ -135,6 +136,27 @@ def test_batched_loss_equals_accumulation(setup):
     assert torch.equal(accs, ref_accs) and accs[:, 1].min() > 0
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_features_packed_and_cached_equal_single_sequence(setup):
+    """Packed multi-sequence target forwards equal one-sequence forwards, and a batch is the same
+    from the cache as computed on the fly (cache_bytes 0)."""
+    root, prompts, llm = setup
+    tr = Trainer(_cfg(root, prompts, root / "feats", steps=1), llm)
+    idx = tr.train[:4]
+    packed = target_features(tr.model, [tr.seqs[i] for i in idx], tr.aux_layers)
+    for i, (aux, hidden, argmax) in zip(idx, packed):
+        a1, h1, m1 = target_features(tr.model, [tr.seqs[i]], tr.aux_layers)[0]
+        torch.testing.assert_close(aux, a1, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hidden, h1, rtol=1e-4, atol=1e-5)
+        assert torch.equal(argmax, m1) and aux.shape == (len(tr.seqs[i]), 3 * tr.mc.hidden_size)
+    cached = tr.features.batch(idx)
+    assert set(idx) <= set(tr.features.cache)
+    fresh = FeatureStore(tr.model, tr.seqs, tr.aux_layers, tr.draft_ids, cache_bytes=0, batch_tokens=50)
+    again = fresh.batch(idx)
+    assert not fresh.cache
+    for x, y in zip(cached, again):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_time_budget_stops_and_saves_a_loadable_head(setup):
