@@ -1,4 +1,4 @@
-"""`lightspeed` command line: generate, chat, pull, bench, train-eagle3."""
+"""`lightspeed` command line: generate, chat, pull, bench, eval-spec, train-eagle3."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from lightspeed.errors import LightspeedError
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf), HF hub id, or shape:NAME "
                    "(random weights of a real shape, token-id prompts only)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="run every step eagerly (no CUDA graphs)")
     p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
                    help="launch Triton kernels without Programmatic Dependent Launch")
+    if not speculative:
+        return
     p.add_argument("--speculative", default=None,
                    help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
@@ -151,6 +153,11 @@ def cmd_bench_fp8_accuracy(args) -> None:
     run_fp8_accuracy(args)
 
 
+def cmd_eval_spec(args) -> None:
+    from lightspeed.bench.eval_spec import run_eval_spec
+    run_eval_spec(args)
+
+
 def cmd_train_eagle3(args) -> None:
     from lightspeed.train.eagle3 import TrainConfig, train_eagle3
     aux = [int(x) for x in args.aux_layers.split(",")] if args.aux_layers else None
@@ -158,7 +165,8 @@ def cmd_train_eagle3(args) -> None:
         target=args.target, prompts=args.prompts, out=args.out, draft_vocab_size=args.draft_vocab_size,
         aux_layers=aux, ttt_steps=args.ttt_steps, max_tokens=args.max_tokens, max_len=args.max_len,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, resume=args.resume,
-        checkpoint_every=args.checkpoint_every, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype))
+        checkpoint_every=args.checkpoint_every, max_prompts=args.max_prompts, device=args.device, dtype=args.dtype,
+        time_budget=args.time_budget, gen_batch=args.gen_batch, feature_cache_gb=args.feature_cache_gb))
     print(out)
 
 
@@ -207,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_fp8_accuracy_args(p)
     p.set_defaults(func=cmd_bench_fp8_accuracy)
 
+    p = sub.add_parser("eval-spec", help="speculative methods side by side: AL, per-position acceptance, tok/s/user")
+    _add_model_args(p, speculative=False)
+    from lightspeed.bench.eval_spec import add_eval_spec_args
+    add_eval_spec_args(p)
+    p.set_defaults(func=cmd_eval_spec)
+
     p = sub.add_parser("train-eagle3", help="train an EAGLE-3 draft head for a target by self-distillation")
     p.add_argument("--target", required=True, help="target model (as --model)")
     p.add_argument("--prompts", required=True, help="JSONL of prompts / chat turns, or stdlib[:N] (built-in)")
@@ -218,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=2048, help="longest training sequence (prompt + answer)")
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per optimizer step")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per optimizer step (one padded batch)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from the start (data generation included): then stop training and save")
+    p.add_argument("--gen-batch", type=int, default=64, help="concurrent requests while generating the data")
+    p.add_argument("--feature-cache-gb", type=float, default=None,
+                   help="cache of target hidden states (default: 40%% of free GPU memory, 2 GiB on CPU)")
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=200)

@@ -55,11 +55,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return _force_cpu and interpreter_active()
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """True when a tensor requires grad (a trainable weight, or computed from one): the Triton
+    kernels have no backward, so such calls take the torch reference, in training and in its
+    no-grad evaluation alike (one numerical path)."""
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, H] -> (rms_norm(x + residual) [T, H], x + residual [T, H]), HF numerics;
     residual None -> (rms_norm(x), x)."""
-    if use_triton(x):
+    if use_triton(x) and not needs_grad(x, residual, weight):
         return add_rmsnorm_triton(x, residual, weight, eps)
     return add_rmsnorm_ref(x, residual, weight, eps)
 
@@ -139,7 +146,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2I] = |gate|up| -> silu(gate) * up [T, I]."""
-    if use_triton(x):
+    if use_triton(x) and not needs_grad(x):
         return silu_mul_triton(x)
     return silu_mul_ref(x)
 

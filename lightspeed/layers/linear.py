@@ -45,7 +45,7 @@ def set_gemv_faster(m: int, n: int, k: int, dtype: torch.dtype, faster: bool) ->
 def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     m = x.shape[0]
     if _GEMV_MODE == "never" or x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 \
-            or not kernels.use_triton(x):
+            or not kernels.use_triton(x) or kernels.needs_grad(x, weight):
         return False  # NOTE: CPU float32 weights are column-major (pack_weight): not for the GEMV
     return _GEMV_MODE == "always" or (m, weight.shape[0], weight.shape[1], weight.dtype) in _GEMV_FASTER
 

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
         otherwise:        returns (rms_norm(x + residual), x + residual); the sum, in x's dtype,
                           is the residual stream carried to the next sublayer (as in HF).
         """
-        if kernels.use_triton(x):
+        if kernels.use_triton(x) and not kernels.needs_grad(x, residual, self.weight):
             normed, summed = kernels.add_rmsnorm(x, residual, self.weight, self.eps)
             return normed if residual is None else (normed, summed)
         if residual is None:

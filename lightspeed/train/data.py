@@ -4,9 +4,9 @@
                          (completion prompts), or {"messages": [...]} / {"conversations": [...]}
                          / a bare list of {"role", "content"} turns (chat: the target answers the
                          last turn through its chat template)
-    stdlib[:N]           built-in, offline: functions with docstrings from the Python standard
-                         library sources, as completion prompts (signature + docstring); at most
-                         N of them (default 2000). NOTE: never HumanEval (the evaluation set).
+    stdlib[:N]           built-in, offline: functions and methods with docstrings from the Python
+                         standard library sources, as completion prompts (signature + docstring);
+                         at most N of them (default 2000; about 4,000 exist). NOTE: never HumanEval (the evaluation set).
 """
 from __future__ import annotations
 
@@ -71,8 +71,8 @@ def read_jsonl_prompts(path: Path) -> list[Prompt]:
 
 
 def stdlib_prompts(limit: int = 2000) -> list[str]:
-    """Signature + docstring of public stdlib functions (sorted files, first `limit`), each
-    a completion prompt ending where the body starts."""
+    """Signature + docstring of public stdlib functions and methods (a method under its class's
+    first line), sorted files, first `limit`; each a completion prompt ending where the body starts."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "tkinter", "turtledemo")
     prompts: list[str] = []
@@ -85,14 +85,18 @@ def stdlib_prompts(limit: int = 2000) -> list[str]:
         except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
             continue
         lines = src.splitlines()
-        for node in tree.body:
+        found = [("", node) for node in tree.body]
+        for cls in tree.body:
+            if isinstance(cls, ast.ClassDef) and not cls.name.startswith("_") and lines[cls.lineno - 1].endswith(":"):
+                found += [(lines[cls.lineno - 1] + "\n", node) for node in cls.body]
+        for prefix, node in found:
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
                 continue
             doc = ast.get_docstring(node, clean=False)
             if not doc or len(doc) < 20 or not node.body or len(node.body) < 2:
                 continue
             end = node.body[0].end_lineno  # the docstring's last line
-            head = "\n".join(lines[node.lineno - 1 - len(node.decorator_list): end])
+            head = prefix + "\n".join(lines[node.lineno - 1 - len(node.decorator_list): end])
             if len(head) > 1500:
                 continue
             prompts.append(head + "\n")

@@ -4,9 +4,9 @@
    (prompt + answer token ids) are saved to OUT/data.jsonl and reused on --resume.
 2. Draft vocabulary: the N most frequent target tokens of the generated answers (then of the
    prompts, then the lowest ids), sorted; d2t[i] = id_i - i, t2d marks them.
-3. Target features per sequence, from one forward of the target (single sequence, a paged KV
-   cache of its own): the residual stream entering the 3 aux layers, [L, 3H], and the
-   next-token logits [L, V]; cached in memory.
+3. Target features (lightspeed/train/features.py): sequences packed into batched target
+   forwards; the aux hidden states, the final hidden state and the greedy token, cached on the
+   device up to --feature-cache-gb (first epoch on the fly, later epochs from the cache).
 4. Training-time test (TTT), K = --ttt-steps, tokens t_0..t_{L-1}, target logits z_i (predict t_{i+1}):
 
        step 0, row i: hidden fc(aux_i), token t_{i+1}, position i      -> predicts t_{i+2} (z_{i+1})
@@ -17,7 +17,8 @@
    of rows 0..i (the target-state KV) and its own keys of steps 1..k (its chain's scratch KV).
    Loss of step k: soft cross-entropy between the target distribution restricted to the draft
    vocabulary and the head's, on rows whose target argmax is in the draft vocabulary; total
-   = sum_k 0.8^k loss_k.
+   = sum_k 0.8^k loss_k. A step trains --batch-size sequences, right-padded into one batched
+   unroll (bf16 autocast on CUDA, float32 master weights); --time-budget stops it cleanly.
 5. Output: OUT/config.json + OUT/model.safetensors in the published EAGLE-3 format
    (`--speculative eagle3:OUT`), OUT/checkpoint.pt (head + AdamW + step + RNG: --resume
    continues exactly), OUT/train_log.json (loss curve, held-out loss / accuracy per step).
@@ -36,8 +37,8 @@ from pathlib import Path
 import torch
 
 from lightspeed.errors import InvalidRequestError, UnsupportedModelError
-from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.models.eagle3 import default_aux_layer_ids
+from lightspeed.train.features import FeatureStore
 from lightspeed.train.head import build_head, head_hf_config, save_head, trainable, ttt_forward, ttt_loss
 
 @dataclass
@@ -51,7 +52,10 @@ class TrainConfig:
     max_tokens: int = 256  # answer length of the target per prompt
     max_len: int = 2048  # sequences (prompt + answer) are cut to this many tokens
     steps: int = 2000
-    batch_size: int = 1  # sequences per optimizer step (gradient accumulation)
+    batch_size: int = 1  # sequences per optimizer step, in one padded batch
+    time_budget: float | None = None  # seconds from the start (data generation included); then save and stop
+    gen_batch: int = 64  # concurrent requests while the target generates the data
+    feature_cache_gb: float | None = None  # None: 40% of free GPU memory, 2 GiB on CPU
     lr: float = 3e-4
     warmup: int = 50
     seed: int = 0
@@ -105,26 +109,6 @@ def resolve_aux_layers(aux: list[int] | None, num_layers: int) -> list[int]:
     return aux
 
 
-@torch.no_grad()
-def target_features(model, ids: list[int], aux_layers: list[int], block_size: int = 16):
-    """One sequence through the target -> (aux hidden [L, 3H] float32, logits [L, V] float32)."""
-    c = model.config
-    device = model.lm_head.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
-    n = len(ids)
-    nb = -(-n // block_size)
-    caches = [torch.zeros(2, nb, block_size, c.num_key_value_heads, c.head_dim, device=device, dtype=dtype)
-              for _ in range(c.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device),
-                             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-                             seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-                             block_tables=torch.arange(nb, dtype=torch.int32, device=device)[None],
-                             query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
-    x = torch.tensor(ids, device=device)
-    hidden, aux = model(x, torch.arange(n, device=device), caches, meta, aux_layer_ids=tuple(aux_layers))
-    return aux.float(), model.compute_logits(hidden)
-
-
 # ---------------------------------------------------------------------------------- data
 
 
@@ -132,12 +116,13 @@ def generate_data(llm, prompts, max_tokens: int, max_len: int) -> list[dict]:
     """Greedy self-distillation: prompt + the target's own answer, as token ids."""
     from lightspeed.config import SamplingParams
     toks = []
+    limit = min(max_len, llm.engine.max_model_len)  # NOTE: a prompt must leave room for an answer
     for p in prompts:
         try:
             ids = llm.apply_chat_template(p) if isinstance(p, list) else llm.engine.tokenize_prompt(p)
         except InvalidRequestError:
             continue
-        if 2 <= len(ids) < max_len:
+        if 2 <= len(ids) < limit:
             toks.append(ids)
     if not toks:
         raise InvalidRequestError("no usable prompt in the prompt source (all empty or too long)")
@@ -184,6 +169,12 @@ class Trainer:
             raise InvalidRequestError("--ttt-steps must be >= 1")
         if cfg.draft_vocab_size < 1:
             raise InvalidRequestError("--draft-vocab-size must be >= 1")
+        if cfg.time_budget is not None and cfg.time_budget <= 0:
+            raise InvalidRequestError("--time-budget must be a positive number of seconds")
+        if cfg.batch_size < 1:
+            raise InvalidRequestError("--batch-size must be >= 1")
+        self.t_start = time.time()
+        self.data_seconds, self.speed, self._t_train = 0.0, {}, None
         check_target_arch(cfg.target)
         data_file = out / "data.jsonl"
         resuming = cfg.resume and (out / "checkpoint.pt").is_file() and data_file.is_file()
@@ -195,7 +186,10 @@ class Trainer:
                 prompts = prompts[: cfg.max_prompts]
         if llm is None:
             from lightspeed.engine.llm import LLM
-            llm = LLM(cfg.target, device=cfg.device, dtype=cfg.dtype, enable_cuda_graph=False)
+            # NOTE: a bounded KV cache: the rest of the GPU holds the feature cache and the training
+            on_gpu = torch.cuda.is_available() and (cfg.device or "cuda").startswith("cuda")
+            llm = LLM(cfg.target, device=cfg.device, dtype=cfg.dtype, max_num_seqs=cfg.gen_batch,
+                      kv_cache_gb=8.0 if on_gpu else None)
         self.llm = llm
         self.model = llm.engine.runner.model
         check_capture(self.model)
@@ -204,7 +198,12 @@ class Trainer:
         if resuming:
             recs = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
         else:
+            t = time.time()
             recs = generate_data(llm, prompts, cfg.max_tokens, cfg.max_len)
+            num = sum(len(r["ids"]) - r["prompt_len"] for r in recs)
+            self.data_seconds = time.time() - t
+            print(f"data: {len(recs)} sequences, {num} generated tokens in {self.data_seconds:.1f} s "
+                  f"({num / max(self.data_seconds, 1e-9):.0f} tok/s)", file=sys.stderr)
             out.mkdir(parents=True, exist_ok=True)
             with open(data_file, "w") as f:
                 for r in recs:
@@ -214,7 +213,8 @@ class Trainer:
         if not self.seqs:
             raise InvalidRequestError("the generated data holds no sequence of 3 or more tokens")
         n_hold = max(1, int(len(self.seqs) * cfg.holdout)) if len(self.seqs) > 1 else 0
-        self.heldout, self.train = self.seqs[:n_hold], self.seqs[n_hold:] or self.seqs
+        self.heldout = list(range(n_hold))
+        self.train = list(range(n_hold, len(self.seqs))) or self.heldout
         device = self.model.lm_head.weight.device
         self.device = device
         self.draft_ids = choose_draft_vocab(self.seqs, [r.get("prompt_len", 0) for r in recs], cfg.draft_vocab_size,
@@ -228,45 +228,34 @@ class Trainer:
         self.step = 0
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.log = {"losses": [], "accuracy": [], "eval": []}
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._cache_bytes = 0
+        gb = cfg.feature_cache_gb
+        if gb is None:
+            gb = 0.4 * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 2.0
+        self.features = FeatureStore(self.model, self.seqs, self.aux_layers, self.draft_ids, int(gb * 2**30))
+        self.amp = device.type == "cuda"  # bf16 autocast; the head's weights stay float32
         if resuming:
             self.load_checkpoint()
 
-    # features -----------------------------------------------------------------------
-    def features(self, seq: list[int]):
-        key = id(seq)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        ids = torch.tensor(seq, device=self.device)
-        aux, logits = target_features(self.model, seq, self.aux_layers)
-        # NOTE: only the draft-vocabulary logits and the argmax are kept (the full [L, V] is large)
-        item = (ids, aux, logits[:, self.draft_ids].contiguous(), logits.argmax(-1))
-        size = aux.numel() * 4 + item[2].numel() * 4
-        if self._cache_bytes + size <= 2 << 30:
-            self._cache[key] = item
-            self._cache_bytes += size
-        return item
-
-    def seq_loss(self, seq):
-        ids, aux, tgt_draft, tgt_argmax = self.features(seq)
-        step_logits = ttt_forward(self.head, ids, aux, self.cfg.ttt_steps)
-        return ttt_loss(step_logits, tgt_draft, tgt_argmax, self.draft_ids, self.t2d)
+    # loss ---------------------------------------------------------------------------
+    def batch_loss(self, idx: list[int]):
+        """Sequences by index -> (loss, per-step losses [K], per-step (correct, count) [K, 2], tokens)."""
+        ids, lens, aux, tgt_draft, tgt_argmax = self.features.batch(idx)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            step_logits = ttt_forward(self.head, ids, aux, self.cfg.ttt_steps, lens)
+        total, losses, accs = ttt_loss(step_logits, tgt_draft, tgt_argmax, lens, self.draft_ids, self.t2d)
+        return total, losses, accs, int(lens.sum())
 
     @torch.no_grad()
-    def evaluate(self, seqs=None) -> dict:
-        seqs = self.heldout if seqs is None else seqs
-        k = self.cfg.ttt_steps
-        loss, correct, count = 0.0, [0] * k, [0] * k
-        for s in seqs:
-            total, _, accs = self.seq_loss(s)
-            loss += float(total)
-            for j, (c, n) in enumerate(accs):
-                correct[j] += c
-                count[j] += n
-        return {"step": self.step, "loss": loss / max(len(seqs), 1),
-                "accuracy": [c / max(n, 1) for c, n in zip(correct, count)]}
+    def evaluate(self, idx: list[int] | None = None) -> dict:
+        idx = self.heldout if idx is None else idx
+        bs = self.cfg.batch_size
+        loss, accs = 0.0, torch.zeros(self.cfg.ttt_steps, 2, dtype=torch.long)
+        for i in range(0, len(idx), bs):
+            total, _, a, _ = self.batch_loss(idx[i:i + bs])
+            loss += float(total) * len(idx[i:i + bs])
+            accs += a.cpu()
+        return {"step": self.step, "loss": loss / max(len(idx), 1),
+                "accuracy": [c / max(n, 1) for c, n in accs.tolist()]}
 
     # checkpoint ---------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -295,44 +284,57 @@ class Trainer:
 
     # loop ---------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine to 10% over --steps (or the time budget when that ends first)."""
         c = self.cfg
         if step < c.warmup:
             return c.lr * (step + 1) / c.warmup
         frac = (step - c.warmup) / max(1, c.steps - c.warmup)
+        if c.time_budget and self._t_train is not None:
+            left = c.time_budget - (self._t_train - self.t_start)
+            frac = max(frac, (time.time() - self._t_train) / max(left, 1e-9))
         return c.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+    def out_of_time(self) -> bool:
+        return self.cfg.time_budget is not None and time.time() - self.t_start >= self.cfg.time_budget
 
     def train_steps(self, until: int | None = None) -> list[float]:
         c = self.cfg
         until = c.steps if until is None else min(until, c.steps)
         if not self.log["eval"] and self.heldout:
             self.log["eval"].append(self.evaluate())
-        t0, last = time.time(), 0.0
-        while self.step < until:
+        self._t_train = t0 = time.time()
+        last, first_step, tokens = 0.0, self.step, 0
+        while self.step < until and not self.out_of_time():
             for g in self.opt.param_groups:
                 g["lr"] = self.lr_at(self.step)
             self.opt.zero_grad(set_to_none=True)
-            tot, accs_sum = 0.0, [[0, 0] for _ in range(c.ttt_steps)]
-            for _ in range(c.batch_size):
-                i = int(torch.randint(len(self.train), (1,), generator=self.gen))
-                total, _, accs = self.seq_loss(self.train[i])
-                (total / c.batch_size).backward()
-                tot += float(total.detach()) / c.batch_size
-                for j, (a, n) in enumerate(accs):
-                    accs_sum[j][0] += a
-                    accs_sum[j][1] += n
+            idx = [self.train[i] for i in torch.randint(len(self.train), (c.batch_size,), generator=self.gen).tolist()]
+            total, _, accs, num = self.batch_loss(idx)
+            total.backward()
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.opt.step()
             self.step += 1
-            acc = [a / max(n, 1) for a, n in accs_sum]
-            self.log["losses"].append(tot)
+            tokens += num
+            loss = float(total.detach())  # NOTE: the one host sync of a step
+            acc = [a / max(n, 1) for a, n in accs.tolist()]
+            self.log["losses"].append(loss)
             self.log["accuracy"].append(acc)
             if c.progress and (time.time() - last > 0.5 or self.step == until):
                 last = time.time()
-                _progress(self.step, c.steps, tot, acc, time.time() - t0)
+                done = self.step / c.steps
+                if c.time_budget:
+                    done = max(done, (last - self.t_start) / c.time_budget)
+                _progress(done, self.step, loss, acc, last - t0, self.step - first_step, tokens)
             if c.checkpoint_every and self.step % c.checkpoint_every == 0 and self.step < c.steps:
                 self.save_checkpoint()
+        seconds, steps = time.time() - t0, self.step - first_step
+        self.speed = {"train_seconds": seconds, "train_steps": steps, "train_tokens": tokens,
+                      "ms_per_step": 1000 * seconds / max(steps, 1), "train_tokens_per_s": tokens / max(seconds, 1e-9)}
         if c.progress:
             sys.stderr.write("\n")
+            print(f"trained {steps} steps ({c.batch_size} sequences each) in {seconds:.1f} s: "
+                  f"{self.speed['ms_per_step']:.1f} ms/step, {self.speed['train_tokens_per_s']:.0f} tokens/s"
+                  + (" (time budget reached)" if self.out_of_time() else ""), file=sys.stderr)
         return self.log["losses"]
 
     def finish(self) -> Path:
@@ -343,16 +345,19 @@ class Trainer:
         (self.out / "train_log.json").write_text(json.dumps(
             {"config": asdict(self.cfg), "aux_layers": self.aux_layers,
              "draft_vocab_size": len(self.draft_ids), "num_sequences": len(self.seqs),
-             "num_heldout": len(self.heldout), "command": " ".join(sys.argv), **self.log}))
+             "num_heldout": len(self.heldout), "data_seconds": self.data_seconds, **self.speed,
+             "command": " ".join(sys.argv), **self.log}))
         return self.out
 
 
-def _progress(step: int, total: int, loss: float, acc: list[float], elapsed: float) -> None:
+def _progress(done: float, step: int, loss: float, acc: list[float], elapsed: float, steps: int,
+              tokens: int) -> None:
+    """One line, redrawn: done (fraction of --steps or of the time budget), loss, per-TTT-step accuracy, speed."""
     width = 24
-    done = int(width * step / max(total, 1))
+    bar = int(width * min(done, 1.0))
     accs = " ".join(f"{a:.2f}" for a in acc[:8])
-    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} loss {loss:.4f} acc/step {accs} "
-                     f"{elapsed:.0f}s")
+    sys.stderr.write(f"\r[{'#' * bar}{'.' * (width - bar)}] step {step} loss {loss:.4f} acc/step {accs} {elapsed:.0f}s "
+                     f"{1000 * elapsed / max(steps, 1):.0f} ms/step {tokens / max(elapsed, 1e-9):.0f} tok/s")
     sys.stderr.flush()
 
 

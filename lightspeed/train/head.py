@@ -96,38 +96,43 @@ def save_head(head: Eagle3Head, hf_cfg: dict, out: Path, dtype: torch.dtype = to
 # ---------------------------------------------------------------------------------- TTT
 
 
-def _attend(q, k0, v0, ks, vs, num_kv_heads: int, scale: float) -> torch.Tensor:
-    """q [n, Hq, D]; k0/v0 [n, Hkv, D] (step-0 keys: causal); ks/vs: lists of [n, Hkv, D]
-    (later steps' keys: each row sees only its own) -> [n, Hq, D]."""
-    n, hq, d = q.shape
-    rep = hq // num_kv_heads
-    k0, v0 = k0.repeat_interleave(rep, 1), v0.repeat_interleave(rep, 1)
-    s0 = torch.einsum("ihd,jhd->hij", q, k0) * scale  # [Hq, n, n]
+def _attend(q, k0, v0, ks, vs, scale: float) -> torch.Tensor:
+    """q [B, n, Hq, D]; k0/v0 [B, n, Hkv, D] (step-0 keys: causal); ks/vs: lists of [B, n, Hkv, D]
+    (later steps' keys: each row sees only its own) -> [B, n, Hq, D]."""
+    b, n, hq, d = q.shape
+    g = k0.shape[2]
+    q = q.reshape(b, n, g, hq // g, d)  # GQA: query heads grouped by their KV head
+    s0 = torch.einsum("bigrd,bjgd->bgrij", q, k0) * scale  # [B, Hkv, rep, n, n]
     causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     s0 = s0.masked_fill(~causal, float("-inf"))
-    kk = [k.repeat_interleave(rep, 1) for k in ks]
-    vv = [v.repeat_interleave(rep, 1) for v in vs]
-    diag = [torch.einsum("ihd,ihd->hi", q, k)[..., None] * scale for k in kk]  # [Hq, n, 1] each
+    diag = [torch.einsum("bigrd,bigd->bgri", q, k)[..., None] * scale for k in ks]  # [B, Hkv, rep, n, 1]
     p = torch.softmax(torch.cat([s0] + diag, -1), -1)
-    out = torch.einsum("hij,jhd->ihd", p[..., :n], v0)
-    for m, v in enumerate(vv):
-        out = out + p[..., n + m].transpose(0, 1)[..., None] * v
-    return out
+    out = torch.einsum("bgrij,bjgd->bigrd", p[..., :n], v0)
+    for m, v in enumerate(vs):
+        out = out + p[..., n + m].permute(0, 3, 1, 2)[..., None] * v[:, :, :, None]
+    return out.reshape(b, n, hq, d)
 
 
-def ttt_forward(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, steps: int):
-    """ids [L]; aux [L, 3H] -> list over steps of draft-vocab logits [L-1, V_draft] (row i of
-    step k predicts t_{i+2+k}; rows past the sequence are garbage, masked by the loss)."""
+def ttt_forward(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, steps: int,
+                lens: torch.Tensor | None = None):
+    """ids [B, L] right-padded, lens [B] (None: all L); aux [B, L, 3H] -> list over steps of
+    draft-vocab logits [B, L-1, V_draft] (row i of step k predicts t_{i+2+k}; rows past a
+    sequence are garbage, masked by the loss). One sequence: ids [L], aux [L, 3H] -> [L-1, V_draft].
+
+    Padding needs no key mask: a valid row i (i + 1 + k < len) sees keys 0..i, all real."""
+    if ids.dim() == 1:
+        return [lg[0] for lg in ttt_forward(head, ids[None], aux[None], steps)]
     layer, attn = head.midlayer, head.midlayer.self_attn
-    L = ids.shape[0]
+    b, L = ids.shape
     n = L - 1
+    last = (torch.full((b,), L, device=ids.device) if lens is None else lens.to(ids.device))[:, None] - 1
     rows = torch.arange(n, device=ids.device)
-    hidden = head.fc(aux[:n].to(head.fc.weight.dtype))  # [n, H]
+    hidden = head.fc(aux[:, :n].reshape(b * n, -1).to(head.fc.weight.dtype))  # [B n, H]
     keys0 = None
     ks, vs, logits = [], [], []
     for k in range(steps):
-        tok = ids[(rows + 1 + k).clamp(max=L - 1)]
-        pos = (rows + k).clamp(max=head.rotary_emb.cos_sin_cache.shape[0] - 1)
+        tok = ids.gather(1, torch.minimum(rows[None] + 1 + k, last)).reshape(-1)  # [B n]
+        pos = (rows + k).clamp(max=head.rotary_emb.cos_sin_cache.shape[0] - 1).repeat(b)
         cos, sin = head.rotary_emb.cos_sin(pos)
         embeds = head.embed_tokens(tok).to(hidden.dtype)
         normed_h = layer.hidden_norm(hidden)
@@ -135,47 +140,53 @@ def ttt_forward(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, steps: i
         x = torch.cat([layer.input_layernorm(embeds), normed_h], -1)
         qkv = attn.qkv_proj(x)
         qk_size = attn.q_size + attn.kv_size
-        qk = apply_rotary(qkv[:, :qk_size].reshape(n, -1, attn.head_dim), cos, sin)
-        q, key = qk[:, : attn.num_heads], qk[:, attn.num_heads:]
-        v = qkv[:, qk_size:].reshape(n, attn.num_kv_heads, attn.head_dim)
+        qk = apply_rotary(qkv[:, :qk_size].reshape(b * n, -1, attn.head_dim), cos, sin)
+        q = qk[:, : attn.num_heads].reshape(b, n, attn.num_heads, attn.head_dim)
+        key = qk[:, attn.num_heads:].reshape(b, n, attn.num_kv_heads, attn.head_dim)
+        v = qkv[:, qk_size:].reshape(b, n, attn.num_kv_heads, attn.head_dim)
         if keys0 is None:
             keys0 = (key, v)
         else:
             ks.append(key)
             vs.append(v)
-        o = _attend(q, keys0[0], keys0[1], ks, vs, attn.num_kv_heads, attn.attn.scale)
-        a = attn.o_proj(o.reshape(n, -1))
+        o = _attend(q, keys0[0], keys0[1], ks, vs, attn.attn.scale)
+        a = attn.o_proj(o.reshape(b * n, -1))
         a, residual = layer.post_attention_layernorm(a, residual)
         out = layer.mlp(a) + residual  # pre-norm output, fed back as the next step's hidden
-        logits.append(head.lm_head(head.norm(out)).float())
+        logits.append(head.lm_head(head.norm(out)).float().reshape(b, n, -1))
         hidden = out
     return logits
 
 
-def ttt_loss(step_logits, tgt_draft: torch.Tensor, tgt_argmax: torch.Tensor, draft_ids: torch.Tensor,
-             t2d: torch.Tensor):
-    """tgt_draft [L, V_draft]: the target's logits over the draft vocabulary; tgt_argmax [L]:
-    its argmax over the full vocabulary -> (weighted loss, per-step losses, per-step (correct, count))."""
-    L = tgt_draft.shape[0]
+def ttt_loss(step_logits, tgt_draft: torch.Tensor, tgt_argmax: torch.Tensor, lens: torch.Tensor,
+             draft_ids: torch.Tensor, t2d: torch.Tensor):
+    """step_logits: list over steps of [B, L-1, V_draft] (ttt_forward); tgt_draft [B, L, V_draft]:
+    the target's logits over the draft vocabulary; tgt_argmax [B, L]: its argmax over the full
+    vocabulary; lens [B] -> (loss, per-step losses [K], per-step (correct, count) [K, 2]).
+
+    loss = mean over sequences of sum_k STEP_DECAY^k * (soft CE of step k averaged over the
+    sequence's rows whose target argmax is in the draft vocabulary): a batch of B sequences is
+    exactly the mean of B one-sequence losses (gradient accumulation)."""
+    b, L, _ = tgt_draft.shape
     n = L - 1
-    rows = torch.arange(n, device=tgt_draft.device)
+    p = torch.softmax(tgt_draft.float(), -1)  # [B, L, V_draft]
     total = 0.0
     losses, accs = [], []
     for k, lg in enumerate(step_logits):
-        idx = rows + 1 + k
-        valid = idx <= L - 1
-        j = idx.clamp(max=L - 1)
-        argmax = tgt_argmax[j]
+        m = n - k  # rows i < n - k have a target t_{i+2+k} inside the padded length
+        if m <= 0:
+            break
+        rows = torch.arange(m, device=lg.device)
+        valid = (rows[None] + 1 + k) <= lens.to(lg.device)[:, None] - 1  # [B, m]
+        argmax = tgt_argmax[:, 1 + k:]  # [B, m]
         mask = valid & t2d[argmax]
-        p = torch.softmax(tgt_draft[j].float(), -1)
-        ce = -(p * torch.log_softmax(lg, -1)).sum(-1)
-        cnt = int(mask.sum())
-        lk = (ce * mask).sum() / max(cnt, 1)
-        total = total + STEP_DECAY ** k * lk
-        losses.append(float(lk.detach()))
-        pred = draft_ids[lg.argmax(-1)]
-        accs.append((int(((pred == argmax) & valid).sum()), int(valid.sum())))
-    return total, losses, accs
-
-
-# ---------------------------------------------------------------------------------- loop
+        ce = -(p[:, 1 + k:] * torch.log_softmax(lg[:, :m], -1)).sum(-1)  # [B, m]
+        lk = (ce * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
+        total = total + STEP_DECAY ** k * lk.mean()
+        losses.append(lk.detach().mean())
+        pred = draft_ids[lg[:, :m].argmax(-1)]
+        accs.append(torch.stack([((pred == argmax) & valid).sum(), valid.sum()]))
+    zero = torch.zeros(2, dtype=torch.long, device=tgt_draft.device)
+    accs += [zero] * (len(step_logits) - len(accs))
+    losses += [torch.zeros((), device=tgt_draft.device)] * (len(step_logits) - len(losses))
+    return total, torch.stack(losses), torch.stack(accs)

@@ -1,0 +1,92 @@
+"""Target features an EAGLE-3 head trains on, computed in batched target forwards and cached.
+
+Per sequence of L tokens (the target's dtype, on its device):
+    aux    [L, 3H]  the residual stream entering the 3 aux layers (the head's input)
+    hidden [L, H]   the target's final normed hidden state: its draft-vocabulary logits are
+                    hidden @ lm_head[draft_ids]^T, recomputed per batch (cheap) instead of
+                    caching [L, V_draft] floats (10x the bytes)
+    argmax [L]      the target's greedy next token over the full vocabulary
+
+Sequences are packed into one prefill of about `batch_tokens` tokens (a paged KV cache of
+their own, each sequence in contiguous blocks), so the first epoch computes features on the
+fly and later ones read the cache; past `cache_bytes` they are recomputed every time.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from lightspeed.layers.attention import AttentionMetadata
+
+
+@torch.no_grad()
+def target_features(model, seqs: list[list[int]], aux_layers: list[int], block_size: int = 16):
+    """Sequences through the target in one packed prefill -> per sequence (aux [L, 3H],
+    hidden [L, H], argmax [L] int64).
+
+        tokens: | seq0: L0 | seq1: L1 | ...      query_start_loc = [0, L0, L0+L1, ...]
+        blocks: | seq0: ceil(L0/bs) | seq1 ... | slot of token t of seq s = start_s * bs + t
+    """
+    c = model.config
+    device = model.lm_head.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    lens = [len(s) for s in seqs]
+    nbs = [-(-n // block_size) for n in lens]
+    starts = torch.tensor([0] + nbs[:-1]).cumsum(0).tolist()
+    caches = [torch.zeros(2, sum(nbs), block_size, c.num_key_value_heads, c.head_dim, device=device, dtype=dtype)
+              for _ in range(c.num_hidden_layers)]
+    tables = torch.zeros(len(seqs), max(nbs), dtype=torch.int32)
+    for i, (s, nb) in enumerate(zip(starts, nbs)):
+        tables[i, :nb] = torch.arange(s, s + nb)
+    qsl = torch.tensor([0] + lens).cumsum(0).tolist()
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat([torch.arange(n) + s * block_size for s, n in zip(starts, lens)]).to(device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+    ids = torch.tensor([t for s in seqs for t in s], device=device)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
+    hidden, aux = model(ids, positions, caches, meta, aux_layer_ids=tuple(aux_layers))
+    # NOTE: full-vocabulary logits in slices of 2048 rows ([2048, V] float32 each)
+    argmax = torch.cat([model.compute_logits(h).argmax(-1) for h in hidden.split(2048)])
+    return list(zip(aux.split(lens), hidden.split(lens), argmax.split(lens)))
+
+
+class FeatureStore:
+    """Batches of target features for sequences by index, cached up to `cache_bytes`."""
+
+    def __init__(self, model, seqs: list[list[int]], aux_layers: list[int], draft_ids: torch.Tensor,
+                 cache_bytes: int, batch_tokens: int = 16384):
+        self.model, self.seqs, self.aux_layers = model, seqs, aux_layers
+        self.draft_head = model.lm_head.weight.detach()[draft_ids].contiguous()  # [V_draft, H]
+        self.cache_bytes, self.batch_tokens = cache_bytes, batch_tokens
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.num_bytes = 0
+
+    def _compute(self, idx: list[int]) -> None:
+        chunk: list[int] = []
+        for i in idx + [-1]:
+            if chunk and (i < 0 or sum(len(self.seqs[j]) for j in chunk) + len(self.seqs[i]) > self.batch_tokens):
+                for j, f in zip(chunk, target_features(self.model, [self.seqs[j] for j in chunk], self.aux_layers)):
+                    self._fresh[j] = f
+                    size = sum(t.numel() * t.element_size() for t in f)
+                    if self.num_bytes + size <= self.cache_bytes:
+                        self.cache[j] = f
+                        self.num_bytes += size
+                chunk = []
+            if i >= 0:
+                chunk.append(i)
+
+    @torch.no_grad()
+    def batch(self, idx: list[int]):
+        """-> ids [B, L] (right-padded with 0), lens [B], aux [B, L, 3H], target draft-vocab
+        logits [B, L, V_draft] float32, target argmax [B, L]."""
+        self._fresh: dict[int, tuple] = {}
+        self._compute(sorted({i for i in idx if i not in self.cache}))
+        feats = [self.cache.get(i) or self._fresh[i] for i in idx]
+        self._fresh = {}
+        dev = self.draft_head.device
+        ids = pad_sequence([torch.tensor(self.seqs[i], device=dev) for i in idx], batch_first=True)
+        lens = torch.tensor([len(self.seqs[i]) for i in idx], device=dev)
+        aux, hidden, argmax = (pad_sequence(list(t), batch_first=True) for t in zip(*feats))
+        return ids, lens, aux, torch.matmul(hidden, self.draft_head.t()).float(), argmax
