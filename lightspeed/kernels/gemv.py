@@ -31,6 +31,30 @@ def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: 
 
 
 @triton.jit
+def gemv_k_loop(acc, x_ptr, stride_xm, rows, row_ok, row_scale, w_ptr, stride_wk, col_offs, n_ok, k_lo, k_hi,
+                BLOCK_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The inner loop of every small-M product here (GEMV and the fused MoE):
+
+        acc [BM, BN] += (x[rows, k] * row_scale[:, None]) @ W[k, cols]     k in [k_lo, k_hi)
+
+    x_ptr: [*, K] bf16/fp16/fp32 (rows [BM] row ids, row_ok [BM] mask); W element (k, col) at
+    w_ptr + k * stride_wk + col_offs[col] (col_offs [BN]: column offsets, strides applied), bf16
+    or fp8 e4m3, upcast to x's dtype in registers; per-channel scales are the caller's epilogue."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_hi
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        if HAS_ROW_SCALE:
+            x = (x.to(tl.float32) * row_scale[:, None]).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + col_offs[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [BK, BN]
+        acc += dot(x, w.to(x.dtype), DOT_F32)
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] bf16/fp16
     w_ptr,  # [N, K] bf16/fp16/fp8 e4m3
@@ -56,14 +80,8 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     pdl_wait(USE_PDL)
     if USE_DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BLOCK_M, BLOCK_K]
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            acc += dot(x, tl.trans(w.to(x.dtype)), DOT_F32)
+        acc = gemv_k_loop(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_ptr, stride_xm, offs_m, m_ok, offs_m, w_ptr, 1,
+                          offs_n.to(tl.int64) * stride_wn, n_ok, k_lo, k_hi, BLOCK_K, False, DOT_F32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):

@@ -26,7 +26,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from lightspeed import kernels
 from lightspeed.config import ModelConfig
+from lightspeed.kernels.fused_moe import ExpertWeights
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.moe import Experts, Router
@@ -95,8 +97,14 @@ class Llama4MoE(nn.Module):
         self.shared_expert = LlamaMLP(c)  # intermediate_size, no bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+        """x [T, H] -> [T, H]. NOTE: on the kernel path the shared expert runs inside the
+        fused MoE launches (no host sync: CUDA-graph capturable); elsewhere its own Linears."""
         topk_weights, topk_ids = self.router(x)  # [T, K] each
+        if kernels.use_triton(x) and x.shape[0] <= kernels.MOE_MAX_TOKENS:
+            s = self.shared_expert
+            shared = ExpertWeights(s.gate_up_proj.weight, s.down_proj.weight, s.gate_up_proj.weight_scale,
+                                   s.down_proj.weight_scale)
+            return self.experts(x, topk_weights, topk_ids, weight_on_input=True, shared=shared)
         return self.shared_expert(x) + self.experts(x, topk_weights, topk_ids, weight_on_input=True)
 
 
