@@ -47,21 +47,23 @@ class Experts(nn.Module):
         """x [T, H], topk_* [T, K] -> [T, H] (+ the shared SwiGLU expert's output)."""
         return kernels.fused_moe(x, self.weights(), topk_weights, topk_ids, shared, weight_on_input)
 
-    def quantize_fp8_(self) -> None:
-        """Weights -> e4m3 in the same layout, scales per output channel (the last dim); one
-        expert at a time, so the extra memory is one expert's float32 copy."""
+    def quantize_fp8_(self, make=None, device: torch.device | None = None) -> None:
+        """Weights -> e4m3 in the same layout, scales per output channel (the last dim), one
+        expert at a time: the extra memory is one expert's float32 copy.
+        make(shape) -> a fresh [K, N] expert weight in place of each stored one, on `device`
+        (random FP8 models: built on the meta device, never in bf16)."""
         if self.gate_up_scale is not None:
             return
         for name, scale_name in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
-            w = getattr(self, name).data  # [E, K, N]
-            w8 = torch.empty(w.shape, dtype=FP8_DTYPE, device=w.device)
-            scale = torch.empty(w.shape[0], w.shape[2], dtype=torch.float32, device=w.device)
+            w = getattr(self, name)  # [E, K, N]
+            dev = device or w.device
+            w8 = torch.empty(w.shape, dtype=FP8_DTYPE, device=dev)
+            scale = torch.empty(w.shape[0], w.shape[2], dtype=torch.float32, device=dev)
             for e in range(w.shape[0]):
-                q, scale[e] = quantize_fp8_per_channel(w[e].t())  # [N, K], [N]
-                w8[e].copy_(q.t())
+                q, scale[e] = quantize_fp8_per_channel((w.data[e] if make is None else make(w.shape[1:])).t())
+                w8[e].copy_(q.t())  # q: [N, K]
             setattr(self, name, nn.Parameter(w8, requires_grad=False))
             setattr(self, scale_name, scale)
-            del w
 
     def extra_repr(self) -> str:
         q = ", fp8" if self.gate_up_scale is not None else ""

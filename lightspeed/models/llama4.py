@@ -52,6 +52,23 @@ def interleaved_to_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     return w.reshape(n, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def halves_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of interleaved_to_halves (exports to HF)."""
+    n = w.shape[0] // head_dim
+    return w.reshape(n, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def to_hf_qk_layout(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF-named weights of lightspeed's layout -> HF's (q/k rows of rope layers interleaved)."""
+    out = {}
+    for name, t in state.items():
+        m = _QK_NAME.match(name)
+        if m and (config.no_rope_layers is None or config.no_rope_layers[int(m.group(1))]):
+            t = halves_to_interleaved(t, config.head_dim)
+        out[name] = t
+    return out
+
+
 class Llama4Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()

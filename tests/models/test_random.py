@@ -36,20 +36,40 @@ def test_every_shape_is_a_valid_config():
         shape_config("gpt-5")
 
 
+def test_llama4_shapes_and_layer_counts():
+    scout, maverick = shape_config("llama4-scout"), shape_config("llama4-maverick")
+    assert scout.moe_layers == list(range(48)) and scout.num_local_experts == 16 and scout.num_experts_per_tok == 1
+    assert scout.no_rope_layers[:8] == [1, 1, 1, 0, 1, 1, 1, 0] and scout.layer_types[3] == "full_attention"
+    assert (scout.hidden_size, scout.intermediate_size, scout.intermediate_size_mlp) == (5120, 8192, 16384)
+    assert scout.attention_chunk_size == 8192 and scout.use_qk_norm and scout.vocab_size == 202048
+    assert maverick.num_local_experts == 128 and maverick.moe_layers[:3] == [1, 3, 5]
+    m14 = shape_config("llama4-maverick@14")
+    assert m14.num_hidden_layers == 14 and m14.moe_layers == [1, 3, 5, 7, 9, 11, 13]
+    assert shape_config("llama3.1-8b@2").num_hidden_layers == 2
+    with pytest.raises(UnsupportedModelError, match="positive integer"):
+        shape_config("llama4-scout@x")
+
+
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("case", ["tiny-llama", "tiny-qwen2", "llama3-rope", "fp8"])
+@pytest.mark.parametrize("case", ["tiny-llama", "tiny-qwen2", "llama3-rope", "fp8", "tiny-llama4", "llama4-fp8"])
 def test_hf_export_has_the_same_logits(case):
-    cfg = shape_config("tiny-qwen2" if case == "fp8" else "tiny-llama" if case == "llama3-rope" else case)
+    base = {"fp8": "tiny-qwen2", "llama3-rope": "tiny-llama", "llama4-fp8": "tiny-llama4"}.get(case, case)
+    cfg = shape_config(base)
     if case == "llama3-rope":
         cfg = dataclasses.replace(cfg, rope_scaling=LLAMA3, rope_theta=500000.0)
-    model = random_model(cfg, seed=3, std=0.1)
+    if case == "llama4-fp8":  # built directly in FP8 (the path of shapes too large for bf16)
+        model = random_model(cfg, seed=3, std=0.1, quantization="fp8")
+        assert model.model.layers[1].feed_forward.experts.gate_up_proj.dtype == torch.float8_e4m3fn
+    else:
+        model = random_model(cfg, seed=3, std=0.1)
     if case == "fp8":
         quantize_model_(model, "fp8")
     sd = hf_state_dict(model)
-    assert "model.layers.0.self_attn.k_proj.weight" in sd and "model.layers.1.mlp.up_proj.weight" in sd
+    mlp = "feed_forward" if "llama4" in base else "mlp"
+    assert "model.layers.0.self_attn.k_proj.weight" in sd and f"model.layers.0.{mlp}.up_proj.weight" in sd
     hf = to_hf_model(model)
     ids = torch.randint(0, cfg.vocab_size, (29,))
     with torch.no_grad():
