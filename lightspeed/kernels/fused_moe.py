@@ -87,9 +87,9 @@ def _moe_gate_up_kernel(
     pid_b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
+    pdl_wait(USE_PDL)  # NOTE: routing (ids, rows) comes from this step's previous kernels
     rows, row_ok, expert = _rows_of_block(pid_b, rows_ptr, block_expert_ptr, ids_ptr, num_choices, num_rows,
                                           r_blocks, BLOCK_M, SORTED)
-    pdl_wait(USE_PDL)
     if expert != -2:
         gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -147,9 +147,9 @@ def _moe_down_kernel(
     pid_b = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < H
+    pdl_wait(USE_PDL)  # NOTE: routing (ids, rows) comes from this step's previous kernels
     rows, row_ok, expert = _rows_of_block(pid_b, rows_ptr, block_expert_ptr, ids_ptr, num_choices, num_rows,
                                           r_blocks, BLOCK_M, SORTED)
-    pdl_wait(USE_PDL)
     if expert != -2:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if expert == -1:
