@@ -49,7 +49,7 @@ PARTS=",${PARTS:-sweep,scout,maverick,peer},"
 has() { [[ "$PARTS" == *",$1,"* ]]; }
 if has sweep; then
     echo "=== gemv_sweep  [$(( $(date +%s) - T0 )) s]"
-    timeout 150 python -m lightspeed.bench.gemv_sweep --out "$RES/issue6-gemv-sweep.json" 2>&1 | tail -40
+    timeout 170 python -m lightspeed.bench.gemv_sweep --budget-s 110 --out "$RES/issue6-gemv-sweep.json" 2>&1 | tail -40
     if [ -n "${OUT:-}" ]; then cp lightspeed/kernels/gemv_tuned.json "$RES/issue6-gemv-sweep.json" "$OUT/" 2>/dev/null; fi
 fi
 has scout && bench "issue6-$SCOUT-fp8" 230 --shape "$SCOUT" --quantization fp8 --output-len 128 --num-iters 2 $COMMON

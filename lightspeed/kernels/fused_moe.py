@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lightspeed.kernels._common import cdiv, dot_in_f32, pdl_launch_dependents, pdl_wait, require_triton, tl, triton, \
     use_pdl
-from lightspeed.kernels.gemv import gemv_k_loop
+from lightspeed.kernels.gemv import gemv_k_loop, tuned_config
 
 FAST_MAX_CHOICES = 4  # T * top_k up to this: one block per choice, no sort/align
 MAX_TOKENS = 256  # beyond this (prefill) kernels.fused_moe runs the reference loop (cuBLAS per expert)
@@ -197,9 +197,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
     return rows, block_expert
 
 
-def default_config(num_choices: int, weight_bytes: int) -> dict:
-    """block_m 16 (tl.dot's minimum); ~8 KB of weight per pipeline stage."""
-    return dict(block_m=16, block_n=32, block_k=256 if weight_bytes == 1 else 128, num_warps=4, num_stages=4)
+def default_config(weight_bytes: int) -> dict:
+    """block_m 16 (tl.dot's minimum); 8 KB of weight per pipeline stage, rows of 64 (routed,
+    N-contiguous) and 128 bytes (shared, K-contiguous) for fp8. Tuned per GPU and shape by
+    `python -m lightspeed.bench.gemv_sweep --what moe` (kernels/gemv_tuned.json)."""
+    return dict(block_m=16, block_n=64, block_k=128 if weight_bytes == 1 else 64, num_warps=4, num_stages=4)
 
 
 def _check(x, routed: ExpertWeights, shared: ExpertWeights | None, topk_weights, topk_ids) -> None:
@@ -228,7 +230,8 @@ def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch
     t, top_k = topk_ids.shape
     num_experts, h, inter = routed.gate_up.shape[0], x.shape[1], routed.down.shape[1]
     tk = t * top_k
-    cfg = dict(default_config(tk, routed.gate_up.element_size()), **(config or {}))
+    cfg = dict(default_config(routed.gate_up.element_size()),
+               **tuned_config(t, inter, h, routed.gate_up.dtype, x.device, op="moe"), **(config or {}))
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     sorted_ = tk > FAST_MAX_CHOICES
     if sorted_:

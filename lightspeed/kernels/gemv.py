@@ -26,18 +26,19 @@ from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, do
 MAX_M = 16
 _MAX_COUNTERS = 4096
 _counters: dict[torch.device, torch.Tensor] = {}
-# (M, N, K, weight dtype) -> config overrides; M 1 or 16 in TUNED_FILE stands for M = 1 / 2..16
+# (op, M, N, K, weight dtype) -> config overrides; op "gemv" or "moe" (fused_moe.py: M tokens,
+# N = I, K = H); M 1 or 16 in TUNED_FILE stands for M = 1 / 2..16
 _TUNED: dict[tuple, dict] = {}
-# {device name: [{"m", "n", "k", "dtype", "config"}]}, written by `python -m lightspeed.bench.gemv_sweep`
+# {device name: [{"op", "m", "n", "k", "dtype", "config"}]}, written by `python -m lightspeed.bench.gemv_sweep`
 TUNED_FILE = Path(__file__).with_name("gemv_tuned.json")
 _loaded_devices: set[str] = set()
 
 
-def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: dict) -> None:
-    _TUNED[(m, n, k, weight_dtype)] = dict(config)
+def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: dict, op: str = "gemv") -> None:
+    _TUNED[(op, m, n, k, weight_dtype)] = dict(config)
 
 
-def _tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device) -> dict:
+def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, op: str = "gemv") -> dict:
     """The overrides for this shape: set_tuned_config's, else TUNED_FILE's for this GPU."""
     if device.type == "cuda" and not interpreter_active():
         name = torch.cuda.get_device_name(device)
@@ -45,8 +46,9 @@ def _tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.devi
             _loaded_devices.add(name)
             entries = json.loads(TUNED_FILE.read_text()).get(name, []) if TUNED_FILE.exists() else []
             for e in entries:
-                _TUNED.setdefault((e["m"], e["n"], e["k"], getattr(torch, e["dtype"])), e["config"])
-    return _TUNED.get((m, n, k, dtype)) or _TUNED.get((1 if m == 1 else MAX_M, n, k, dtype)) or {}
+                key = (e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"]))
+                _TUNED.setdefault(key, e["config"])
+    return _TUNED.get((op, m, n, k, dtype)) or _TUNED.get((op, 1 if m == 1 else MAX_M, n, k, dtype)) or {}
 
 
 @triton.jit
@@ -156,7 +158,7 @@ def default_config(m: int, n: int, k: int, weight_bytes: int, device: torch.devi
     """Tiles of ~8 KB of W per pipeline stage; split K until there are about two programs
     per SM. NOTE: the tl.dot path (M padded to 16) is the default even at M = 1: Triton
     pipelines its loads (cp.async, num_stages deep), the elementwise path (dot=False) does not.
-    `python -m lightspeed.bench.kernels --sweep` times the alternatives on the GPU."""
+    `python -m lightspeed.bench.gemv_sweep` times the alternatives on the GPU (gemv_tuned.json)."""
     block_n = 32
     block_k = (256 if weight_bytes == 1 else 128)
     block_k = min(block_k, max(16, next_pow2(k)))
@@ -195,7 +197,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0 or n == 0:
         return out
     cfg = default_config(m, n, k, weight.element_size(), x.device)
-    cfg.update(_tuned_config(m, n, k, weight.dtype, x.device))
+    cfg.update(tuned_config(m, n, k, weight.dtype, x.device))
     cfg.update(config or {})
     use_dot = cfg["dot"] or m > 1
     block_m = 16 if use_dot else 1

@@ -78,7 +78,8 @@ def test_tuned_configs_apply_per_token_bucket(monkeypatch):
     g.set_tuned_config(1, 64, 96, torch.float8_e4m3fn, dict(block_n=8))
     g.set_tuned_config(4, 64, 96, torch.float8_e4m3fn, dict(block_n=64))
     cpu = torch.device("cpu")
-    assert g._tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=8)
-    assert g._tuned_config(7, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=16)
-    assert g._tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=64)
-    assert g._tuned_config(7, 64, 96, torch.bfloat16, cpu) == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=8)
+    assert g.tuned_config(7, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=16)
+    assert g.tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=64)
+    assert g.tuned_config(7, 64, 96, torch.bfloat16, cpu) == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, op="moe") == {}
