@@ -7,7 +7,7 @@ name), which kernels/gemv.py and kernels/fused_moe.py read at first use, and eve
 Shapes: the linears of Llama-3.1-8B, Qwen2.5-1.5B and Llama-4 (attention, shared expert,
 dense MLP), at M = 1 (decode) and M = 4 (verify; stands for 2..16). Candidates: block_n x
 block_k x num_warps x num_stages on the tl.dot path (+ the elementwise path at M = 1), each
-with split-K 1, the default heuristic's and twice it. Every candidate is checked against the
+with split-K 1, the default heuristic's, 2x and 4x it. Every candidate is checked against the
 reference before it may win; each is timed with triton.testing.do_bench (median, L2 flushed)
 as a fraction of its floor (weight + activation bytes over the copy bandwidth).
 
@@ -69,7 +69,8 @@ def sweep_gemv(args, dev, bw, bench, t0) -> tuple[list[dict], list[dict]]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             ref = gemv_ref(x, w, None, scale)
             auto = default_config(m, n, k, w.element_size(), dev)["split_k"]
-            configs = [dict(c, split_k=s) for c in candidates(w.element_size(), m) for s in sorted({1, auto, 2 * auto})]
+            configs = [dict(c, split_k=s) for c in candidates(w.element_size(), m)
+                       for s in sorted({1, auto, 2 * auto, 4 * auto})]  # split_k: a runtime argument, no compile
             best = _best(rows, f"{dname} {model} {lname} {n}x{k} M={m}", configs, ref, bench,
                          lambda cfg: gemv_triton(x, w, None, scale, config=cfg),
                          n * k * w.element_size() + 2 * m * (n + k), bw)

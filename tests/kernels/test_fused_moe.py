@@ -63,6 +63,14 @@ def test_fused_moe_matches_reference(device, case, fp8):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("t", [2, 11])
+def test_fused_moe_default_config(device, t):
+    """The default tiles (wider than these shapes in N, several K steps) on both paths."""
+    x, routed, w, ids, sh = make_moe(t, 5, 2, 160, 72, device, torch.bfloat16, True, seed=t)
+    assert rel_err(fused_moe_triton(x, routed, w, ids, sh), fused_moe_ref(x, routed, w, ids, sh)) < 2e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_fused_moe_float32_is_tight(device):
     """float32 activations and weights: the kernel equals the reference to float32 rounding,
     on both paths (T * K below and above FAST_MAX_CHOICES)."""
