@@ -215,10 +215,14 @@ def _check(x, routed: ExpertWeights, shared: ExpertWeights | None, topk_weights,
     if shared is not None and (shared.gate_up.shape != (two_i, h) or shared.down.shape != (h, two_i // 2)):
         raise ValueError(f"fused_moe: shared expert [2I, H] / [H, I] with I = {two_i // 2} expected, got "
                          f"{tuple(shared.gate_up.shape)}, {tuple(shared.down.shape)}")
-    for name, w, s, n in (("gate_up", routed.gate_up, routed.gate_up_scale, two_i),
-                          ("down", routed.down, routed.down_scale, h)):
-        if w.element_size() == 1 and (s is None or s.shape != (e, n) or s.dtype != torch.float32 or s.stride(1) != 1):
-            raise ValueError(f"fused_moe: fp8 {name} needs float32 scales [{e}, {n}]")
+    checks = [("gate_up", routed.gate_up, routed.gate_up_scale, (e, two_i)), ("down", routed.down, routed.down_scale,
+                                                                             (e, h))]
+    if shared is not None:
+        checks += [("shared gate_up", shared.gate_up, shared.gate_up_scale, (two_i,)),
+                   ("shared down", shared.down, shared.down_scale, (h,))]
+    for name, w, s, shape in checks:
+        if w.element_size() == 1 and (s is None or s.shape != shape or s.dtype != torch.float32 or s.stride(-1) != 1):
+            raise ValueError(f"fused_moe: fp8 {name} needs float32 scales {list(shape)}")
 
 
 def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -230,8 +234,11 @@ def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch
     t, top_k = topk_ids.shape
     num_experts, h, inter = routed.gate_up.shape[0], x.shape[1], routed.down.shape[1]
     tk = t * top_k
-    cfg = dict(default_config(routed.gate_up.element_size()),
-               **tuned_config(t, inter, h, routed.gate_up.dtype, x.device, op="moe"), **(config or {}))
+    if t == 0:
+        return torch.empty_like(x)
+    cfg = default_config(routed.gate_up.element_size())
+    cfg.update(tuned_config(t, inter, h, routed.gate_up.dtype, x.device, op="moe"))
+    cfg.update(config or {})
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     sorted_ = tk > FAST_MAX_CHOICES
     if sorted_:
@@ -247,8 +254,6 @@ def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch
     tw = topk_weights.reshape(-1).contiguous()
     act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
     out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
-    if t == 0:
-        return out.to(x.dtype)
     sh = shared if shared is not None else routed  # unused pointers when there is no shared expert
     rs, ss = routed.gate_up_scale, sh.gate_up_scale
     pdl = use_pdl(x.device)

@@ -118,6 +118,11 @@ def test_bad_shapes_raise():
         fused_moe_triton(x, routed, w, ids, ExpertWeights(sh.down, sh.gate_up))
     with pytest.raises(ValueError, match="topk_ids"):
         fused_moe_triton(x, routed, w[:1], ids[:1])
+    x, routed, w, ids, sh = make_moe(2, 3, 1, 32, 16, "cpu", torch.bfloat16, True)
+    with pytest.raises(ValueError, match="shared gate_up needs float32 scales"):
+        fused_moe_triton(x, routed, w, ids, sh._replace(gate_up_scale=None))
+    with pytest.raises(ValueError, match="fp8 down needs"):
+        fused_moe_triton(x, routed._replace(down_scale=routed.down_scale[:, :5]), w, ids, sh)
 
 
 @pytest.mark.parametrize("t,fp8", [(1, False), (1, True), (4, True), (37, True), (200, False)])
