@@ -101,3 +101,28 @@ def test_bench_latency_shape_cpu(tmp_path):
     assert len(rows) == 3 and all(r["quantization"] == "fp8" and r["input_len"] == 40 for r in rows)
     assert rows[0]["fraction_of_floor"] > 0 and rows[0]["peer"] == "hf-transformers-eager"
     assert all(r["outputs_identical_to_plain"] for r in rows[1:])
+
+
+def test_bench_latency_llama4_layers_and_steps_cpu(tmp_path):
+    """--num-layers, --step-tokens and the active-bytes floor (MoE: only the picked experts)."""
+    import json
+
+    from lightspeed.bench.latency import active_weight_bytes, step_weight_bytes
+    from lightspeed.cli import main
+    out = tmp_path / "r.json"
+    assert main(["bench", "latency", "--shape", "tiny-llama4", "--num-layers", "2", "--device", "cpu",
+                 "--context-len", "20", "--output-len", "4", "--num-iters", "1", "--quantization", "fp8",
+                 "--step-tokens", "1,4", "--compare-hf", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r.get("num_tokens") for r in rows] == [None, 1, 4]
+    assert all(r["num_hidden_layers"] == 2 and r["model"] == "tiny-llama4@2" for r in rows)
+    assert all(r["ms_per_step"] > 0 and 0 < r["fraction_of_floor"] for r in rows)
+    assert rows[0]["peer"] == "hf-transformers-eager"
+    assert rows[2]["active_weight_bytes"] > rows[1]["active_weight_bytes"]
+    model = random_model("tiny-llama4@2", quantization="fp8")
+    experts = model.model.layers[1].feed_forward.experts
+    expert_bytes = sum(t.numel() * t.element_size() for t in (experts.gate_up_proj, experts.down_proj,
+                                                              experts.gate_up_scale, experts.down_scale))
+    embed_row = model.config.hidden_size * 4
+    assert active_weight_bytes(model, 1) == pytest.approx(step_weight_bytes(model) - expert_bytes * 4 / 5 + embed_row)
+    assert main(["bench", "latency", "--model", "x", "--num-layers", "2"]) == 2  # a clear error, exit 2
