@@ -83,6 +83,7 @@ for name in (f"{scout}-fp8", f"{mav}-fp8-L{n}", f"{mav}-fp8-L2", "tiny-llama4-bf
         print(f"  {r['name']:<58} {r['ms_per_step']:8.3f} ms  floor {r['floor_ms_per_step']:7.3f} ms  "
               f"{100 * r['fraction_of_floor']:5.1f}% of floor{extra}")
 big, small = steps(load(f"{mav}-fp8-L{n}")), steps(load(f"{mav}-fp8-L2"))
+proj_rows = []
 for q in sorted(set(big) & set(small)):
     per_layer = (big[q]["ms_per_step"] - small[q]["ms_per_step"]) / (n - 2)
     proj = small[q]["ms_per_step"] + 46 * per_layer
@@ -90,4 +91,18 @@ for q in sorted(set(big) & set(small)):
     print(f"Maverick fp8 step of {q} token(s): {per_layer:.3f} ms per layer (mean of dense + MoE, layers 3..{n}); "
           f"48-layer PROJECTION (one GPU holding all experts): {proj:.2f} ms (floor {floor:.2f} ms, "
           f"{100 * floor / proj:.0f}%)")
+    proj_rows.append(dict(name=f"{mav} fp8 step of {q} token(s) ctx{big[q]['context_len']}: 48-layer projection",
+                          model=mav, quantization="fp8", num_tokens=q, is_projection=True,
+                          measured_layers=[2, n], ms_per_layer=per_layer, projected_ms_per_step_48_layers=proj,
+                          projected_floor_ms_per_step_48_layers=floor, fraction_of_floor=floor / proj,
+                          method=f"t(2 layers) + 46 * (t({n}) - t(2)) / {n - 2}, each t a measured step "
+                                 "(CUDA graph replay); floors the same way"))
+if proj_rows:
+    src = json.loads((res / f"issue6-{mav}-fp8-L{n}.json").read_text())
+    record = {k: src[k] for k in ("device", "git_commit", "date")}
+    record.update(command=f"bench/device/issue6.sh (from issue6-{mav}-fp8-L{n}.json and -L2.json)", results=proj_rows)
+    path = res / f"issue6-{mav}-fp8-projection.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"saved {path}")
 EOF
+if [ -n "${OUT:-}" ] && [ -f "$RES/issue6-$MAV-fp8-projection.json" ]; then cp "$RES/issue6-$MAV-fp8-projection.json" "$OUT/"; fi
