@@ -4,6 +4,8 @@ optional always-on shared SwiGLU expert, summed, in two launches and no host syn
     gate_up:  act[r] = silu(h_r @ Wg) * (h_r @ Wu)      r: a row, one per (token, k) choice, then
     down:     out[t] += act[r] @ Wd  (float32 atomics)     one per token for the shared expert
 
+(gate_up reads the gate and up columns of its N tile as one [BLOCK_K, 2 BLOCK_N] weight tile.)
+
     rows  | choice 0 .. T*K-1 (routed, expert topk_ids) | T*K .. T*K+T-1 (shared expert) |
     token   r // K                                         r - T*K
 
@@ -85,44 +87,36 @@ def _moe_gate_up_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # one tile of 2 * BLOCK_N columns: | gate n0 .. n0+BN | up I+n0 .. I+n0+BN |
+    j = tl.arange(0, 2 * BLOCK_N)
+    offs_n = pid_n * BLOCK_N + j % BLOCK_N
     n_ok = offs_n < I
+    col = offs_n + (j // BLOCK_N) * I  # [2 BN] columns of gate_up
     pdl_wait(USE_PDL)  # NOTE: routing (ids, rows) comes from this step's previous kernels
     rows, row_ok, expert = _rows_of_block(pid_b, rows_ptr, block_expert_ptr, ids_ptr, num_choices, num_rows,
                                           r_blocks, BLOCK_M, SORTED)
     if expert != -2:
-        gate = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], tl.float32)
         if expert == -1:
-            tok = tl.where(row_ok, rows - num_choices, 0)
-            cols = offs_n.to(tl.int64) * stride_sn
-            gate = gemv_k_loop(gate, x_ptr, stride_xm, tok, row_ok, gate, sw_ptr, stride_sk, cols, n_ok, 0, H,
-                               BLOCK_K, False, DOT_F32)
-            up = gemv_k_loop(up, x_ptr, stride_xm, tok, row_ok, up, sw_ptr, stride_sk, cols + I * stride_sn, n_ok,
-                             0, H, BLOCK_K, False, DOT_F32)
+            acc = gemv_k_loop(acc, x_ptr, stride_xm, tl.where(row_ok, rows - num_choices, 0), row_ok, acc, sw_ptr,
+                              stride_sk, col.to(tl.int64) * stride_sn, n_ok, 0, H, BLOCK_K, False, DOT_F32)
             if SW_SCALE:
-                gate *= tl.load(sws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-                up *= tl.load(sws_ptr + I + offs_n, mask=n_ok, other=0.0)[None, :]
+                acc *= tl.load(sws_ptr + col, mask=n_ok, other=0.0)[None, :]
         else:
-            tok = tl.where(row_ok, rows // top_k, 0)
             rw = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
-            w_e = w_ptr + expert.to(tl.int64) * stride_we
-            cols = offs_n.to(tl.int64) * stride_wn
-            gate = gemv_k_loop(gate, x_ptr, stride_xm, tok, row_ok, rw, w_e, stride_wk, cols, n_ok, 0, H,
-                               BLOCK_K, ON_INPUT, DOT_F32)
-            up = gemv_k_loop(up, x_ptr, stride_xm, tok, row_ok, rw, w_e, stride_wk, cols + I * stride_wn, n_ok,
-                             0, H, BLOCK_K, ON_INPUT, DOT_F32)
+            acc = gemv_k_loop(acc, x_ptr, stride_xm, tl.where(row_ok, rows // top_k, 0), row_ok, rw,
+                              w_ptr + expert.to(tl.int64) * stride_we, stride_wk, col.to(tl.int64) * stride_wn, n_ok,
+                              0, H, BLOCK_K, ON_INPUT, DOT_F32)
             if W_SCALE:
-                s_e = ws_ptr + expert.to(tl.int64) * stride_wse
-                gate *= tl.load(s_e + offs_n, mask=n_ok, other=0.0)[None, :]
-                up *= tl.load(s_e + I + offs_n, mask=n_ok, other=0.0)[None, :]
+                acc *= tl.load(ws_ptr + expert.to(tl.int64) * stride_wse + col, mask=n_ok, other=0.0)[None, :]
         pdl_launch_dependents(USE_PDL)
         # NOTE: rounded to the activation dtype before the SwiGLU, as the torch reference does
-        gate = gate.to(act_ptr.dtype.element_ty).to(tl.float32)
-        up = up.to(act_ptr.dtype.element_ty).to(tl.float32)
+        acc = acc.to(act_ptr.dtype.element_ty).to(tl.float32)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1]))  # [BM, BN] each
         act = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_n[None, :],
-                 act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(act_ptr + rows.to(tl.int64)[:, None] * stride_am + n[None, :], act.to(act_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (n < I)[None, :])
 
 
 @triton.jit
@@ -198,8 +192,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[t
 
 
 def default_config(weight_bytes: int) -> dict:
-    """block_m 16 (tl.dot's minimum); 8 KB of weight per pipeline stage, rows of 64 (routed,
-    N-contiguous) and 128 bytes (shared, K-contiguous) for fp8. Tuned per GPU and shape by
+    """block_m 16 (tl.dot's minimum); per pipeline stage 16 KB of gate_up / 8 KB of down
+    weight, rows of 64 (routed, N-contiguous) and 128 bytes (shared, K-contiguous) for fp8. Tuned per GPU and shape by
     `python -m lightspeed.bench.gemv_sweep --what moe` (kernels/gemv_tuned.json)."""
     return dict(block_m=16, block_n=64, block_k=128 if weight_bytes == 1 else 64, num_warps=4, num_stages=4)
 
