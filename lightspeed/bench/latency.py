@@ -296,7 +296,8 @@ def run_latency_bench(args) -> list[dict]:
                                 "active_weight_bytes": active_weight_bytes(eng.runner.model, q),
                                 "copy_bandwidth_gb_s": bandwidth / 1e9})
         del llm
-    cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor", "acceptance_length",
+    cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
+            "acceptance_length",
             "speedup_vs_plain", "outputs_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
     out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
     path = save_results(out, eng.device, results)

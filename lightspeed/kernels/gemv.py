@@ -6,10 +6,12 @@ Used for bf16/fp16 weights (`gemv`) and for fp8 e4m3 weights with per-output-cha
 
     W [N, K]:  rows pid_n * BLOCK_N ..      columns pid_k * K_SPLIT .. (pid_k + 1) * K_SPLIT
 
-With USE_DOT, tl.dot with M padded to 16 (Triton pipelines these loads); otherwise (M == 1)
-W * x accumulates elementwise and reduces once at the end. With split_k > 1 each program stores a float32 partial; the last program of
-an N tile to arrive (a per-tile counter, reset by that program) sums the partials and
-writes the output, so one launch does the whole product.
+With USE_DOT, tl.dot with M padded to 16 (Triton pipelines these loads; the K loop,
+gemv_k_loop, is shared with the fused MoE); otherwise (M == 1) W * x accumulates
+elementwise and reduces once at the end. With split_k > 1 (a runtime argument: one compile
+serves every split) each program stores a float32 partial; the last program of an N tile to
+arrive (a per-tile counter, reset by that program) sums the partials and writes the output,
+so one launch does the whole product. Tile configs per GPU and shape: TUNED_FILE.
 """
 from __future__ import annotations
 

@@ -30,8 +30,8 @@ def test_sweep_picks_a_checked_config(monkeypatch):
         return 1e6 * (time.perf_counter() - t)
 
     rows, best = sw.sweep_gemv(args, cpu, 1e12, bench, time.perf_counter())
-    assert [(b["op"], b["m"], b["dtype"]) for b in best] == [("gemv", 1, "float8_e4m3fn"), ("gemv", 16, "float8_e4m3fn"),
-                                                             ("gemv", 1, "bfloat16"), ("gemv", 16, "bfloat16")]
+    assert [(b["op"], b["m"], b["dtype"]) for b in best] == [
+        ("gemv", 1, "float8_e4m3fn"), ("gemv", 16, "float8_e4m3fn"), ("gemv", 1, "bfloat16"), ("gemv", 16, "bfloat16")]
     assert all("error" not in r for r in rows) and all(b["config"]["split_k"] >= 1 for b in best)
     rows, best = sw.sweep_moe(args, cpu, 1e12, bench, time.perf_counter())
     assert [(b["op"], b["m"], b["n"], b["k"]) for b in best] == [("moe", 1, 32, 64), ("moe", 16, 32, 64)] * 2
