@@ -117,6 +117,16 @@ def sweep_moe(args, dev, bw, bench, t0) -> tuple[list[dict], list[dict]]:
     return rows, best_rows
 
 
+def write_tuned(best_rows: list[dict], gpu: str, path) -> None:
+    """Merge the winners into `path` (kernels/gemv_tuned.json: {gpu: [{op, m, n, k, dtype, config}]})."""
+    table = json.loads(path.read_text()) if path.exists() else {}
+    key = lambda e: (e.get("op", "gemv"), e["m"], e["n"], e["k"], e["dtype"])  # noqa: E731
+    keep = {key(e): e for e in table.get(gpu, [])}
+    keep.update({key(e): {f: e[f] for f in ("op", "m", "n", "k", "dtype", "config")} for e in best_rows})
+    table[gpu] = sorted(keep.values(), key=lambda e: (e.get("op", "gemv"), e["dtype"], e["n"], e["k"], e["m"]))
+    path.write_text(json.dumps(table, indent=1) + "\n")
+
+
 def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
@@ -179,12 +189,7 @@ def main(argv=None) -> None:
         rows += r
         best_rows += b
     if not args.no_write and best_rows:
-        table = json.loads(TUNED_FILE.read_text()) if TUNED_FILE.exists() else {}
-        key = lambda e: (e.get("op", "gemv"), e["m"], e["n"], e["k"], e["dtype"])  # noqa: E731
-        keep = {key(e): e for e in table.get(gpu, [])}
-        keep.update({key(e): {f: e[f] for f in ("op", "m", "n", "k", "dtype", "config")} for e in best_rows})
-        table[gpu] = sorted(keep.values(), key=lambda e: (e.get("op", "gemv"), e["dtype"], e["n"], e["k"], e["m"]))
-        TUNED_FILE.write_text(json.dumps(table, indent=1) + "\n")
+        write_tuned(best_rows, gpu, TUNED_FILE)
         print(f"wrote {len(best_rows)} configs for {gpu} to {TUNED_FILE}")
     out = args.out or f"bench/results/gemv-sweep-{gpu.replace(' ', '-').lower()}.json"
     save_results(out, dev, best_rows + rows,

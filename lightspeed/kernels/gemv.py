@@ -40,16 +40,20 @@ def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: 
     _TUNED[(op, m, n, k, weight_dtype)] = dict(config)
 
 
+def load_tuned_configs(device_name: str, path: Path = TUNED_FILE) -> None:
+    """Add `path`'s configs for this GPU (set_tuned_config's own stay first)."""
+    entries = json.loads(path.read_text()).get(device_name, []) if path.exists() else []
+    for e in entries:
+        _TUNED.setdefault((e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"])), e["config"])
+
+
 def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, op: str = "gemv") -> dict:
     """The overrides for this shape: set_tuned_config's, else TUNED_FILE's for this GPU."""
     if device.type == "cuda" and not interpreter_active():
         name = torch.cuda.get_device_name(device)
         if name not in _loaded_devices:
             _loaded_devices.add(name)
-            entries = json.loads(TUNED_FILE.read_text()).get(name, []) if TUNED_FILE.exists() else []
-            for e in entries:
-                key = (e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"]))
-                _TUNED.setdefault(key, e["config"])
+            load_tuned_configs(name)
     return _TUNED.get((op, m, n, k, dtype)) or _TUNED.get((op, 1 if m == 1 else MAX_M, n, k, dtype)) or {}
 
 
