@@ -288,45 +288,10 @@ def _weights(model, cfg, dev, fp8):
     return W
 
 
-SWEEP = [dict(dot=True, block_n=bn, block_k=bk, num_stages=st) for bn, bk, st in
-         ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 3), (32, 512, 3), (16, 256, 5))] + \
-        [dict(dot=False, block_n=bn, block_k=bk, num_stages=1) for bn, bk in ((8, 512), (16, 256), (16, 512))]
-
-
-@guarded
-def sweep_gemv(model, cfg, dev, bw, ms=(1,)):
-    """Tile configurations x split-K of both GEMV kernels (--sweep); prints the best of each
-    shape as set_tuned_config(...) lines to paste."""
-    from lightspeed.kernels.fp8_gemv import fp8_gemv_triton, quantize_fp8_per_channel
-    from lightspeed.kernels.gemv import default_config, gemv_triton
-    for lname, n, k in linear_shapes(cfg)[:4]:
-        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
-        w8, s8 = quantize_fp8_per_channel(w)
-        for m in ms:
-            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-            for wdt, fn, nbytes in (("fp8", lambda c: fp8_gemv_triton(x, w8, s8, config=c), n * k),
-                                    ("bf16", lambda c: gemv_triton(x, w, config=c), 2 * n * k)):
-                best = None
-                for base in SWEEP:
-                    if m > 1 and not base["dot"]:
-                        continue
-                    auto = default_config(m, n, k, 1 if wdt == "fp8" else 2, dev)["split_k"]
-                    for split_k in sorted({1, auto}):
-                        c = dict(base, split_k=split_k, num_warps=4)
-                        us = bench(lambda: fn(c))
-                        RESULTS.append(dict(name=f"sweep {wdt} {lname} {n}x{k} M={m}", model=model, us=round(us, 2),
-                                            fraction_of_floor=round(1e6 * nbytes / bw / us, 3), config=c))
-                        if best is None or us < best[0]:
-                            best = (us, c)
-                print(f"set_tuned_config({m}, {n}, {k}, {'torch.float8_e4m3fn' if wdt == 'fp8' else 'torch.bfloat16'}, "
-                      f"{best[1]})  # {best[0]:.2f} us, {100e6 * nbytes / bw / best[0]:.0f}% of floor", flush=True)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(SHAPES), help="comma-separated: " + ", ".join(SHAPES))
     ap.add_argument("--no-steps", action="store_true", help="skip the whole-step graphs")
-    ap.add_argument("--sweep", action="store_true", help="also sweep GEMV tile configs (slow: many compiles)")
     ap.add_argument("--budget-s", type=float, default=150.0, help="skip the phases that would start after this")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/kernels-<date>.json)")
     args = ap.parse_args(argv)
@@ -357,8 +322,6 @@ def main(argv=None) -> None:
     if not args.no_steps:
         phases += [(f"step {m} {lin} pdl={pdl} graph={g} T={t}", bench_step, (m, lin, pdl, g, t))
                    for m in models for lin, pdl, g, t in steps]
-    if args.sweep:
-        phases += [(f"sweep {m}", sweep_gemv, (m,)) for m in models]
     for title, fn, a in phases:
         elapsed = time.perf_counter() - t0
         if elapsed > args.budget_s:
@@ -371,7 +334,7 @@ def main(argv=None) -> None:
     _WEIGHTS.clear()
     print("\nsummary (fraction of each one's memory floor, same-run copy bandwidth):")
     for r in RESULTS:
-        if "fraction_of_floor" in r and not r["name"].startswith("sweep"):
+        if "fraction_of_floor" in r:
             peer = f"  {r['peer']} {r['peer_us']:.2f} us" if "peer" in r else ""
             print(f"  {r['model']:<13} {r['name']:<44} {r['us']:9.2f} us {100 * r['fraction_of_floor']:5.1f}%{peer}")
         elif "error" in r:

@@ -4,10 +4,13 @@ without speculation, and against HF transformers on the same weights, in one run
     floor per step = (weight bytes + KV bytes read) / measured copy bandwidth
     tokens/s/user  = median over requests of (generated - 1) / (last token time - first token time)
 
-weight bytes: every weight a decode step reads (FP8 scales included; the input embedding
-only when lm_head shares it). `--shape NAME` runs random weights of a real model's shape
-(no checkpoint, prompts of random token ids); `--context-len N` decodes after N-token
-prompts; `--ablate` adds rows with PDL off and with CUDA graphs off, in the same run.
+weight bytes: every weight a step reads (FP8 scales included; the input embedding's rows,
+all of it when lm_head shares it); of a MoE layer's routed experts only those the step's
+tokens pick (active_weight_bytes). `--shape NAME` runs random weights of a real model's shape
+(no checkpoint, prompts of random token ids; `--num-layers N`: its first N layers only);
+`--context-len N` decodes after N-token prompts; `--ablate` adds rows with PDL off and with
+CUDA graphs off, in the same run; `--step-tokens 1,4` adds rows timing single steps of that
+many new tokens (decode, and verify-shaped k + 1 = 4) as the engine runs them.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
                    help="random weights of this real model shape instead of --model")
     p.add_argument("--context-len", type=int, default=None,
                    help="random prompts of this many tokens (overrides --prompts / --input-len)")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="with --shape: build only the first N layers (models too large for one GPU)")
+    p.add_argument("--step-tokens", default=None,
+                   help="comma-separated token counts of one-sequence steps to time at --context-len, e.g. 1,4 "
+                        "(decode and a verify-shaped k+1=4 step), each against its floor")
     p.add_argument("--ablate", action="store_true", help="also run with PDL off and with CUDA graphs off")
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompts", default="random", choices=["random", "humaneval"])
@@ -99,6 +107,59 @@ def load_hf_model(model_path, dtype):
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
 
+def active_weight_bytes(model, num_tokens: int = 1) -> float:
+    """Weight bytes a step of num_tokens tokens reads: step_weight_bytes, with each MoE layer's
+    routed experts counted as the expected number of distinct experts the tokens pick under
+    uniform routing, E (1 - (1 - K/E)^T) (one token: its top-K), plus each token's
+    input-embedding row (when lm_head does not share the embedding)."""
+    from lightspeed.layers.moe import Experts
+    total = float(step_weight_bytes(model))
+    for m in model.modules():
+        if isinstance(m, Experts):
+            e, k = m.num_experts, model.config.num_experts_per_tok
+            used = e * (1 - (1 - k / e) ** num_tokens)
+            nbytes = sum(t.numel() * t.element_size() for t in (m.gate_up_proj, m.down_proj, m.gate_up_scale,
+                                                                 m.down_scale) if t is not None)
+            total -= nbytes * (1 - used / e)
+    embed = model.model.embed_tokens.weight
+    if model.lm_head.weight is not embed:
+        total += num_tokens * embed.shape[1] * embed.element_size()
+    return total
+
+
+def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
+    """Median ms of one step of `num_tokens` new tokens of one sequence after `context_len`
+    cached ones (decode: 1; verify-shaped: k + 1): forward + logits as the engine runs it
+    (replaying its CUDA graph when graphs are on, host input copy included).
+    NOTE: writes K/V into blocks 0..; call it while no request runs."""
+    import torch
+
+    from lightspeed.engine.input_prep import HostInputs, prepare_inputs
+    from lightspeed.layers.linear import ensure_gemv_tuned
+    runner, bs, q, n = eng.runner, eng.config.block_size, num_tokens, context_len + num_tokens
+    ids = torch.randint(0, eng.model_config.vocab_size, (q,), generator=torch.Generator().manual_seed(q)).tolist()
+    pos = list(range(context_len, n))  # block table 0, 1, ...: slot == position
+    host = HostInputs(ids, pos, pos, [0, q], [n], [list(range(-(-n // bs)))], list(range(q)), [(0, q)], [None])
+
+    def step():
+        if runner.graphs is not None:
+            return runner.graphs.run((1, q), host)
+        inputs = prepare_inputs(None, bs, eng.device, host)
+        return runner.model.compute_logits(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
+                                                        inputs.attn_meta))
+
+    times = []
+    with torch.inference_mode():
+        ensure_gemv_tuned(runner.model, q, eng.device)
+        for i in range(reps + 3):
+            _sync(eng.device)
+            t = time.perf_counter()
+            step()
+            _sync(eng.device)
+            times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times[3:])
+
+
 def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype,
             model=None) -> dict:
     """HF transformers eager greedy generate, batch 1, on the same checkpoint (GGUF or HF dir),
@@ -151,11 +212,15 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.bench.results import print_table, save_results
     from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
+    from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
     from lightspeed.spec import SpeculativeConfig
 
-    model = f"shape:{args.shape}" if args.shape else args.model
-    label = args.shape or args.model
+    if args.num_layers is not None and not args.shape:
+        raise InvalidRequestError("--num-layers needs --shape (random weights of a real shape)")
+    shape = f"{args.shape}@{args.num_layers}" if args.shape and args.num_layers else args.shape
+    model = f"shape:{shape}" if shape else args.model
+    label = shape or args.model
     source, input_len = ("random", args.context_len) if args.context_len else (args.prompts, args.input_len)
     max_model_len = args.max_model_len or max(4096, input_len + args.output_len + 64)
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
@@ -169,13 +234,13 @@ def run_latency_bench(args) -> list[dict]:
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
-            weight_bytes = step_weight_bytes(eng.runner.model)
             kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
         is_baseline = spec is None and switches == _configs(args)[0][2]
         for b in batch_sizes:
             prompts = load_prompts(source, args.num_prompts or b, input_len, eng.tokenizer, mc.vocab_size)
             ls = time_lightspeed(llm, prompts, b, args.output_len, args.num_iters)
             avg_ctx = statistics.mean(len(p) for p in prompts) + args.output_len / 2
+            weight_bytes = active_weight_bytes(eng.runner.model, b)
             floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
             quant = eng.config.quantization or "none"
             graph_on, pdl_on = _switches(eng)
@@ -186,6 +251,7 @@ def run_latency_bench(args) -> list[dict]:
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
                    "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
                    "cuda_graph": graph_on, "pdl": pdl_on,
+                   "num_hidden_layers": mc.num_hidden_layers,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
                    "floor_ms_per_step": 1000 * floor_s, "weight_bytes": weight_bytes,
@@ -219,8 +285,21 @@ def run_latency_bench(args) -> list[dict]:
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
             results.append(row)
+        if is_baseline and args.step_tokens:
+            ctx = int(statistics.mean(len(p) for p in prompts))
+            for q in (int(v) for v in args.step_tokens.split(",")):
+                ms = time_step(eng, q, ctx)
+                floor_ms = 1000 * (active_weight_bytes(eng.runner.model, q) + (ctx + q) * kv_per_token) / bandwidth
+                results.append({"name": f"{label} {quant} step of {q} token{'s' if q > 1 else ''} ctx{ctx}",
+                                "model": label, "kind": "step", "num_tokens": q, "context_len": ctx,
+                                "num_hidden_layers": mc.num_hidden_layers, "quantization": quant,
+                                "cuda_graph": graph_on, "ms_per_step": ms, "floor_ms_per_step": floor_ms,
+                                "fraction_of_floor": floor_ms / ms,
+                                "active_weight_bytes": active_weight_bytes(eng.runner.model, q),
+                                "copy_bandwidth_gb_s": bandwidth / 1e9})
         del llm
-    cols = ["name", "ms_per_token", "tokens_per_s_user", "fraction_of_floor", "acceptance_length",
+    cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
+            "acceptance_length",
             "speedup_vs_plain", "outputs_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
     out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
     path = save_results(out, eng.device, results)

@@ -49,9 +49,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype, quantizatio
 
 @functools.lru_cache(maxsize=2)
 def _random_model(shape: str, device: torch.device, dtype: torch.dtype, quantization: str | None):
-    net = random_model(shape, device, dtype)
-    quantize_model_(net, quantization)
-    return net, None
+    return random_model(shape, device, dtype, quantization=quantization), None
 
 
 @functools.lru_cache(maxsize=4)

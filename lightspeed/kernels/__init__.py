@@ -28,6 +28,8 @@ from lightspeed.kernels.add_rmsnorm import add_rmsnorm_ref, add_rmsnorm_triton
 from lightspeed.kernels.argmax import argmax_ref, argmax_triton
 from lightspeed.kernels.fp8_gemv import (FP8_DTYPE, fp8_gemv_ref, fp8_gemv_triton,  # noqa: F401
                                          quantize_fp8_per_channel)
+from lightspeed.kernels.fused_moe import ExpertWeights, fused_moe_ref, fused_moe_triton
+from lightspeed.kernels.fused_moe import MAX_TOKENS as MOE_MAX_TOKENS
 from lightspeed.kernels.gemv import MAX_M, gemv_triton
 from lightspeed.kernels.paged_decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton
@@ -177,6 +179,16 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return fp8_linear(x, weight, scale, bias)
 
 
+def fused_moe(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+              shared: ExpertWeights | None = None, weight_on_input: bool = True) -> torch.Tensor:
+    """x [T, H] -> routed experts (HF layout, bf16 or fp8 + scales) over topk_* [T, K], plus the
+    shared SwiGLU expert when given: [T, H]. The fused kernel up to MOE_MAX_TOKENS tokens (no
+    host sync); beyond that, and on CPU, the reference loop."""
+    if x.shape[0] <= MOE_MAX_TOKENS and use_triton(x):
+        return fused_moe_triton(x, routed, topk_weights, topk_ids, shared, weight_on_input)
+    return fused_moe_ref(x, routed, topk_weights, topk_ids, shared, weight_on_input)
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """[n, V] -> [n] int64, first index of each row's max."""
     if x.dim() == 2 and use_triton(x):
@@ -201,5 +213,5 @@ __all__ = [
     "HAS_TRITON", "FP8_DTYPE", "MAX_VERIFY_Q", "set_pdl", "pdl_requested", "use_pdl", "use_triton", "force_triton",
     "add_rmsnorm", "qkv_rope_cache", "paged_attention", "paged_decode_attention", "paged_verify_attention",
     "paged_prefill_attention", "pack_tree_masks", "silu_mul", "gemv", "fp8_linear", "fp8_gemv",
-    "quantize_fp8_per_channel", "argmax", "rejection_verify",
+    "quantize_fp8_per_channel", "fused_moe", "ExpertWeights", "argmax", "rejection_verify",
 ]

@@ -6,28 +6,79 @@ Used for bf16/fp16 weights (`gemv`) and for fp8 e4m3 weights with per-output-cha
 
     W [N, K]:  rows pid_n * BLOCK_N ..      columns pid_k * K_SPLIT .. (pid_k + 1) * K_SPLIT
 
-With USE_DOT, tl.dot with M padded to 16 (Triton pipelines these loads); otherwise (M == 1)
-W * x accumulates elementwise and reduces once at the end. With SPLIT_K > 1 each program stores a float32 partial; the last program of
-an N tile to arrive (a per-tile counter, reset by that program) sums the partials and
-writes the output, so one launch does the whole product.
+With USE_DOT, tl.dot with M padded to 16 (Triton pipelines these loads; the K loop,
+gemv_k_loop, is shared with the fused MoE); otherwise (M == 1) W * x accumulates
+elementwise and reduces once at the end. With split_k > 1 (a runtime argument: one compile
+serves every split) each program stores a float32 partial; the last program of an N tile to
+arrive (a per-tile counter, reset by that program) sums the partials and writes the output,
+so one launch does the whole product. Tile configs per GPU and shape: TUNED_FILE.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, next_pow2, num_sms,
+from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, interpreter_active,
+                                        next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
 
 MAX_M = 16
 _MAX_COUNTERS = 4096
 _counters: dict[torch.device, torch.Tensor] = {}
-# (M, N, K, weight dtype) -> config overrides, e.g. from a --sweep of lightspeed.bench.kernels
+# (op, M, N, K, weight dtype) -> config overrides; op "gemv" or "moe" (fused_moe.py: M tokens,
+# N = I, K = H); M 1 or 16 in TUNED_FILE stands for M = 1 / 2..16
 _TUNED: dict[tuple, dict] = {}
+# {device name: [{"op", "m", "n", "k", "dtype", "config"}]}, written by `python -m lightspeed.bench.gemv_sweep`
+TUNED_FILE = Path(__file__).with_name("gemv_tuned.json")
+_loaded_devices: set[str] = set()
 
 
-def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: dict) -> None:
-    _TUNED[(m, n, k, weight_dtype)] = dict(config)
+def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: dict, op: str = "gemv") -> None:
+    _TUNED[(op, m, n, k, weight_dtype)] = dict(config)
+
+
+def load_tuned_configs(device_name: str, path: Path = TUNED_FILE) -> None:
+    """Add `path`'s configs for this GPU (set_tuned_config's own stay first)."""
+    entries = json.loads(path.read_text()).get(device_name, []) if path.exists() else []
+    for e in entries:
+        _TUNED.setdefault((e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"])), e["config"])
+
+
+def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, op: str = "gemv") -> dict:
+    """The overrides for this shape: set_tuned_config's, else TUNED_FILE's for this GPU."""
+    if device.type == "cuda" and not interpreter_active():
+        name = torch.cuda.get_device_name(device)
+        if name not in _loaded_devices:
+            _loaded_devices.add(name)
+            load_tuned_configs(name)
+    return _TUNED.get((op, m, n, k, dtype)) or _TUNED.get((op, 1 if m == 1 else MAX_M, n, k, dtype)) or {}
+
+
+@triton.jit
+def gemv_k_loop(acc, x_ptr, stride_xm, rows, row_ok, row_scale, w_ptr, stride_wk, col_offs, n_ok, k_lo, k_hi,
+                BLOCK_K: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, DOT_F32: tl.constexpr):
+    """The inner loop of every small-M product here (GEMV and the fused MoE):
+
+        acc [BM, BN] += (x[rows, k] * row_scale[:, None]) @ W[k, cols]     k in [k_lo, k_hi)
+
+    x_ptr: [*, K] bf16/fp16/fp32 (rows [BM] row ids, row_ok [BM] mask); W element (k, col) at
+    w_ptr + k * stride_wk + col_offs[col] (col_offs [BN]: column offsets, strides applied), bf16
+    or fp8 e4m3, upcast to x's dtype in registers; per-channel scales are the caller's epilogue."""
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_hi
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        if HAS_ROW_SCALE:
+            x = (x.to(tl.float32) * row_scale[:, None]).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + col_offs[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)  # [BK, BN]
+        acc += dot(x, w.to(x.dtype), DOT_F32)
+    return acc
 
 
 @triton.jit
@@ -37,10 +88,10 @@ def _gemv_kernel(
     scale_ptr,  # [N] float32 (unused unless HAS_SCALE)
     bias_ptr,  # [N] (unused unless HAS_BIAS)
     out_ptr,  # [M, N] x.dtype
-    ws_ptr,  # [SPLIT_K, M, N] float32 partial sums (unused unless SPLIT_K > 1)
-    counter_ptr,  # [N tiles] int32, 0 between launches (unused unless SPLIT_K > 1)
-    M, N, K, k_split, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    ws_ptr,  # [split_k, M, N] float32 partial sums (unused unless IS_SPLIT)
+    counter_ptr,  # [N tiles] int32, 0 between launches (unused unless IS_SPLIT)
+    M, N, K, k_split, split_k, stride_xm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
@@ -56,14 +107,8 @@ def _gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     pdl_wait(USE_PDL)
     if USE_DOT:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            kk = k0 + offs_k
-            k_ok = kk < k_hi
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BLOCK_M, BLOCK_K]
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
-            acc += dot(x, tl.trans(w.to(x.dtype)), DOT_F32)
+        acc = gemv_k_loop(tl.zeros([BLOCK_M, BLOCK_N], tl.float32), x_ptr, stride_xm, offs_m, m_ok, offs_m, w_ptr, 1,
+                          offs_n.to(tl.int64) * stride_wn, n_ok, k_lo, k_hi, BLOCK_K, False, DOT_F32)
     else:
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -75,16 +120,16 @@ def _gemv_kernel(
         acc = tl.sum(acc2, axis=1)[None, :]  # [1, BLOCK_N]
     pdl_launch_dependents(USE_PDL)
     out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
+    if IS_SPLIT:
         tile = offs_m[:, None] * N + offs_n[None, :]  # [BLOCK_M, BLOCK_N] offsets in one [M, N] slice
         tl.store(ws_ptr + pid_k * M * N + tile, acc, mask=out_mask)
         # NOTE: the barrier orders every thread's partial before the (acq_rel, gpu scope)
         # count; the last arriver then reads the others' partials from L2 (.cg).
         tl.debug_barrier()
         count = tl.atomic_add(counter_ptr + pid_n, 1)
-        if count == SPLIT_K - 1:
+        if count == split_k - 1:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for kk in range(0, SPLIT_K):
+            for kk in range(0, split_k):
                 acc += tl.load(ws_ptr + kk * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
             if HAS_SCALE:
                 acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -119,7 +164,7 @@ def default_config(m: int, n: int, k: int, weight_bytes: int, device: torch.devi
     """Tiles of ~8 KB of W per pipeline stage; split K until there are about two programs
     per SM. NOTE: the tl.dot path (M padded to 16) is the default even at M = 1: Triton
     pipelines its loads (cp.async, num_stages deep), the elementwise path (dot=False) does not.
-    `python -m lightspeed.bench.kernels --sweep` times the alternatives on the GPU."""
+    `python -m lightspeed.bench.gemv_sweep` times the alternatives on the GPU (gemv_tuned.json)."""
     block_n = 32
     block_k = (256 if weight_bytes == 1 else 128)
     block_k = min(block_k, max(16, next_pow2(k)))
@@ -158,7 +203,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0 or n == 0:
         return out
     cfg = default_config(m, n, k, weight.element_size(), x.device)
-    cfg.update(_TUNED.get((m, n, k, weight.dtype), {}))
+    cfg.update(tuned_config(m, n, k, weight.dtype, x.device))
     cfg.update(config or {})
     use_dot = cfg["dot"] or m > 1
     block_m = 16 if use_dot else 1
@@ -174,8 +219,8 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     pdl = use_pdl(x.device)
     _gemv_kernel[(tiles, split_k)](
         x, weight, scale if scale is not None else out, bias if bias is not None else out, out, ws, counters,
-        m, n, k, k_split, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_SCALE=scale is not None,
+        m, n, k, k_split, split_k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IS_SPLIT=split_k > 1, HAS_SCALE=scale is not None,
         HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_F32=dot_in_f32(), USE_PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )

@@ -103,11 +103,12 @@ class Linear(nn.Module):
         if self.weight_scale is None:
             self.weight.data = pack_weight(self.weight.data)
 
-    def quantize_fp8_(self) -> None:
-        """Weight -> e4m3 with per-output-channel scales (kernels.quantize_fp8_per_channel)."""
+    def quantize_fp8_(self, make=None, device: torch.device | None = None) -> None:
+        """Weight -> e4m3 with per-output-channel scales (kernels.quantize_fp8_per_channel);
+        make(shape) -> a fresh weight (on `device`) in place of the stored one (random models)."""
         if self.weight_scale is not None:
             return
-        w8, scale = kernels.quantize_fp8_per_channel(self.weight.data)
+        w8, scale = kernels.quantize_fp8_per_channel(self.weight.data if make is None else make(self.weight.shape))
         self.weight = nn.Parameter(w8, requires_grad=False)
         self.weight_scale = scale
 
@@ -129,17 +130,19 @@ class Linear(nn.Module):
 QUANTIZATIONS = (None, "fp8")
 
 
-def quantize_model_(model: nn.Module, method: str | None, skip: tuple[str, ...] = ("lm_head",)) -> int:
-    """Quantize every Linear of `model` in place except those whose name ends with one of
-    `skip` (embeddings are not Linear); -> how many were quantized."""
+def quantize_model_(model: nn.Module, method: str | None, skip: tuple[str, ...] = ("lm_head",), *, make=None,
+                    device: torch.device | None = None) -> int:
+    """Quantize in place every module with `quantize_fp8_` (Linear, MoE Experts) except those
+    whose name ends with one of `skip` (embeddings and routers have none); -> how many.
+    make, device: passed to each quantize_fp8_ (random_model builds FP8 weights this way)."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {method!r}")
     if method is None:
         return 0
     n = 0
     for name, module in model.named_modules():
-        if isinstance(module, Linear) and not name.endswith(skip):
-            module.quantize_fp8_()
+        if hasattr(module, "quantize_fp8_") and not name.endswith(skip):
+            module.quantize_fp8_(make=make, device=device)
             n += 1
     return n
 

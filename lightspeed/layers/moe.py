@@ -1,18 +1,13 @@
-"""Mixture-of-experts feed-forward: router top-k and the plain-torch expert reference.
+"""Mixture-of-experts feed-forward: router top-k and the experts, through one dispatch point
+(kernels.fused_moe: the fused Triton kernel on CUDA, kernels/fused_moe.moe_ref elsewhere).
 
 Expert weights keep HF's Llama 4 layout (no transpose, no copy at load):
 
     gate_up [E, H, 2I] = | gate (I) | up (I) |   x @ gate_up[e] -> [n, 2I]
     down    [E, I, H]                            act @ down[e]  -> [n, H]
 
-The reference groups tokens by expert (a stable sort of the flattened (token, k) choices),
-runs each used expert once on its tokens, and scatter-adds the results:
-
-    topk_ids [T, K] -> flat choice c = t * K + k, sorted by expert:
-    | e0: c.. | e1: c.. | ... |   counts = bincount(expert, E); token of choice c = c // K
-
-NOTE: it reads expert counts on the host, so it is the CPU path and the oracle of a future
-fused kernel, not something a CUDA graph can capture.
+FP8 (`quantize_fp8_`, one expert at a time): the same layout in e4m3 with float32 scales
+per output channel, gate_up_scale [E, 2I] and down_scale [E, H].
 """
 from __future__ import annotations
 
@@ -20,46 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightspeed import kernels
+from lightspeed.kernels.fp8_gemv import FP8_DTYPE, quantize_fp8_per_channel
+from lightspeed.kernels.fused_moe import ExpertWeights, moe_ref  # noqa: F401  (moe_ref: the reference)
+
 
 def route_topk_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (topk_weights [T, K] in logits' dtype, topk_ids [T, K] int64);
     weight = sigmoid(logit) of the chosen experts (HF Llama4Router, sigmoid in float32)."""
     vals, ids = torch.topk(logits, top_k, dim=-1)
     return torch.sigmoid(vals.float()).to(logits.dtype), ids
-
-
-def moe_ref(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, weight_on_input: bool = True) -> torch.Tensor:
-    """x [T, H], gate_up [E, H, 2I], down [E, I, H], topk_weights / topk_ids [T, K]
-    -> sum_k expert_{ids[t,k]}(x[t] * w[t,k]) : [T, H]   (weight_on_input, Llama 4)
-    or  sum_k w[t,k] * expert_{ids[t,k]}(x[t])             (otherwise, Mixtral style).
-    expert_e(h) = (silu(h @ gate_e) * (h @ up_e)) @ down_e. Experts add in ascending id order."""
-    t, k = topk_ids.shape
-    num_experts, inter = gate_up.shape[0], down.shape[1]
-    out = torch.zeros_like(x)
-    if t == 0:
-        return out
-    flat = topk_ids.reshape(-1)  # [T*K]
-    order = torch.argsort(flat, stable=True)  # choices grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    weights = topk_weights.reshape(-1).to(x.dtype)
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        choice = order[start:start + n]
-        start += n
-        tok = choice // k
-        h = x[tok]  # [n, H]
-        w = weights[choice, None]  # [n, 1]
-        if weight_on_input:
-            h = h * w
-        gu = torch.mm(h, gate_up[e])  # [n, 2I]
-        y = torch.mm(F.silu(gu[:, :inter]) * gu[:, inter:], down[e])  # [n, H]
-        if not weight_on_input:
-            y = y * w
-        out.index_add_(0, tok, y)
-    return out
 
 
 class Experts(nn.Module):
@@ -71,14 +36,38 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size),
                                          requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size), requires_grad=False)
+        self.register_buffer("gate_up_scale", None)  # [E, 2I] float32 once quantized to FP8
+        self.register_buffer("down_scale", None)  # [E, H]
+
+    def weights(self) -> ExpertWeights:
+        return ExpertWeights(self.gate_up_proj, self.down_proj, self.gate_up_scale, self.down_scale)
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                weight_on_input: bool = True) -> torch.Tensor:
-        """x [T, H], topk_* [T, K] -> [T, H]."""
-        return moe_ref(x, self.gate_up_proj, self.down_proj, topk_weights, topk_ids, weight_on_input)
+                weight_on_input: bool = True, shared: ExpertWeights | None = None) -> torch.Tensor:
+        """x [T, H], topk_* [T, K] -> [T, H] (+ the shared SwiGLU expert's output)."""
+        return kernels.fused_moe(x, self.weights(), topk_weights, topk_ids, shared, weight_on_input)
+
+    def quantize_fp8_(self, make=None, device: torch.device | None = None) -> None:
+        """Weights -> e4m3 in the same layout, scales per output channel (the last dim), one
+        expert at a time: the extra memory is one expert's float32 copy.
+        make(shape) -> a fresh [K, N] expert weight in place of each stored one, on `device`
+        (random FP8 models: built on the meta device, never in bf16)."""
+        if self.gate_up_scale is not None:
+            return
+        for name, scale_name in (("gate_up_proj", "gate_up_scale"), ("down_proj", "down_scale")):
+            w = getattr(self, name)  # [E, K, N]
+            dev = device or w.device
+            w8 = torch.empty(w.shape, dtype=FP8_DTYPE, device=dev)
+            scale = torch.empty(w.shape[0], w.shape[2], dtype=torch.float32, device=dev)
+            for e in range(w.shape[0]):
+                q, scale[e] = quantize_fp8_per_channel((w.data[e] if make is None else make(w.shape[1:])).t())
+                w8[e].copy_(q.t())  # q: [N, K]
+            setattr(self, name, nn.Parameter(w8, requires_grad=False))
+            setattr(self, scale_name, scale)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+        q = ", fp8" if self.gate_up_scale is not None else ""
+        return f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}{q}"
 
 
 class Router(nn.Module):

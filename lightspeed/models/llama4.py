@@ -26,7 +26,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from lightspeed import kernels
 from lightspeed.config import ModelConfig
+from lightspeed.kernels.fused_moe import ExpertWeights
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.moe import Experts, Router
@@ -48,6 +50,23 @@ def interleaved_to_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
     | x0 x1 x2 x3 ... | (pairs) -> | x0 x2 ... | x1 x3 ... | (halves)."""
     n = w.shape[0] // head_dim
     return w.reshape(n, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def halves_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The inverse of interleaved_to_halves (exports to HF)."""
+    n = w.shape[0] // head_dim
+    return w.reshape(n, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def to_hf_qk_layout(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF-named weights of lightspeed's layout -> HF's (q/k rows of rope layers interleaved)."""
+    out = {}
+    for name, t in state.items():
+        m = _QK_NAME.match(name)
+        if m and (config.no_rope_layers is None or config.no_rope_layers[int(m.group(1))]):
+            t = halves_to_interleaved(t, config.head_dim)
+        out[name] = t
+    return out
 
 
 class Llama4Attention(nn.Module):
@@ -95,8 +114,14 @@ class Llama4MoE(nn.Module):
         self.shared_expert = LlamaMLP(c)  # intermediate_size, no bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+        """x [T, H] -> [T, H]. NOTE: on the kernel path the shared expert runs inside the
+        fused MoE launches (no host sync: CUDA-graph capturable); elsewhere its own Linears."""
         topk_weights, topk_ids = self.router(x)  # [T, K] each
+        if kernels.use_triton(x) and x.shape[0] <= kernels.MOE_MAX_TOKENS:
+            s = self.shared_expert
+            shared = ExpertWeights(s.gate_up_proj.weight, s.down_proj.weight, s.gate_up_proj.weight_scale,
+                                   s.down_proj.weight_scale)
+            return self.experts(x, topk_weights, topk_ids, weight_on_input=True, shared=shared)
         return self.shared_expert(x) + self.experts(x, topk_weights, topk_ids, weight_on_input=True)
 
 

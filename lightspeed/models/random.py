@@ -1,9 +1,15 @@
 """Models of a real shape with random weights, for benchmarks without a checkpoint
-(`lightspeed bench latency --shape NAME`, or the model string `shape:NAME`), and their
-export to an HF transformers model with the same weights (the `--compare-hf` peer).
+(`lightspeed bench latency --shape NAME`, or the model string `shape:NAME`; `NAME@N` keeps
+only the first N layers), and their export to an HF transformers model with the same weights
+(the `--compare-hf` peer).
 
 NOTE: SHAPES is the one name-keyed table of model sizes, for benchmarks only; the values
-are copied from each model's HF config.json. Real checkpoints always read their own.
+are copied from each model's HF config.json (Llama 4 entries are HF config dicts, read by
+ModelConfig.from_hf_config). Real checkpoints always read their own.
+
+FP8 (`random_model(..., quantization="fp8")`): the model is built on the meta device and each
+quantized weight is drawn and quantized one tensor (one expert) at a time on the device, so
+a model whose bf16 weights would not fit (Llama-4-Scout: ~109 GB in FP8) never exists in bf16.
 """
 from __future__ import annotations
 
@@ -14,6 +20,11 @@ from lightspeed.errors import UnsupportedModelError
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
+_LLAMA4 = dict(architectures=["Llama4ForCausalLM"], vocab_size=202048, hidden_size=5120, intermediate_size=8192,
+               intermediate_size_mlp=16384, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
+               head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0, num_experts_per_tok=1,
+               attention_chunk_size=8192, no_rope_layer_interval=4, attn_temperature_tuning=True, floor_scale=8192,
+               attn_scale=0.1, bos_token_id=200000, eos_token_id=[200001, 200007, 200008])
 SHAPES: dict[str, dict] = {
     "llama3.1-8b": dict(architecture="LlamaForCausalLM", vocab_size=128256, hidden_size=4096,
                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -33,6 +44,12 @@ SHAPES: dict[str, dict] = {
                          intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768,
                          tie_word_embeddings=True, attention_bias=True, eos_token_ids=[151643]),
+    # Llama 4 (HF config.json of meta-llama/Llama-4-{Scout-17B-16E,Maverick-17B-128E}, text_config)
+    "llama4-scout": dict(_LLAMA4, num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True,
+                         max_position_embeddings=10485760,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=16.0, high_freq_factor=1.0)),
+    "llama4-maverick": dict(_LLAMA4, num_local_experts=128, interleave_moe_layer_step=2, use_qk_norm=False,
+                            max_position_embeddings=1048576),
     # tiny shapes for tests and CPU smoke runs
     "tiny-llama": dict(architecture="LlamaForCausalLM", vocab_size=320, hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -41,42 +58,72 @@ SHAPES: dict[str, dict] = {
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                        max_position_embeddings=1024, tie_word_embeddings=True, attention_bias=True,
                        rope_theta=1000000.0),
+    "tiny-llama4": dict(_LLAMA4, vocab_size=320, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96,
+                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        num_local_experts=5, interleave_moe_layer_step=2, use_qk_norm=True,
+                        max_position_embeddings=4096, bos_token_id=None, eos_token_id=None),
 }
 SHAPE_PREFIX = "shape:"
 WEIGHT_STD = 0.02  # HF's initializer_range; norms are 1 as in HF's init
 
 
 def shape_config(name: str) -> ModelConfig:
-    if name not in SHAPES:
-        raise UnsupportedModelError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
-    return ModelConfig(**SHAPES[name])
+    """SHAPES[name]; `name@N`: its first N layers (models too large for one GPU, measured per layer)."""
+    base, _, layers = name.partition("@")
+    if base not in SHAPES:
+        raise UnsupportedModelError(f"unknown shape {base!r}; known: {', '.join(SHAPES)}")
+    d = dict(SHAPES[base])
+    if layers:
+        if not layers.isdigit() or int(layers) < 1:
+            raise UnsupportedModelError(f"shape {name!r}: the layer count after '@' must be a positive integer")
+        d["num_hidden_layers"] = int(layers)
+    return ModelConfig.from_hf_config(d) if "architectures" in d else ModelConfig(**d)
 
 
 def random_model(shape: str | ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, std: float = WEIGHT_STD) -> torch.nn.Module:
+                 seed: int = 0, std: float = WEIGHT_STD, quantization: str | None = None) -> torch.nn.Module:
     """A lightspeed model of `shape` (a SHAPES name or a ModelConfig) with N(0, std) weights
-    and biases, unit norms; deterministic for (seed, device). Ready to run (as after load)."""
+    and biases, unit norms; deterministic for (seed, device). Ready to run (as after load).
+    quantization "fp8": what quantize_model_ makes of it, built directly in FP8 (module doc)."""
+    from lightspeed.layers.linear import QUANTIZATIONS, quantize_model_
     from lightspeed.models import get_model_class
     from lightspeed.models.llama import LlamaForCausalLM
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     config = shape_config(shape) if isinstance(shape, str) else shape
     device = torch.device(device)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device("meta" if quantization else device):
             net = get_model_class(config)(config)
     finally:
         torch.set_default_dtype(prev)
     gen = torch.Generator(device=device).manual_seed(seed)
-    for name, p in net.named_parameters():  # tied lm_head: listed once (as the embedding)
-        if name.endswith("norm.weight"):
-            p.data.fill_(1.0)
-        else:
-            p.data.normal_(0.0, std, generator=gen)
+
+    def draw(t: torch.Tensor, name: str = "") -> torch.Tensor:
+        return t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, std, generator=gen)
+
+    if quantization:
+        quantize_model_(net, quantization, make=lambda s: draw(torch.empty(s, dtype=dtype, device=device)),
+                        device=device)
+        for mname, mod in net.named_modules():
+            for pname, p in list(mod.named_parameters(recurse=False)):
+                if p.is_meta:
+                    t = draw(torch.empty(p.shape, dtype=dtype, device=device), f"{mname}.{pname}")
+                    setattr(mod, pname, torch.nn.Parameter(t, requires_grad=False))
+        c, m = config, net.model
+        m.rotary_emb = type(m.rotary_emb)(c.head_dim, m.max_positions, c.rope_theta, c.rope_scaling).to(device)
+        if config.tie_word_embeddings:
+            net.lm_head.weight = m.embed_tokens.weight
+    else:
+        for name, p in net.named_parameters():  # tied lm_head: listed once (as the embedding)
+            draw(p.data, name)
     for module in net.modules():
         if hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
     assert isinstance(net, LlamaForCausalLM)
+    assert not any(t.is_meta for t in list(net.parameters()) + list(net.buffers()))
     return net.eval()
 
 
@@ -96,6 +143,15 @@ def hf_config_dict(config: ModelConfig) -> dict:
         d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     if c.sliding_window is not None:
         d.update(sliding_window=c.sliding_window, use_sliding_window=True)
+    if c.architecture == "Llama4ForCausalLM":
+        d.pop("rope_scaling", None)
+        d.update(rope_parameters=dict(c.rope_scaling or {"rope_type": "default"}, rope_theta=d.pop("rope_theta")),
+                 intermediate_size_mlp=c.intermediate_size_mlp, num_local_experts=c.num_local_experts,
+                 num_experts_per_tok=c.num_experts_per_tok, moe_layers=list(c.moe_layers),
+                 no_rope_layers=list(c.no_rope_layers), layer_types=list(c.layer_types),
+                 attention_chunk_size=c.attention_chunk_size, use_qk_norm=c.use_qk_norm,
+                 attn_temperature_tuning=c.attn_temperature_tuning, floor_scale=c.floor_scale,
+                 attn_scale=c.attn_scale, attention_bias=c.attention_bias)
     return d
 
 
@@ -103,6 +159,7 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """lightspeed weights under HF names: fused qkv / gate_up split back, FP8 weights
     dequantized (weight * scale, in the model dtype)."""
     from lightspeed.layers.linear import Linear
+    from lightspeed.layers.moe import Experts
     from lightspeed.models.llama import STACKED_PARAMS
     shards = {}
     for fused, hf, sid in STACKED_PARAMS:
@@ -121,9 +178,16 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{prefix}.weight"] = w[off: off + size].contiguous()
                 if module.bias is not None:
                     out[f"{prefix}.bias"] = module.bias.data[off: off + size].contiguous()
+        elif isinstance(module, Experts):  # HF layout already; FP8 dequantized
+            for pname, scale in (("gate_up_proj", module.gate_up_scale), ("down_proj", module.down_scale)):
+                w = getattr(module, pname).data
+                out[f"{name}.{pname}"] = w if scale is None else (w.float() * scale[:, None, :]).to(dtype)
         elif not list(module.children()):
             for pname, p in module.named_parameters(recurse=False):
                 out[f"{name}.{pname}"] = p.data
+    if model.config.architecture == "Llama4ForCausalLM":
+        from lightspeed.models.llama4 import to_hf_qk_layout
+        out = to_hf_qk_layout(out, model.config)
     return out
 
 
@@ -132,7 +196,8 @@ def to_hf_model(model: torch.nn.Module, device=None):
     import transformers
     config = model.config
     cfg = hf_config_dict(config)
-    hf_cfg = transformers.AutoConfig.for_model("qwen2" if config.architecture == "Qwen2ForCausalLM" else "llama", **cfg)
+    model_type = {"Qwen2ForCausalLM": "qwen2", "Llama4ForCausalLM": "llama4_text"}.get(config.architecture, "llama")
+    hf_cfg = transformers.AutoConfig.for_model(model_type, **cfg)
     dtype = model.model.norm.weight.dtype
     device = torch.device(device) if device is not None else model.model.norm.weight.device
     prev = torch.get_default_dtype()

@@ -67,3 +67,19 @@ def test_limits():
     x = torch.randn(17, 32).bfloat16()
     with pytest.raises((ValueError, RuntimeError)):
         gemv_triton(x, torch.randn(8, 32).bfloat16())
+
+
+def test_tuned_configs_apply_per_token_bucket(monkeypatch):
+    """A config tuned at M = 16 serves M = 2..16, one at M = 1 only M = 1; exact M wins."""
+    import importlib
+    g = importlib.import_module("lightspeed.kernels.gemv")  # the module (kernels.gemv is the dispatch function)
+    monkeypatch.setattr(g, "_TUNED", {})
+    g.set_tuned_config(16, 64, 96, torch.float8_e4m3fn, dict(block_n=16))
+    g.set_tuned_config(1, 64, 96, torch.float8_e4m3fn, dict(block_n=8))
+    g.set_tuned_config(4, 64, 96, torch.float8_e4m3fn, dict(block_n=64))
+    cpu = torch.device("cpu")
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=8)
+    assert g.tuned_config(7, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=16)
+    assert g.tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=64)
+    assert g.tuned_config(7, 64, 96, torch.bfloat16, cpu) == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, op="moe") == {}

@@ -48,6 +48,25 @@ def test_quantize_model_skips_lm_head_and_embeddings():
         quantize_model_(model, "int4")
 
 
+def test_quantize_model_covers_llama4_experts_and_shared_expert():
+    model = random_model("tiny-llama4")
+    before = step_weight_bytes(model)
+    moe = model.model.layers[1].feed_forward
+    assert type(moe).__name__ == "Llama4MoE"
+    x = torch.randn(5, model.config.hidden_size)
+    with torch.inference_mode():
+        ref = moe(x)
+    # per layer qkv, o, and gate_up, down (dense) or shared gate_up, down + experts (MoE)
+    assert quantize_model_(model, "fp8") == 4 * 4 + 2
+    assert moe.experts.gate_up_proj.dtype == FP8_DTYPE and moe.experts.down_proj.dtype == FP8_DTYPE
+    assert moe.experts.gate_up_scale.shape == (5, 64) and moe.experts.down_scale.shape == (5, 64)
+    assert moe.shared_expert.gate_up_proj.weight.dtype == FP8_DTYPE
+    assert moe.router.weight.dtype == torch.float32  # routing stays in full precision
+    assert step_weight_bytes(model) < 0.5 * before
+    with torch.inference_mode():
+        assert rel(moe(x), ref) < 0.08
+
+
 def _teacher_forced_logits(model, ids: torch.Tensor) -> torch.Tensor:
     """One prefill of ids [n] -> logits [n, vocab] (on the model's device and dtype)."""
     n, bs = len(ids), 16

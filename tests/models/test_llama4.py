@@ -41,10 +41,10 @@ CASES = {
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
 
 
-def make_llama4(path, case: str, seed: int = 0):
+def make_llama4(path, case: str, seed: int = 0, **overrides):
     """HF Llama4ForCausalLM with random (decisive) weights, saved with the byte tokenizer."""
     torch.manual_seed(seed)
-    cfg = transformers.Llama4TextConfig(**{**BASE, **CASES[case]}, architectures=["Llama4ForCausalLM"])
+    cfg = transformers.Llama4TextConfig(**{**BASE, **CASES[case], **overrides}, architectures=["Llama4ForCausalLM"])
     hf = transformers.Llama4ForCausalLM._from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
@@ -100,6 +100,50 @@ def test_prefill_and_decode_logits_match_hf(tmp_path, case):
         for i, seq in enumerate(seqs):
             seq += new[i]
             torch.testing.assert_close(logits[i], hf_logits(hf, seq)[-1], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["scout", "top2-bias"])
+def test_kernel_path_logits_match_hf(tmp_path, case):
+    """The Triton path (fused MoE with the shared expert, attention, norms) forced on CPU under
+    the interpreter: prefill (grouped MoE path) and decode (fast path for top-1) logits match
+    HF. Sequences stay within one attention chunk, the kernel path's limit."""
+    from lightspeed import kernels
+    if not kernels.interpreter_active():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    hf = make_llama4(tmp_path, case, attention_chunk_size=32)
+    model, config = load_ours(tmp_path)
+    prompts = prompts_of([9, 1, 5], seed=2)
+    kernels.force_triton(True)
+    try:
+        batch = PagedBatch(model, config, len(prompts))
+        logits, _ = batch.step(prompts)
+        for chunk, prompt in zip(logits.split([len(p) for p in prompts]), prompts):
+            torch.testing.assert_close(chunk, hf_logits(hf, prompt), atol=TOL, rtol=0)
+        seqs = [list(p) for p in prompts]
+        for step in range(2):
+            new = [[(7 * step + 11 * i) % 256] for i in range(len(seqs))]
+            logits, _ = batch.step(new)
+            for i, seq in enumerate(seqs):
+                seq += new[i]
+                torch.testing.assert_close(logits[i], hf_logits(hf, seq)[-1], atol=TOL, rtol=0)
+    finally:
+        kernels.force_triton(False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_gpu_greedy_matches_cpu_reference_with_graphs(tmp_path, quantization):
+    """On CUDA (fused MoE, CUDA graphs on and off): greedy tokens of the Scout-like tiny model,
+    chunk larger than the sequence, equal the CPU reference's (float32 everywhere)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    make_llama4(tmp_path, "scout", attention_chunk_size=128)
+    prompt = prompts_of([11], seed=4)[0]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    cpu = LLM(str(tmp_path), device="cpu", quantization=quantization).generate(prompt, params)[0].token_ids
+    runs = [LLM(str(tmp_path), device="cuda", dtype="float32", quantization=quantization, enable_cuda_graph=g)
+            .generate(prompt, params)[0].token_ids for g in (False, True)]
+    assert runs[0] == runs[1] == cpu
 
 
 @pytest.mark.parametrize("case", ["scout", "maverick"])
