@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lightspeed.errors import TokenizerMismatchError
+from lightspeed.spec.draft_graph import DraftGraphRunner, to_target_vocab
 from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
 from lightspeed.spec.proposer import DraftJob
 
@@ -64,6 +65,8 @@ class DraftModelProposer(ModelDrafter):
         self.max_model_len = min(self.max_model_len, mc.max_position_embeddings)
         self.device, self.dtype = engine.device, engine.dtype
         self.kv: DraftKV | None = None
+        self.graphs: DraftGraphRunner | None = None  # CUDA graphs of greedy chains (with the runner's)
+        self.max_num_seqs = engine.config.max_num_seqs
         self.cached: dict[str, list[int]] = {}  # request id -> tokens with KV at positions 0..
         self.stable: dict[str, int] = {}  # request id -> context length at the last proposal
 
@@ -84,36 +87,61 @@ class DraftModelProposer(ModelDrafter):
     def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, None]:
         ids, pos, meta, rows = self.kv.prepare(seqs)
         hidden = self.model(ids, pos, self.kv.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[rows])  # [R, V_draft]
-        v = self.target_vocab_size
-        if logits.shape[1] > v:  # padded draft embedding: the extra rows are no tokens
-            logits = logits[:, :v]
-        elif logits.shape[1] < v:
-            logits = torch.cat([logits, logits.new_full((logits.shape[0], v - logits.shape[1]), float("-inf"))], 1)
-        return logits, None
+        return to_target_vocab(self.model.compute_logits(hidden[rows]), self.target_vocab_size), None
+
+    def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
+        """Greedy chains of one length k, with the runner on CUDA graphs: one replay of the
+        draft graph (spec/draft_graph.py); anything else drafts eagerly (ModelDrafter)."""
+        k = jobs[0].max_depth if jobs else 0
+        if runner.graphs is not None and not self.config.is_tree and jobs \
+                and all(j.generator is None and j.max_depth == k for j in jobs):
+            if self.kv is None:
+                self.kv = self._init_kv(runner)
+            if self.graphs is None:
+                self.graphs = DraftGraphRunner(self.model, self.kv.kv_caches, runner.block_size, self.max_num_seqs,
+                                               self.target_vocab_size, self.device)
+            seqs, kept = self._catch_up_seqs(jobs)
+            drafts = self.graphs.run(self.kv.host_inputs(seqs), k) if seqs else None
+            if drafts is not None:
+                roots = self._commit(kept, [None] * len(kept))
+                tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
+                for rid, d in tokens.items():
+                    self.emit(out, rid, d, None)
+                self._after_draft(roots, tokens)
+                return
+        super().draft(runner, sched, inputs, hidden, aux_hidden, jobs, out)
 
     def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
         if self.kv is None:
             self.kv = self._init_kv(runner)
+        seqs, kept = self._catch_up_seqs(jobs)
+        if not seqs:
+            return []
+        logits, _ = self._forward(seqs)
+        return self._commit(kept, list(logits))
+
+    def _catch_up_seqs(self, jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
+        """The catch-up pass (each context past the draft's valid cached prefix; the logits
+        of its last token) and the jobs it serves; allocates their KV slots."""
         seqs, kept = [], []
         for job in jobs:
             rid, ctx = job.request_id, job.context
             n = len(ctx)
-            cached = self.cached.get(rid, [])
-            valid = min(common_prefix(cached, ctx, self.stable.get(rid, 0)), n - 1)
+            valid = min(common_prefix(self.cached.get(rid, []), ctx, self.stable.get(rid, 0)), n - 1)
             if not self.kv.ensure(rid, n + self._scratch_slots(job)):
                 continue  # NOTE: the draft's cache is full: this request decodes without drafts this step
             seqs.append(DraftSeq(rid, ctx[valid:], list(range(valid, n)), valid, [n - 1 - valid]))
             kept.append(job)
-        if not seqs:
-            return []
-        logits, _ = self._forward(seqs)
+        return seqs, kept
+
+    def _commit(self, jobs: list[DraftJob], logits: list) -> list[Root]:
+        """After the catch-up pass: the draft's cache holds each whole context."""
         roots = []
-        for j, job in enumerate(kept):
+        for job, row in zip(jobs, logits):
             n = job.num_tokens
             self.cached[job.request_id] = list(job.context)
             self.stable[job.request_id] = n
-            roots.append(Root(job, logits[j], None, feed_base=n - 1, storage_base=n))
+            roots.append(Root(job, row, None, feed_base=n - 1, storage_base=n))
         return roots
 
     def _after_draft(self, roots: list[Root], tokens: dict[str, list[int]]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from lightspeed.engine.block_manager import BlockManager
+from lightspeed.engine.input_prep import HostInputs
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.spec.proposer import DraftJob, Proposer
@@ -42,7 +43,7 @@ class Root:
     """Where a request's drafting starts after the catch-up pass."""
 
     job: DraftJob
-    logits: torch.Tensor  # [V] drafter logits (target vocabulary) for the first draft position
+    logits: torch.Tensor | None  # [V] drafter logits (target vocabulary) for the first draft position
     hidden: torch.Tensor | None  # [H] output hidden that feeds the depth-1 nodes (EAGLE-3)
     feed_base: int  # a node at depth d is fed at position feed_base + d
     storage_base: int  # first scratch slot
@@ -65,34 +66,39 @@ class DraftKV:
     def free(self, request_id: str) -> None:
         self.blocks.free(request_id)
 
-    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
-        ids, pos, slots, qsl, lens, rows, masks = [], [], [], [0], [], [], []
+    def host_inputs(self, seqs: list[DraftSeq]) -> HostInputs:
+        """The pass's index lists; logits_indices: the logit_rows of every seq, in order."""
+        h = HostInputs([], [], [], [0], [], [], [], [], [])
         bs = self.block_size
         for s in seqs:
             table = self.blocks.get_block_table(s.request_id)
-            n = len(s.token_ids)
-            ids += s.token_ids
-            pos += s.positions
-            slots += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
-            rows += [qsl[-1] + r for r in s.logit_rows]
-            qsl.append(qsl[-1] + n)
-            lens.append(s.storage_start + n)
-            masks.append(s.tree_mask)
-        max_blocks = max(len(self.blocks.get_block_table(s.request_id)) for s in seqs)
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table = self.blocks.get_block_table(s.request_id)
+            n, start = len(s.token_ids), h.query_start_loc[-1]
+            h.input_ids += s.token_ids
+            h.positions += s.positions
+            h.slot_mapping += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
+            h.logits_indices += [start + r for r in s.logit_rows]
+            h.query_start_loc.append(start + n)
+            h.seq_lens.append(s.storage_start + n)
+            h.block_tables.append(table)
+            h.tree_masks.append(s.tree_mask)
+        return h
+
+    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
+        h = self.host_inputs(seqs)
+        tables = torch.zeros(len(seqs), max(len(t) for t in h.block_tables), dtype=torch.int32)
+        for i, table in enumerate(h.block_tables):
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
 
         def t(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32), seq_lens=t(lens, torch.int32),
-            block_tables=tables.to(self.device), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
-            tree_masks=masks if any(m is not None for m in masks) else None)
-        return t(ids), t(pos), meta, t(rows)
+            slot_mapping=t(h.slot_mapping), query_start_loc=t(h.query_start_loc, torch.int32),
+            seq_lens=t(h.seq_lens, torch.int32), block_tables=tables.to(self.device),
+            query_start_loc_cpu=h.query_start_loc, seq_lens_cpu=h.seq_lens,
+            tree_masks=h.tree_masks if h.has_tree else None)
+        return t(h.input_ids), t(h.positions), meta, t(h.logits_indices)
 
 
 class ModelDrafter(Proposer):

@@ -133,11 +133,14 @@ class _Runner:
     block_size = 4
     kv_caches = [torch.zeros(2, 8, 4, 1, 2)]
 
-    def __init__(self, seed: int):
-        self.seed, self.generators = seed, {}
+    def __init__(self, seed: int, device: str = "cpu"):
+        self.seed, self.device, self.generators = seed, device, {}
 
     def _generator(self, rid, seed):
-        return self.generators.setdefault(rid, torch.Generator().manual_seed(hash((self.seed, rid)) % 2**31))
+        g = self.generators.get(rid)
+        if g is None:
+            g = self.generators[rid] = torch.Generator(self.device).manual_seed(hash((self.seed, rid)) % 2**31)
+        return g
 
 
 class _Proposer:
@@ -168,8 +171,8 @@ def _batch(seed: int, vocab: int = 50):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("triton", [False, True])
-def test_verifier_on_device_equals_host_verifiers(seed, triton):
+@pytest.mark.parametrize("mode", ["ref", "interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_verifier_on_device_equals_host_verifiers(seed, mode):
     """The batched device verification (kernels.rejection_verify / argmax; the Triton path
     under the interpreter) emits what verify_greedy / verify_sampled emit with the same draws."""
     from types import SimpleNamespace
@@ -177,11 +180,13 @@ def test_verifier_on_device_equals_host_verifiers(seed, triton):
     import lightspeed.kernels as K
     from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
     from lightspeed.spec.verify import Verifier
-    if triton and not K.interpreter_active():
+    if mode == "interpreter" and not K.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
+    dev = "cuda" if mode == "cuda" else "cpu"
     sched, rows_of, logits, q = _batch(seed)
+    logits, q = logits.to(dev), {rid: x.to(dev) for rid, x in q.items()}
     want = {}
-    runner = _Runner(seed)
+    runner = _Runner(seed, dev)
     for s, (first, count) in zip(sched, rows_of):
         rows, n = logits[first: first + count], s.num_draft_tokens
         parents = s.draft_parents or list(range(-1, n - 1))
@@ -194,9 +199,9 @@ def test_verifier_on_device_equals_host_verifiers(seed, triton):
     proposer = _Proposer()
     proposer.draft_probs = dict(q)
     verifier, out = Verifier(proposer), RunnerOutput()
-    K.force_triton(triton)
+    K.force_triton(mode == "interpreter")
     try:
-        verifier.verify(_Runner(seed), SchedulerOutput(sched), SimpleNamespace(logits_rows=rows_of), logits, out)
+        verifier.verify(_Runner(seed, dev), SchedulerOutput(sched), SimpleNamespace(logits_rows=rows_of), logits, out)
     finally:
         K.force_triton(False)
     assert {rid: (verifier.accepted_nodes[rid], out.sampled_token_ids[rid]) for rid in want} == want
