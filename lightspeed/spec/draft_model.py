@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lightspeed.errors import TokenizerMismatchError
-from lightspeed.spec.draft_graph import DraftGraphRunner, to_target_vocab
+from lightspeed.spec.draft_graph import to_target_vocab
 from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
 from lightspeed.spec.proposer import DraftJob
 
@@ -65,17 +65,8 @@ class DraftModelProposer(ModelDrafter):
         self.max_model_len = min(self.max_model_len, mc.max_position_embeddings)
         self.device, self.dtype = engine.device, engine.dtype
         self.kv: DraftKV | None = None
-        self.graphs: DraftGraphRunner | None = None  # CUDA graphs of greedy chains (with the runner's)
-        self.max_num_seqs = engine.config.max_num_seqs
         self.cached: dict[str, list[int]] = {}  # request id -> tokens with KV at positions 0..
         self.stable: dict[str, int] = {}  # request id -> context length at the last proposal
-
-    def _init_kv(self, runner) -> DraftKV:
-        mc = self.model.config
-        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
-                     * torch.finfo(self.dtype).bits // 8)
-        return DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
-                       runner.block_size, self.device, self.dtype)
 
     def drop(self, request_id: str) -> None:
         super().drop(request_id)
@@ -84,36 +75,34 @@ class DraftModelProposer(ModelDrafter):
         if self.kv is not None:
             self.kv.free(request_id)
 
-    def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, None]:
-        ids, pos, meta, rows = self.kv.prepare(seqs)
-        hidden = self.model(ids, pos, self.kv.kv_caches, meta)
-        return to_target_vocab(self.model.compute_logits(hidden[rows]), self.target_vocab_size), None
+    @property
+    def _module(self) -> torch.nn.Module:
+        return self.model
 
-    def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
-        """Greedy chains of one length k, with the runner on CUDA graphs: one replay of the
-        draft graph (spec/draft_graph.py); anything else drafts eagerly (ModelDrafter)."""
-        k = jobs[0].max_depth if jobs else 0
-        if runner.graphs is not None and not self.config.is_tree and jobs \
-                and all(j.generator is None and j.max_depth == k for j in jobs):
-            if self.kv is None:
-                self.kv = self._init_kv(runner)
-            if self.graphs is None:
-                self.graphs = DraftGraphRunner(self.model, self.kv.kv_caches, runner.block_size, self.max_num_seqs,
-                                               self.target_vocab_size, self.device)
-            seqs, kept = self._catch_up_seqs(jobs)
-            drafts = self.graphs.run(self.kv.host_inputs(seqs), k) if seqs else None
-            if drafts is not None:
-                roots = self._commit(kept, [None] * len(kept))
-                tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
-                for rid, d in tokens.items():
-                    self.emit(out, rid, d, None)
-                self._after_draft(roots, tokens)
-                return
-        super().draft(runner, sched, inputs, hidden, aux_hidden, jobs, out)
+    def _ensure_kv(self, runner) -> None:
+        if self.kv is not None:
+            return
+        mc = self.model.config
+        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
+                     * torch.finfo(self.dtype).bits // 8)
+        self.kv = DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
+                          runner.block_size, self.device, self.dtype)
+
+    def _step(self, ids, hidden, positions, meta, rows) -> tuple[torch.Tensor, None]:
+        out = self.model(ids, positions, self.kv.kv_caches, meta)
+        logits = self.model.compute_logits(out if rows is None else out[rows])
+        return to_target_vocab(logits, self.target_vocab_size), None
+
+    def _draft_in_graph(self, jobs: list[DraftJob], k: int, out) -> bool:
+        seqs, kept = self._catch_up_seqs(jobs)
+        drafts = self.graphs.run(self.kv.host_inputs(seqs), k) if seqs else None
+        if drafts is None:
+            return False
+        self._emit_chains(self._commit(kept, [None] * len(kept)), drafts, out)
+        return True
 
     def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
-        if self.kv is None:
-            self.kv = self._init_kv(runner)
+        self._ensure_kv(runner)
         seqs, kept = self._catch_up_seqs(jobs)
         if not seqs:
             return []
