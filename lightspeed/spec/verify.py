@@ -109,9 +109,9 @@ class Verifier:
     """Verifies every scheduled request with drafts; see the module docstring.
 
     NOTE: chains (greedy or sampled) go through kernels.rejection_verify and greedy trees
-    through one kernels.argmax of their rows, all on the device; one copy of the small
-    results (accepted counts + tokens) reaches the host per step. Sampled trees are walked
-    on the host (verify_sampled)."""
+    (and greedy chains of different lengths) through one kernels.argmax of their rows, all
+    on the device; one copy of the small results (accepted counts + tokens, or argmax
+    ids) reaches the host per step. Sampled trees are walked on the host (verify_sampled)."""
 
     def __init__(self, proposer):
         self.proposer = proposer
@@ -123,8 +123,13 @@ class Verifier:
         if not todo:
             return
         chains = [(i, s) for i, s in todo if s.draft_parents is None]
-        trees = [(i, s) for i, s in todo if s.draft_parents is not None and s.sampling_params.is_greedy]
-        done = self._verify_on_device(runner, inputs, logits, chains, trees)
+        walks = [(i, s) for i, s in todo if s.draft_parents is not None and s.sampling_params.is_greedy]
+        spans = [inputs.logits_rows[i] for i, _ in chains]
+        if any(a[1] != b[1] or a[0] + a[1] != b[0] for a, b in zip(spans, spans[1:])):
+            # NOTE: ragged chains would be padded into a copy of [S, k + 1, V]: greedy ones walk instead
+            walks += [(i, s) for i, s in chains if s.sampling_params.is_greedy]
+            chains = [(i, s) for i, s in chains if not s.sampling_params.is_greedy]
+        done = self._verify_on_device(runner, inputs, logits, chains, walks)
         src_slots: list[int] = []
         dst_slots: list[int] = []
         for i, s in todo:
@@ -155,14 +160,16 @@ class Verifier:
         if src_slots:
             copy_kv_slots(runner.kv_caches, src_slots, dst_slots)
 
-    def _verify_on_device(self, runner, inputs, logits: torch.Tensor, chains: list, trees: list) -> dict:
-        """-> request id -> (accepted path, emitted tokens) of `chains` and greedy `trees`."""
+    def _verify_on_device(self, runner, inputs, logits: torch.Tensor, chains: list, walks: list) -> dict:
+        """-> request id -> (accepted path, emitted tokens) of `chains` (rejection_verify) and
+        of the greedy chains / trees in `walks` (argmax of their rows, walked on the host)."""
         parts: list[torch.Tensor] = []
         if chains:
             parts += self._verify_chains(runner, inputs, logits, chains)
-        tree_rows = [r for i, _ in trees for r in range(inputs.logits_rows[i][0], sum(inputs.logits_rows[i]))]
-        if trees:
-            parts.append(kernels.argmax(take_rows(logits, tree_rows)))
+        if walks:
+            lo = min(inputs.logits_rows[i][0] for i, _ in walks)
+            hi = max(sum(inputs.logits_rows[i]) for i, _ in walks)
+            parts.append(kernels.argmax(logits[lo:hi]))  # NOTE: a view: rows between them are cheap to include
         if not parts:
             return {}
         flat = torch.cat([p.reshape(-1).long() for p in parts]).tolist()  # NOTE: the step's one device -> host copy
@@ -174,10 +181,10 @@ class Verifier:
                 a = accepted[j]
                 done[s.request_id] = list(range(a)), tokens[j * k1: j * k1 + a + 1]
             flat = flat[num + num * k1:]
-        for _, s in trees:
-            count = 1 + s.num_draft_tokens
-            done[s.request_id] = greedy_walk(flat[:count], s.token_ids[-s.num_draft_tokens:], s.draft_parents)
-            flat = flat[count:]
+        for i, s in walks:
+            n, first = s.num_draft_tokens, inputs.logits_rows[i][0] - lo
+            parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
+            done[s.request_id] = greedy_walk(flat[first: first + 1 + n], s.token_ids[-n:], parents)
         return done
 
     def _verify_chains(self, runner, inputs, logits: torch.Tensor, chains: list) -> list[torch.Tensor]:

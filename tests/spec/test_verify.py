@@ -148,14 +148,17 @@ class _Proposer:
         self.draft_probs = {}
 
 
-def _batch(seed: int, vocab: int = 50):
-    """Random chains (greedy, sampled with q, sampled one-hot, short) and trees of one step."""
+def _batch(seed: int, uniform: bool, vocab: int = 50):
+    """Random chains (greedy, sampled with q, sampled one-hot, short) and trees of one step;
+    uniform: chains only, all of 3 drafts (one block of rows: rejection_verify for all)."""
     from lightspeed.engine.outputs import ScheduledRequest
     g = torch.Generator().manual_seed(seed)
     hot = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)
     greedy = SamplingParams(temperature=0.0)
     cases = [("g", greedy, 4, None), ("q", hot, 4, None), ("o", hot, 3, None), ("t", greedy, 4, [-1, -1, 0, 0]),
              ("s", hot, 3, [-1, -1, 1]), ("g2", greedy, 2, None)]
+    if uniform:
+        cases = [(rid, params, 3, None) for rid, params, _, parents in cases if parents is None]
     sched, rows_of, logits, q = [], [], [], {}
     for rid, params, n, parents in cases:
         lg = torch.randn(1 + n, vocab, generator=g) * 3
@@ -170,9 +173,10 @@ def _batch(seed: int, vocab: int = 50):
     return sched, rows_of, torch.cat(logits), q
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("uniform", [False, True])
 @pytest.mark.parametrize("mode", ["ref", "interpreter", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_verifier_on_device_equals_host_verifiers(seed, mode):
+def test_verifier_on_device_equals_host_verifiers(seed, uniform, mode):
     """The batched device verification (kernels.rejection_verify / argmax; the Triton path
     under the interpreter) emits what verify_greedy / verify_sampled emit with the same draws."""
     from types import SimpleNamespace
@@ -183,7 +187,7 @@ def test_verifier_on_device_equals_host_verifiers(seed, mode):
     if mode == "interpreter" and not K.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
     dev = "cuda" if mode == "cuda" else "cpu"
-    sched, rows_of, logits, q = _batch(seed)
+    sched, rows_of, logits, q = _batch(seed, uniform)
     logits, q = logits.to(dev), {rid: x.to(dev) for rid, x in q.items()}
     want = {}
     runner = _Runner(seed, dev)
