@@ -212,6 +212,7 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.bench.results import print_table, save_results
     from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
+    from lightspeed.layers.linear import batch_invariant
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
     from lightspeed.spec import SpeculativeConfig
@@ -250,7 +251,7 @@ def run_latency_bench(args) -> list[dict]:
                    "model": label, "batch_size": b, "prompts": source, "num_prompts": len(prompts),
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
                    "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
-                   "cuda_graph": graph_on, "pdl": pdl_on,
+                   "cuda_graph": graph_on, "pdl": pdl_on, "batch_invariant": batch_invariant(),
                    "num_hidden_layers": mc.num_hidden_layers,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),

@@ -136,6 +136,8 @@ def _model_args(args, speculative: bool) -> list[str]:
             out += [flag, str(value)]
     out += [] if args.enable_cuda_graph else ["--no-cuda-graph"]
     out += [] if args.enable_pdl else ["--no-pdl"]
+    if args.batch_invariant is not None:
+        out += ["--batch-invariant" if args.batch_invariant else "--no-batch-invariant"]
     if speculative and args.speculative:
         out += ["--speculative", args.speculative, "--num-speculative-tokens", str(args.num_speculative_tokens)]
         for flag, value in (("--spec-tree-topk", args.spec_tree_topk), ("--spec-tree-depth", args.spec_tree_depth),

@@ -148,6 +148,23 @@ class _Graph:
         return d
 
 
+def capture(g: _Graph, body, pool) -> None:
+    """Capture body() (reading g's static inputs) into g.graph, its outputs in g.out, after
+    two warm-up runs on a side stream (Triton compiles, GEMV split-K counters) with the
+    all-padding inputs of dummy_inputs."""
+    device = g.flat.device
+    g.load(dummy_inputs(g.lay))
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    g.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g.graph, pool=pool):
+        g.out = body()
+
+
 class CudaGraphRunner:
     """Captures and replays graphs of model forward + compute_logits per (B, Q, L, aux) bucket.
 
@@ -178,18 +195,8 @@ class CudaGraphRunner:
 
     def _capture(self, lay: Layout, aux_ids: tuple[int, ...]) -> _Graph:
         g = _Graph(lay, self.device)
-        if not self.is_cuda:
-            return g
-        g.load(dummy_inputs(lay))
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: compile, allocate split-K counters
-            for _ in range(2):
-                self._body(g, aux_ids)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self.pool):
-            g.out = self._body(g, aux_ids)
+        if self.is_cuda:
+            capture(g, lambda: self._body(g, aux_ids), self.pool)
         return g
 
     def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = ()):

@@ -15,7 +15,7 @@ from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
-from lightspeed.layers.linear import quantize_model_
+from lightspeed.layers.linear import quantize_model_, set_batch_invariant
 from lightspeed.loader import open_checkpoint, resolve_model
 from lightspeed.models import get_model_class
 from lightspeed.models.random import SHAPE_PREFIX, random_model
@@ -89,6 +89,8 @@ class Engine:
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
         from lightspeed import kernels
         kernels.set_pdl(config.enable_pdl)  # NOTE: process-wide, read at each kernel launch
+        invariant = config.batch_invariant
+        set_batch_invariant(speculative is not None and self.device.type == "cuda" if invariant is None else invariant)
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)

@@ -153,21 +153,23 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_mul_ref(x)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         batch_invariant: bool = False) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T (+ bias): the Triton kernel for M <= 16 on CUDA, else F.linear.
-    NOTE: use it for the shapes where lightspeed.bench.kernels shows it beating cuBLAS."""
+    NOTE: use it for the shapes where lightspeed.bench.kernels shows it beating cuBLAS, or
+    with batch_invariant (each row's bits independent of M; kernels/gemv.py)."""
     if x.dim() == 2 and x.shape[0] <= MAX_M and use_triton(x):
-        return gemv_triton(x, weight, bias)
+        return gemv_triton(x, weight, bias, batch_invariant=batch_invariant)
     return F.linear(x, weight, bias)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, batch_invariant: bool = False) -> torch.Tensor:
     """x [M, K] bf16/fp16 @ (weight [N, K] e4m3fn * scale [N, 1])^T (+ bias) -> [M, N] x.dtype.
 
     M <= 16 on CUDA: the FP8 GEMV kernel; larger M on CUDA: dequantize and cuBLAS; CPU: reference."""
     if x.dim() == 2 and x.shape[0] <= MAX_M and use_triton(x):
-        return fp8_gemv_triton(x, weight, scale, bias)
+        return fp8_gemv_triton(x, weight, scale, bias, batch_invariant=batch_invariant)
     if x.is_cuda:
         y = F.linear(x, weight.to(x.dtype)).float() * scale
         return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -12,6 +12,13 @@ elementwise and reduces once at the end. With split_k > 1 (a runtime argument: o
 serves every split) each program stores a float32 partial; the last program of an N tile to
 arrive (a per-tile counter, reset by that program) sums the partials and writes the output,
 so one launch does the whole product. Tile configs per GPU and shape: TUNED_FILE.
+
+Batch invariance (`batch_invariant=True`): row m of the output has the same bits for any M
+<= 16 and any other rows: the config comes from (N, K) only (default_config ignores M; tuned
+overrides are those of M = 1), the tl.dot path always (BLOCK_M = 16, the padding rows are
+zeros), and the split-K partials are summed in a fixed order (k split 0, 1, ...) by the last
+program to arrive, never with float atomics. Decode (M = 1) and verify (M = k + 1) steps then
+compute each token's logits identically.
 """
 from __future__ import annotations
 
@@ -178,9 +185,9 @@ def default_config(m: int, n: int, k: int, weight_bytes: int, device: torch.devi
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                config: dict | None = None) -> torch.Tensor:
+                config: dict | None = None, batch_invariant: bool = False) -> torch.Tensor:
     """x: [M, K] (M <= 16), weight: [N, K], scale: [N] float32 per output channel or None,
-    bias: [N] or None -> [M, N] of x.dtype."""
+    bias: [N] or None -> [M, N] of x.dtype. batch_invariant: see the module docstring."""
     require_triton(x)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x [M, K] and weight [N, K] expected, got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -203,9 +210,9 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0 or n == 0:
         return out
     cfg = default_config(m, n, k, weight.element_size(), x.device)
-    cfg.update(tuned_config(m, n, k, weight.dtype, x.device))
+    cfg.update(tuned_config(1 if batch_invariant else m, n, k, weight.dtype, x.device))
     cfg.update(config or {})
-    use_dot = cfg["dot"] or m > 1
+    use_dot = cfg["dot"] or m > 1 or batch_invariant
     block_m = 16 if use_dot else 1
     block_n, block_k, split_k = cfg["block_n"], cfg["block_k"], cfg["split_k"]
     k_split = cdiv(cdiv(k, split_k), block_k) * block_k

@@ -42,11 +42,31 @@ def set_gemv_faster(m: int, n: int, k: int, dtype: torch.dtype, faster: bool) ->
     (_GEMV_FASTER.add if faster else _GEMV_FASTER.discard)((m, n, k, dtype))
 
 
+# Batch invariance: every projection (lm_head included) with M <= 16 rows runs the Triton
+# GEMV in its batch-invariant form (kernels/gemv.py), whatever the mode above, so a verify
+# step (M = k + 1) computes each row's bits as a decode step (M = 1) does. Process-wide,
+# set by the Engine (EngineConfig.batch_invariant).
+_BATCH_INVARIANT = False
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    global _BATCH_INVARIANT
+    _BATCH_INVARIANT = bool(enabled)
+
+
+def batch_invariant() -> bool:
+    return _BATCH_INVARIANT
+
+
 def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     m = x.shape[0]
-    if _GEMV_MODE == "never" or x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 \
-            or not kernels.use_triton(x) or kernels.needs_grad(x, weight):
+    if x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 or not kernels.use_triton(x) \
+            or kernels.needs_grad(x, weight):
         return False  # NOTE: CPU float32 weights are column-major (pack_weight): not for the GEMV
+    if _BATCH_INVARIANT:
+        return True
+    if _GEMV_MODE == "never":
+        return False
     return _GEMV_MODE == "always" or (m, weight.shape[0], weight.shape[1], weight.dtype) in _GEMV_FASTER
 
 
@@ -59,9 +79,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (cuBLAS on CUDA, MKL on CPU).
     """
     if scale is not None:
-        return kernels.fp8_linear(x, weight, scale, bias)
+        return kernels.fp8_linear(x, weight, scale, bias, batch_invariant=_BATCH_INVARIANT)
     if _use_gemv(x, weight):
-        return kernels.gemv(x, weight, bias)
+        return kernels.gemv(x, weight, bias, batch_invariant=_BATCH_INVARIANT)
     return F.linear(x, weight, bias)
 
 
@@ -153,7 +173,7 @@ def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device) -> None:
     CUDA graph, cycling through enough weight copies to miss L2, and remember where the GEMV
     is faster. Call it outside graph capture, before the first step of M tokens.
     NOTE: measured once per process and shape; GEMV_TIMINGS keeps the figures."""
-    if _GEMV_MODE != "tuned" or m > kernels.MAX_M or device.type != "cuda":
+    if _GEMV_MODE != "tuned" or _BATCH_INVARIANT or m > kernels.MAX_M or device.type != "cuda":
         return
     shapes = getattr(model, "_linear_shapes", None)
     if shapes is None:

@@ -37,7 +37,7 @@ from lightspeed.layers.linear import Linear
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.layers.rotary import RotaryEmbedding, rope_table_size
 from lightspeed.models.llama import (LlamaAttention, LlamaMLP, RopeInputs, checkpoint_targets, copy_weights,
-                                     mismatch_problems)
+                                     mismatch_problems, rope_inputs)
 
 IGNORED = ("t2d", "rotary_emb.inv_freq")
 
@@ -117,9 +117,9 @@ class Eagle3Head(nn.Module):
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, positions: [T]; hidden: [T, H] -> (normed [T, H], pre-norm [T, H])."""
-        cos, sin = self.rotary_emb.cos_sin(positions)
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
-        out, residual = self.midlayer(embeds, hidden, kv_caches[0], meta, RopeInputs(positions, cos, sin))
+        rope = rope_inputs(self.rotary_emb, hidden, positions)
+        out, residual = self.midlayer(embeds, hidden, kv_caches[0], meta, rope)
         return self.norm(out, residual)
 
     def compute_logits(self, normed: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,15 @@ class LlamaDecoderLayer(nn.Module):
         return self.feed_forward_out(hidden), residual
 
 
+def rope_inputs(rotary_emb, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
+    """The table for the fused QKV epilogue (Triton path: K/V written at slot_mapping, -1
+    skipped), else cos/sin for the torch path."""
+    if kernels.use_triton(hidden):
+        return RopeInputs(positions, cache=rotary_emb.cos_sin_cache)  # [max_pos, D] float32
+    cos, sin = rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
+    return RopeInputs(positions, cos, sin)
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -128,10 +137,7 @@ class LlamaModel(nn.Module):
         return LlamaDecoderLayer(config)
 
     def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
-        if kernels.use_triton(hidden):
-            return RopeInputs(positions, cache=self.rotary_emb.cos_sin_cache)  # [max_pos, D] float32
-        cos, sin = self.rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
-        return RopeInputs(positions, cos, sin)
+        return rope_inputs(self.rotary_emb, hidden, positions)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lightspeed.errors import TokenizerMismatchError
+from lightspeed.spec.draft_graph import to_target_vocab
 from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
 from lightspeed.spec.proposer import DraftJob
 
@@ -67,13 +68,6 @@ class DraftModelProposer(ModelDrafter):
         self.cached: dict[str, list[int]] = {}  # request id -> tokens with KV at positions 0..
         self.stable: dict[str, int] = {}  # request id -> context length at the last proposal
 
-    def _init_kv(self, runner) -> DraftKV:
-        mc = self.model.config
-        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
-                     * torch.finfo(self.dtype).bits // 8)
-        return DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
-                       runner.block_size, self.device, self.dtype)
-
     def drop(self, request_id: str) -> None:
         super().drop(request_id)
         self.cached.pop(request_id, None)
@@ -81,39 +75,62 @@ class DraftModelProposer(ModelDrafter):
         if self.kv is not None:
             self.kv.free(request_id)
 
-    def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, None]:
-        ids, pos, meta, rows = self.kv.prepare(seqs)
-        hidden = self.model(ids, pos, self.kv.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[rows])  # [R, V_draft]
-        v = self.target_vocab_size
-        if logits.shape[1] > v:  # padded draft embedding: the extra rows are no tokens
-            logits = logits[:, :v]
-        elif logits.shape[1] < v:
-            logits = torch.cat([logits, logits.new_full((logits.shape[0], v - logits.shape[1]), float("-inf"))], 1)
-        return logits, None
+    @property
+    def _module(self) -> torch.nn.Module:
+        return self.model
+
+    def _ensure_kv(self, runner) -> None:
+        if self.kv is not None:
+            return
+        mc = self.model.config
+        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
+                     * torch.finfo(self.dtype).bits // 8)
+        self.kv = DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
+                          runner.block_size, self.device, self.dtype)
+
+    def _step(self, ids, hidden, positions, meta, rows) -> tuple[torch.Tensor, None]:
+        out = self.model(ids, positions, self.kv.kv_caches, meta)
+        logits = self.model.compute_logits(out if rows is None else out[rows])
+        return to_target_vocab(logits, self.target_vocab_size), None
+
+    def _draft_in_graph(self, jobs: list[DraftJob], k: int, out) -> bool:
+        seqs, kept = self._catch_up_seqs(jobs)
+        drafts = self.graphs.run(self.kv.host_inputs(seqs), k) if seqs else None
+        if drafts is None:
+            return False
+        self._emit_chains(self._commit(kept, [None] * len(kept)), drafts, out)
+        return True
 
     def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
-        if self.kv is None:
-            self.kv = self._init_kv(runner)
+        self._ensure_kv(runner)
+        seqs, kept = self._catch_up_seqs(jobs)
+        if not seqs:
+            return []
+        logits, _ = self._forward(seqs)
+        return self._commit(kept, list(logits))
+
+    def _catch_up_seqs(self, jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
+        """The catch-up pass (each context past the draft's valid cached prefix; the logits
+        of its last token) and the jobs it serves; allocates their KV slots."""
         seqs, kept = [], []
         for job in jobs:
             rid, ctx = job.request_id, job.context
             n = len(ctx)
-            cached = self.cached.get(rid, [])
-            valid = min(common_prefix(cached, ctx, self.stable.get(rid, 0)), n - 1)
+            valid = min(common_prefix(self.cached.get(rid, []), ctx, self.stable.get(rid, 0)), n - 1)
             if not self.kv.ensure(rid, n + self._scratch_slots(job)):
                 continue  # NOTE: the draft's cache is full: this request decodes without drafts this step
             seqs.append(DraftSeq(rid, ctx[valid:], list(range(valid, n)), valid, [n - 1 - valid]))
             kept.append(job)
-        if not seqs:
-            return []
-        logits, _ = self._forward(seqs)
+        return seqs, kept
+
+    def _commit(self, jobs: list[DraftJob], logits: list) -> list[Root]:
+        """After the catch-up pass: the draft's cache holds each whole context."""
         roots = []
-        for j, job in enumerate(kept):
+        for job, row in zip(jobs, logits):
             n = job.num_tokens
             self.cached[job.request_id] = list(job.context)
             self.stable[job.request_id] = n
-            roots.append(Root(job, logits[j], None, feed_base=n - 1, storage_base=n))
+            roots.append(Root(job, row, None, feed_base=n - 1, storage_base=n))
         return roots
 
     def _after_draft(self, roots: list[Root], tokens: dict[str, list[int]]) -> None:

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from lightspeed.engine.block_manager import BlockManager
+from lightspeed.engine.input_prep import HostInputs
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
 from lightspeed.layers.attention import AttentionMetadata
+from lightspeed.spec.draft_graph import DraftGraphRunner
 from lightspeed.spec.proposer import DraftJob, Proposer
 from lightspeed.spec.tree import TreeBuilder
 
@@ -42,7 +44,7 @@ class Root:
     """Where a request's drafting starts after the catch-up pass."""
 
     job: DraftJob
-    logits: torch.Tensor  # [V] drafter logits (target vocabulary) for the first draft position
+    logits: torch.Tensor | None  # [V] drafter logits (target vocabulary) for the first draft position
     hidden: torch.Tensor | None  # [H] output hidden that feeds the depth-1 nodes (EAGLE-3)
     feed_base: int  # a node at depth d is fed at position feed_base + d
     storage_base: int  # first scratch slot
@@ -65,46 +67,69 @@ class DraftKV:
     def free(self, request_id: str) -> None:
         self.blocks.free(request_id)
 
-    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
-        ids, pos, slots, qsl, lens, rows, masks = [], [], [], [0], [], [], []
+    def host_inputs(self, seqs: list[DraftSeq]) -> HostInputs:
+        """The pass's index lists; logits_indices: the logit_rows of every seq, in order."""
+        h = HostInputs([], [], [], [0], [], [], [], [], [])
         bs = self.block_size
         for s in seqs:
             table = self.blocks.get_block_table(s.request_id)
-            n = len(s.token_ids)
-            ids += s.token_ids
-            pos += s.positions
-            slots += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
-            rows += [qsl[-1] + r for r in s.logit_rows]
-            qsl.append(qsl[-1] + n)
-            lens.append(s.storage_start + n)
-            masks.append(s.tree_mask)
-        max_blocks = max(len(self.blocks.get_block_table(s.request_id)) for s in seqs)
-        tables = torch.zeros(len(seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            table = self.blocks.get_block_table(s.request_id)
+            n, start = len(s.token_ids), h.query_start_loc[-1]
+            h.input_ids += s.token_ids
+            h.positions += s.positions
+            h.slot_mapping += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
+            h.logits_indices += [start + r for r in s.logit_rows]
+            h.query_start_loc.append(start + n)
+            h.seq_lens.append(s.storage_start + n)
+            h.block_tables.append(table)
+            h.tree_masks.append(s.tree_mask)
+        return h
+
+    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
+        h = self.host_inputs(seqs)
+        tables = torch.zeros(len(seqs), max(len(t) for t in h.block_tables), dtype=torch.int32)
+        for i, table in enumerate(h.block_tables):
             tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
 
         def t(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         meta = AttentionMetadata(
-            slot_mapping=t(slots), query_start_loc=t(qsl, torch.int32), seq_lens=t(lens, torch.int32),
-            block_tables=tables.to(self.device), query_start_loc_cpu=qsl, seq_lens_cpu=lens,
-            tree_masks=masks if any(m is not None for m in masks) else None)
-        return t(ids), t(pos), meta, t(rows)
+            slot_mapping=t(h.slot_mapping), query_start_loc=t(h.query_start_loc, torch.int32),
+            seq_lens=t(h.seq_lens, torch.int32), block_tables=tables.to(self.device),
+            query_start_loc_cpu=h.query_start_loc, seq_lens_cpu=h.seq_lens,
+            tree_masks=h.tree_masks if h.has_tree else None)
+        return t(h.input_ids), t(h.positions), meta, t(h.logits_indices)
 
 
 class ModelDrafter(Proposer):
-    """Chain / tree drafting with a model; subclasses provide the catch-up pass and forward."""
+    """Chain / tree drafting with a model; subclasses provide the catch-up pass and one pass
+    of the drafter (`_step`). Greedy chains of one length replay CUDA graphs when the runner
+    does (spec/draft_graph.py); everything else drafts eagerly."""
+
+    graphs: DraftGraphRunner | None = None
+
+    def _step(self, ids: torch.Tensor, hidden: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
+              rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass -> logits [R, V_target] float32 of `rows` (None: every row), and their
+        output hidden states [R, H] (None when the drafter does not feed hidden states back)."""
+        raise NotImplementedError
 
     def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> logits [R, V_target] float32 of every seq's logit_rows, and their output hidden
-        states [R, H] (None when the drafter does not feed hidden states back)."""
+        """-> _step's outputs for every seq's logit_rows."""
+        ids, pos, meta, rows = self.kv.prepare(seqs)
+        hidden = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
+        return self._step(ids, hidden, pos, meta, rows)
+
+    def _ensure_kv(self, runner) -> None:
         raise NotImplementedError
 
     def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
         raise NotImplementedError
+
+    def _draft_in_graph(self, jobs: list[DraftJob], k: int, out) -> bool:
+        """Hook: catch-up pass and chain in one graph replay; False: not done (nothing changed)."""
+        return False
 
     def _scratch_slots(self, job: DraftJob) -> int:
         """Scratch slots the drafting of `job` may use."""
@@ -113,13 +138,47 @@ class ModelDrafter(Proposer):
         return max(job.max_depth - 1, 0)
 
     def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
+        k = self._graph_depth(runner, jobs)
+        if k is not None and self._draft_in_graph(jobs, k, out):
+            return
         roots = self._catch_up(runner, sched, inputs, aux_hidden, jobs)
         if not roots:
             return
         if self.config.is_tree:
             self._draft_trees(roots, out)
-        else:
+        elif k is None or not self._chain_in_graph(roots, k, out):
             self._draft_chains(roots, out)
+
+    # -- graphs ------------------------------------------------------------------------
+    def _graph_depth(self, runner, jobs: list[DraftJob]) -> int | None:
+        """k when these jobs can draft in a graph: the runner replays graphs (CUDA), chains,
+        every request greedy with the same depth k; else None."""
+        if runner.graphs is None or self.config.is_tree or not jobs:
+            return None
+        k = jobs[0].max_depth
+        if any(j.generator is not None or j.max_depth != k for j in jobs):
+            return None
+        if self.graphs is None:
+            self._ensure_kv(runner)
+            self.graphs = DraftGraphRunner(self._module, self._step, self.kv.kv_caches, runner.block_size,
+                                           self.max_num_seqs, self.device)
+        return k
+
+    def _chain_in_graph(self, roots: list[Root], k: int, out) -> bool:
+        """The chain after an eager catch-up: one replay from the roots' logits (+ hidden)."""
+        seqs = [DraftSeq(r.job.request_id, [0], [r.feed_base], r.feed_base, [0]) for r in roots]
+        hidden = torch.stack([r.hidden for r in roots]) if roots[0].hidden is not None else None
+        drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden))
+        if drafts is None:
+            return False
+        self._emit_chains(roots, drafts, out)
+        return True
+
+    def _emit_chains(self, roots: list[Root], drafts: list[list[int]], out) -> None:
+        tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
+        for rid, d in tokens.items():
+            self.emit(out, rid, d, None)
+        self._after_draft(roots, tokens)
 
     # -- chains ------------------------------------------------------------------------
     def _draft_chains(self, roots: list[Root], out) -> None:

@@ -46,18 +46,24 @@ class Eagle3Proposer(ModelDrafter):
         if self.kv is not None:
             self.kv.free(request_id)
 
-    def _init(self, runner) -> None:
+    @property
+    def _module(self) -> torch.nn.Module:
+        return self.head
+
+    def _ensure_kv(self, runner) -> None:
+        if self.kv is not None:
+            return
         c = self.head.config.layer
         per_block = 2 * runner.block_size * c.num_key_value_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
         self.kv = DraftKV(1, c.num_key_value_heads, c.head_dim, kv_num_blocks(runner, per_block),
                           runner.block_size, self.device, self.dtype)
         self.head.set_embedding(runner.model.model.embed_tokens)
 
-    def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, pos, meta, rows = self.kv.prepare(seqs)
-        hidden = torch.cat([s.hidden for s in seqs])  # [T, H]
-        normed, prenorm = self.head(ids, hidden, pos, self.kv.kv_caches, meta)
-        return self.head.compute_logits(normed[rows]), prenorm[rows]
+    def _step(self, ids, hidden, positions, meta, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, prenorm = self.head(ids, hidden, positions, self.kv.kv_caches, meta)
+        if rows is not None:
+            normed, prenorm = normed[rows], prenorm[rows]
+        return self.head.compute_logits(normed), prenorm
 
     def _new_hidden(self, sched, inputs, aux_hidden: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
         """request id -> (position of the first row, fused target hidden [n, H]) for the
@@ -75,8 +81,7 @@ class Eagle3Proposer(ModelDrafter):
         return {rid: (pos, fused[a: a + n]) for rid, pos, a, n in spans}
 
     def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
-        if self.kv is None:
-            self._init(runner)
+        self._ensure_kv(runner)
         by_id = {j.request_id: j for j in jobs}
         seqs, plans = [], []
         for rid, (pos, new) in self._new_hidden(sched, inputs, aux_hidden).items():

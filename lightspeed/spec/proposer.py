@@ -50,6 +50,7 @@ class Proposer:
         self.config = config
         self.max_model_len: int = engine.max_model_len
         self.max_num_batched_tokens: int = engine.config.max_num_batched_tokens
+        self.max_num_seqs: int = engine.config.max_num_seqs
         self.verifier = None  # set by build_speculation
         self.contexts: dict[str, list[int]] = {}  # request id -> committed token ids
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q of sampled drafts [n, vocab]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from lightspeed import kernels
 from lightspeed.config import SamplingParams
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits, top_logprobs
 
@@ -39,7 +40,11 @@ def children_of(parents: list[int]) -> dict[int, list[int]]:
 
 def verify_greedy(rows: torch.Tensor, drafts: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
     """rows: [1 + n, V] -> (accepted node path, emitted tokens = accepted drafts + bonus)."""
-    best = rows.argmax(dim=-1).tolist()
+    return greedy_walk(rows.argmax(dim=-1).tolist(), drafts, parents)
+
+
+def greedy_walk(best: list[int], drafts: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """best[r]: the target's argmax of logits row r (0 = root, 1 + c = node c) -> as verify_greedy."""
     kids = children_of(parents)
     node, path = -1, []
     while True:
@@ -101,7 +106,12 @@ def verify_sampled(rows: torch.Tensor, drafts: list[int], parents: list[int], q:
 
 
 class Verifier:
-    """Verifies every scheduled request with drafts; see the module docstring."""
+    """Verifies every scheduled request with drafts; see the module docstring.
+
+    NOTE: chains (greedy or sampled) go through kernels.rejection_verify and greedy trees
+    (and greedy chains of different lengths) through one kernels.argmax of their rows, all
+    on the device; one copy of the small results (accepted counts + tokens, or argmax
+    ids) reaches the host per step. Sampled trees are walked on the host (verify_sampled)."""
 
     def __init__(self, proposer):
         self.proposer = proposer
@@ -109,23 +119,31 @@ class Verifier:
 
     def verify(self, runner, sched, inputs, logits: torch.Tensor, out) -> None:
         self.accepted_nodes = {}
+        todo = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and s.num_draft_tokens]
+        if not todo:
+            return
+        chains = [(i, s) for i, s in todo if s.draft_parents is None]
+        walks = [(i, s) for i, s in todo if s.draft_parents is not None and s.sampling_params.is_greedy]
+        spans = [inputs.logits_rows[i] for i, _ in chains]
+        if any(a[1] != b[1] or a[0] + a[1] != b[0] for a, b in zip(spans, spans[1:])):
+            # NOTE: ragged chains would be padded into a copy of [S, k + 1, V]: greedy ones walk instead
+            walks += [(i, s) for i, s in chains if s.sampling_params.is_greedy]
+            chains = [(i, s) for i, s in chains if not s.sampling_params.is_greedy]
+        done = self._verify_on_device(runner, inputs, logits, chains, walks)
         src_slots: list[int] = []
         dst_slots: list[int] = []
-        for i, s in enumerate(sched.scheduled):
+        for i, s in todo:
             n = s.num_draft_tokens
-            if not (s.is_last_chunk and n):
-                continue
             first, count = inputs.logits_rows[i]
             rows = logits[first: first + count]  # [1 + n, V]
-            drafts = s.token_ids[-n:]
-            parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
-            q = self.proposer.draft_probs.pop(s.request_id, None)
             params = s.sampling_params
-            if params.is_greedy:
-                path, emitted = verify_greedy(rows, drafts, parents)
-            else:
+            if s.request_id in done:
+                path, emitted = done[s.request_id]
+            else:  # a sampled tree
+                q = self.proposer.draft_probs.pop(s.request_id, None)
                 gen = runner._generator(s.request_id, params.seed)
-                path, emitted = verify_sampled(rows, drafts, parents, None if q is None else q[:n], params, gen)
+                path, emitted = verify_sampled(rows, s.token_ids[-n:], s.draft_parents, None if q is None else q[:n],
+                                               params, gen)
             out.sampled_token_ids[s.request_id] = emitted
             self.accepted_nodes[s.request_id] = path
             if params.logprobs is not None:
@@ -141,6 +159,74 @@ class Verifier:
                     dst_slots.append(_slot(s.block_table, root + d, runner.block_size))
         if src_slots:
             copy_kv_slots(runner.kv_caches, src_slots, dst_slots)
+
+    def _verify_on_device(self, runner, inputs, logits: torch.Tensor, chains: list, walks: list) -> dict:
+        """-> request id -> (accepted path, emitted tokens) of `chains` (rejection_verify) and
+        of the greedy chains / trees in `walks` (argmax of their rows, walked on the host)."""
+        parts: list[torch.Tensor] = []
+        if chains:
+            parts += self._verify_chains(runner, inputs, logits, chains)
+        if walks:
+            lo = min(inputs.logits_rows[i][0] for i, _ in walks)
+            hi = max(sum(inputs.logits_rows[i]) for i, _ in walks)
+            parts.append(kernels.argmax(logits[lo:hi]))  # NOTE: a view: rows between them are cheap to include
+        if not parts:
+            return {}
+        flat = torch.cat([p.reshape(-1).long() for p in parts]).tolist()  # NOTE: the step's one device -> host copy
+        done = {}
+        if chains:
+            num, k1 = len(chains), max(s.num_draft_tokens for _, s in chains) + 1
+            accepted, tokens = flat[:num], flat[num: num + num * k1]
+            for j, (_, s) in enumerate(chains):
+                a = accepted[j]
+                done[s.request_id] = list(range(a)), tokens[j * k1: j * k1 + a + 1]
+            flat = flat[num + num * k1:]
+        for i, s in walks:
+            n, first = s.num_draft_tokens, inputs.logits_rows[i][0] - lo
+            parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
+            done[s.request_id] = greedy_walk(flat[first: first + 1 + n], s.token_ids[-n:], parents)
+        return done
+
+    def _verify_chains(self, runner, inputs, logits: torch.Tensor, chains: list) -> list[torch.Tensor]:
+        """One kernels.rejection_verify over every chain, padded to the longest (k drafts)
+        -> [num_accepted [S], output tokens [S, k + 1]] on the device."""
+        k = max(s.num_draft_tokens for _, s in chains)
+        num, vocab, dev = len(chains), logits.shape[-1], logits.device
+        rows = [inputs.logits_rows[i][0] + min(j, s.num_draft_tokens) for i, s in chains for j in range(k + 1)]
+        target = take_rows(logits, rows).float().view(num, k + 1, vocab)  # padding rows repeat the last
+        drafts = [s.token_ids[-s.num_draft_tokens:] + [0] * (k - s.num_draft_tokens) for _, s in chains]
+        draft_ids = torch.tensor(drafts, dtype=torch.int64).to(dev, non_blocking=True)
+        num_drafts = torch.tensor([s.num_draft_tokens for _, s in chains], dtype=torch.int32).to(dev, non_blocking=True)
+        qs = [self.proposer.draft_probs.pop(s.request_id, None) for _, s in chains]
+        greedy = [s.sampling_params.is_greedy for _, s in chains]
+        if all(greedy):
+            return list(kernels.rejection_verify(target, draft_ids, None, None, None, True, num_drafts))
+        sampled = [j for j, g in enumerate(greedy) if not g]
+        params = [chains[j][1].sampling_params for j in sampled for _ in range(k + 1)]
+        target = target.clone()
+        target[sampled] = sampling_logits(target[sampled].flatten(0, 1), params).softmax(-1).view(-1, k + 1, vocab)
+        uniforms = torch.zeros(num, k, device=dev)
+        exps = torch.ones(num, vocab, device=dev)
+        has_q = any(qs[j] is not None for j in sampled)
+        q_all = torch.zeros(num, k, vocab, device=dev) if has_q else None
+        for j in sampled:  # NOTE: the draws of verify_sampled, in its order, from the request's generator
+            s = chains[j][1]
+            n = s.num_draft_tokens
+            gen = runner._generator(s.request_id, s.sampling_params.seed)
+            uniforms[j, :n] = torch.rand(n, generator=gen, device=dev)
+            exps[j] = torch.empty(vocab, device=dev).exponential_(generator=gen)
+            if has_q:  # a deterministic draft is a one-hot q
+                q_all[j, :n] = qs[j][:n] if qs[j] is not None else \
+                    torch.nn.functional.one_hot(draft_ids[j, :n], vocab).float()
+        is_greedy = torch.tensor(greedy, dtype=torch.bool).to(dev, non_blocking=True)
+        return list(kernels.rejection_verify(target, draft_ids, q_all, uniforms, exps, is_greedy, num_drafts))
+
+
+def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """x[rows] ([len(rows), ...]): a view when the rows are consecutive, else a gather."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0]: rows[0] + len(rows)]
+    return x[torch.tensor(rows, dtype=torch.int64).to(x.device, non_blocking=True)]
 
 
 def _slot(block_table: list[int], index: int, block_size: int) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from lightspeed.kernels.fp8_gemv import fp8_gemv_ref, fp8_gemv_triton, quantize_fp8_per_channel
 from lightspeed.kernels.gemv import _counters, gemv_ref, gemv_triton
-from tests.kernels.helpers import DEVICES, assert_all_written, poison, rel_err
+from tests.kernels.helpers import DEVICES, assert_all_written, gpu, poison, rel_err
 
 CASES = [  # m, n, k, bias, config (None: the default heuristic)
     (1, 100, 300, False, None),
@@ -83,3 +83,38 @@ def test_tuned_configs_apply_per_token_bucket(monkeypatch):
     assert g.tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=64)
     assert g.tuned_config(7, 64, 96, torch.bfloat16, cpu) == {}
     assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, op="moe") == {}
+
+
+def _rows_invariant(device, n, k, ms, dtype, bias=True, config=None):
+    """batch_invariant=True: each row's bits do not depend on M nor on the other rows."""
+    from lightspeed.kernels.gemv import _TUNED, set_tuned_config
+    x = torch.randn(16, k, device=device).to(dtype)
+    w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    set_tuned_config(3, n, k, w.dtype, dict(split_k=1, block_k=32, dot=False))  # an M-specific override: ignored
+    try:
+        full = gemv_triton(x, w, b, config=config, batch_invariant=True)
+        for m in ms:
+            y = gemv_triton(x[:m], w, b, config=config, batch_invariant=True)
+            assert torch.equal(y, full[:m]), f"M={m}: rows differ from the M=16 product"
+        other = x.clone()
+        other[1:] = torch.randn(15, k, device=device).to(dtype) * 100  # row 0 among very different rows
+        assert torch.equal(gemv_triton(other[:5], w, b, config=config, batch_invariant=True)[0], full[0])
+    finally:
+        _TUNED.pop(("gemv", 3, n, k, w.dtype), None)
+    assert rel_err(full, gemv_ref(x, w, b)) < 5e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,k,config", [(70, 300, None), (129, 520, dict(split_k=3, block_k=64)),
+                                        (33, 200, dict(split_k=2, block_k=32, dot=False))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: no output rounding hides a change
+def test_gemv_batch_invariant_rows(device, n, k, config, dtype):
+    _rows_invariant(device, n, k, [1, 2, 3, 5, 16], dtype, config=config)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu, id="gpu")])
+@pytest.mark.parametrize("n,k", [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (151936, 1536)])
+def test_gemv_batch_invariant_rows_qwen_1_5b_shapes(device, n, k):
+    """Every projection of Qwen2.5-1.5B (qkv, o, gate_up, down, lm_head) in bf16, M = 1 .. 16."""
+    _rows_invariant(device, n, k, range(1, 17), torch.bfloat16, bias=n == 2048)

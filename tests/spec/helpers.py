@@ -9,7 +9,7 @@ import torch
 
 from tests.tiny import VOCAB, make_tiny_checkpoint
 
-__all__ = ["make_tiny_checkpoint", "make_eagle3_head", "random_prompts", "VOCAB"]
+__all__ = ["make_tiny_checkpoint", "make_eagle3_head", "random_prompts", "check_draft_graphs", "VOCAB"]
 
 
 def random_prompts(lengths, seed=0, high=256):
@@ -71,3 +71,52 @@ def make_eagle3_head(path: Path, target_hidden: int = 64, vocab: int = VOCAB, dr
     save_file(t, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg))
     return path
+
+
+def _generate_logging_drafts(target, spec, prompts, params, graphs: bool, dtype: str | None):
+    """-> (token ids, every (request id, drafts) the proposer emitted, its DraftGraphRunner).
+    graphs on CPU: the runner's graphs emulated under the Triton interpreter."""
+    import lightspeed.kernels as K
+    from lightspeed import LLM
+    from lightspeed.engine.cuda_graph import CudaGraphRunner
+    cuda = dtype is not None
+    llm = LLM(str(target), device="cuda" if cuda else "cpu", dtype=dtype, block_size=4, max_num_seqs=4,
+              enable_cuda_graph=graphs, speculative=spec)
+    log, proposer = [], llm.engine.runner.proposer
+    emit = proposer.emit
+
+    def recording(out, rid, tokens, parents):
+        log.append((rid, list(tokens)))
+        emit(out, rid, tokens, parents)
+    proposer.emit = recording
+    r = llm.engine.runner
+    if graphs and not cuda:
+        r.graphs = CudaGraphRunner(r.model, r.kv_caches, r.block_size, 4, r.device)
+        K.force_triton(True)
+    try:
+        tokens = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        K.force_triton(False)
+    return tokens, log, proposer.graphs
+
+
+def check_draft_graphs(target, spec, prompts, params, want_keys, dtype: str | None = None) -> None:
+    """Drafting in graphs (CUDA with a dtype; else the graph body emulated on CPU under the
+    Triton interpreter) proposes what eager drafting proposes, with the same output tokens.
+    want_keys: some of the (B, k, roots given) graph buckets that must have been used.
+    NOTE: in bfloat16 near-ties may flip a draft (other attention bounds, padded rows)."""
+    import pytest
+
+    import lightspeed.kernels as K
+    if dtype is None and not K.interpreter_active():
+        pytest.skip("needs TRITON_INTERPRET=1")
+    eager, eager_log, _ = _generate_logging_drafts(target, spec, prompts, params, False, dtype)
+    graphed, graph_log, runner = _generate_logging_drafts(target, spec, prompts, params, True, dtype)
+    assert runner is not None and want_keys & {(lay.B, k, r) for lay, k, r in runner.graphs}, "no draft graph used"
+    if dtype is not None:
+        assert all(g.graph is not None for g in runner.graphs.values()), "not captured"
+    if dtype == "bfloat16":
+        same = sum(a == b for a, b in zip(eager_log, graph_log))
+        assert same >= 0.5 * len(eager_log), (same, len(eager_log))
+    else:
+        assert graphed == eager and graph_log == eager_log and len(eager_log) >= 6

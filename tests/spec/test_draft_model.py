@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from lightspeed import LLM, SamplingParams, SpeculativeConfig
 from lightspeed.errors import TokenizerMismatchError
-from tests.spec.helpers import make_tiny_checkpoint, random_prompts
+from tests.spec.helpers import check_draft_graphs, make_tiny_checkpoint, random_prompts
 from tests.tiny import hf_greedy
 
 
@@ -61,3 +61,24 @@ def test_vocabulary_mismatch_is_rejected(root):
         LLM(str(root / "target"), device="cpu", speculative=SpeculativeConfig("draft", model=str(small)))
     cfg = json.loads((small / "config.json").read_text())
     assert cfg["vocab_size"] == 200
+
+
+
+def test_draft_graph_body_emulated_equals_eager(root):
+    """The padded draft-graph body (catch-up + chained on-device argmax steps), run eagerly
+    under the Triton interpreter, proposes the eager drafter's drafts; tokens unchanged."""
+    make_tiny_checkpoint(root / "draft_g", "qwen2", seed=7, num_hidden_layers=1)
+    spec = SpeculativeConfig("draft", model=str(root / "draft_g"), num_speculative_tokens=3)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    check_draft_graphs(root / "target", spec, random_prompts([5, 19, 9]), params, {(4, 3, False)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_draft_graph_equals_eager_on_gpu(root, dtype):
+    """CUDA graphs of the draft loop propose the eager drafter's drafts (float32: every
+    one; bfloat16: near-ties may flip) and the output tokens stay the same."""
+    make_tiny_checkpoint(root / "draft_gpu", "qwen2", seed=7, num_hidden_layers=1)
+    spec = SpeculativeConfig("draft", model=str(root / "draft_gpu"), num_speculative_tokens=4)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    check_draft_graphs(root / "target", spec, random_prompts([5, 19, 9]), params, {(4, 4, False)}, dtype=dtype)

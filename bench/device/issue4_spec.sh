@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 4, the speculative GPU path, in one device call (under 4 minutes):
+#   1. cost of the batch-invariant GEMV vs cuBLAS at Qwen2.5-1.5B shapes (M = 1 and 5)
+#   2. Qwen2.5-Coder-1.5B-Instruct, 8 HumanEval prompts x 256 tokens, batch 1, greedy, bf16,
+#      --batch-invariant: plain, 0.5B draft k = 4, 6, n-gram k = 4; tok/s/user, AL and
+#      whether each speculative output is token-identical to plain
+#   3. the `gpu` tests of that path: draft-loop CUDA graphs vs eager (draft model, EAGLE-3),
+#      device verification vs the host verifiers, batch-invariant GEMV rows at
+#      Qwen2.5-1.5B shapes, graph verify vs eager
+# JSON under bench/results/issue4-spec-*.json, copied to $OUT when set.
+#
+#   bash bench/device/issue4_spec.sh           # everything;  SKIP_TESTS=1: benches only
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}
+export LIGHTSPEED_GIT_COMMIT=${LIGHTSPEED_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+RES=bench/results
+mkdir -p "$RES"
+T0=$(date +%s)
+stamp() { echo "=== $1  [$(( $(date +%s) - T0 )) s]"; }
+
+stamp "batch-invariant GEMV vs cuBLAS, Qwen2.5-1.5B shapes (us per call, CUDA graph, weights out of L2)"
+timeout 20 python3 - "$RES" <<'EOF' | tee "$RES/issue4-spec-gemv-cost.txt"
+import torch, torch.nn.functional as F
+from lightspeed import kernels
+from lightspeed.layers.linear import _graph_time
+shapes = {"qkv": (2048, 1536), "o": (1536, 1536), "gate_up": (17920, 1536), "down": (1536, 8960), "lm_head": (151936, 1536)}
+tot = {}
+for name, (n, k) in shapes.items():
+    copies = max(1, min(16, -(-4 * torch.cuda.get_device_properties(0).L2_cache_size // (n * k * 2))))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    row = []
+    for m in (1, 5):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        cub = _graph_time(lambda: [F.linear(x, w) for w in ws], 20) / copies
+        inv = _graph_time(lambda: [kernels.gemv(x, w, batch_invariant=True) for w in ws], 20) / copies
+        tot[m] = [a + b for a, b in zip(tot.get(m, [0, 0]), (cub, inv))]
+        row.append(f"M={m}: cuBLAS {cub:7.1f}  invariant GEMV {inv:7.1f}")
+    print(f"{name:8s} {n:6d}x{k:<5d} " + "   ".join(row))
+print("sum of the 5 shapes: " + "   ".join(f"M={m}: cuBLAS {c:.1f} us, GEMV {g:.1f} us" for m, (c, g) in tot.items()))
+EOF
+[ -n "${OUT:-}" ] && cp "$RES/issue4-spec-gemv-cost.txt" "$OUT/" 2>/dev/null
+
+M=qwen2.5-coder-1.5b-instruct
+COMMON="--model $M --prompts humaneval --num-prompts 8 --output-len 256 --num-iters 1 --batch-size 1 --dtype bfloat16 --batch-invariant"
+bench() {  # NAME TIMEOUT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    stamp "$name"
+    timeout "$limit" python3 -m lightspeed.cli bench latency $COMMON "$@" --out "$RES/$name.json" 2>&1 \
+        | grep -v "it/s" | tail -8
+    if [ -n "${OUT:-}" ] && [ -f "$RES/$name.json" ]; then cp "$RES/$name.json" "$OUT/"; fi
+}
+bench issue4-spec-qwen1.5b-draft 100 --speculative draft:qwen2.5-coder-0.5b-instruct --spec-k-list 4,6
+bench issue4-spec-qwen1.5b-ngram 50 --speculative ngram --spec-k-list 4
+
+if [ -z "${SKIP_TESTS:-}" ]; then
+    stamp "pytest -m gpu (speculative path)"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/spec/test_draft_model.py tests/spec/test_verify.py \
+        "tests/spec/test_eagle3.py::test_chain_graph_equals_eager" \
+        "tests/kernels/test_gemv.py::test_gemv_batch_invariant_rows_qwen_1_5b_shapes" \
+        "tests/engine/test_cuda_graph.py::test_graph_verify_equals_eager" 2>&1 | tail -15
+fi
+
+stamp "summary"
+python3 - "$RES" <<'EOF'
+import json, sys
+from pathlib import Path
+for name in ("draft", "ngram"):
+    p = Path(sys.argv[1]) / f"issue4-spec-qwen1.5b-{name}.json"
+    if not p.exists():
+        print(f"{name}: no result"); continue
+    r = json.loads(p.read_text())
+    print(f"device {r['device']}, commit {r['git_commit']}")
+    for row in r["results"]:
+        al = f"AL {row['acceptance_length']:.2f}" if "acceptance_length" in row else " " * 7
+        same = f"same as plain: {row['outputs_identical_to_plain']}" if "outputs_identical_to_plain" in row else ""
+        print(f"  {row['name'][-48:]:<48} {row['tokens_per_s_user']:7.1f} tok/s/user  {al}  "
+              f"invariant={row.get('batch_invariant')}  {same}")
+EOF
+stamp "done"
