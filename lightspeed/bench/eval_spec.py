@@ -95,6 +95,8 @@ def run_eval_spec(args) -> list[dict]:
     rows, plain, prompts = [], None, None
     name = Path(args.model).name.removesuffix(".gguf")
     out = args.out or f"bench/results/eval-spec-{name}-cpu.json"
+    if args.batch_invariant is None and any(spec is not None for _, spec in configs):
+        args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
     for label, spec in configs:
         llm = LLM(args.model, device=args.device, dtype=args.dtype, speculative=spec, max_num_seqs=args.batch_size,
                   max_model_len=args.max_model_len, **engine_options(args))

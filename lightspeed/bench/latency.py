@@ -227,6 +227,8 @@ def run_latency_bench(args) -> list[dict]:
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     results, baseline = [], {}
     bandwidth = None
+    if args.batch_invariant is None and args.speculative:
+        args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
     for spec, k, switches in _configs(args):
         speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
                                                  tree_num_nodes=args.spec_tree_nodes) if spec else None
