@@ -87,11 +87,16 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
 
 
 def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T]."""
+    """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T],
+    -1 for rows that write nothing (CUDA-graph padding), without a host sync.
+    NOTE: those rows rewrite slot 0 with its own value; slot 0 (a position-0 token) is only
+    ever written by a prefill, never in a padded graph step."""
     _, nb, bs, hkv, d = kv_cache.shape
     flat = kv_cache.view(2, nb * bs, hkv, d)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    valid = (slot_mapping >= 0)[:, None, None]
+    slots = slot_mapping.clamp(min=0)
+    for i, x in ((0, k), (1, v)):
+        flat[i].index_copy_(0, slots, torch.where(valid, x.to(kv_cache.dtype), flat[i].index_select(0, slots)))
 
 
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
