@@ -7,10 +7,7 @@
 #
 #   bash bench/device/attn.sh
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-T0=$(date +%s)
+source "$(dirname "$0")/common.sh"
 echo "=== pytest -m gpu (attention, Llama 4, Triton path)"
 timeout "${TEST_TIMEOUT:-420}" python -m pytest -q -p no:cacheprovider -m gpu -rfE \
     tests/kernels/test_paged_attention.py tests/models/test_llama4.py tests/models/test_triton_path.py 2>&1 | tail -30

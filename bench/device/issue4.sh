@@ -11,13 +11,7 @@
 #   SKIP_TESTS=1 bash bench/device/issue4.sh     # benches only;  ONLY_TESTS=1: tests only
 #   SKIP_TESTS=1 BIG=tiny-llama SMALL=tiny-qwen2 EXTRA="--device cpu" bash bench/device/issue4.sh  # CPU smoke run
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-RES=bench/results
-mkdir -p "$RES"
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+source "$(dirname "$0")/common.sh"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"

@@ -11,13 +11,8 @@
 #
 #   bash bench/device/issue4_spec.sh           # everything;  SKIP_TESTS=1: benches only
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}
-export LIGHTSPEED_GIT_COMMIT=${LIGHTSPEED_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-RES=bench/results
-mkdir -p "$RES"
-T0=$(date +%s)
+source "$(dirname "$0")/common.sh"
+export LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}
 stamp() { echo "=== $1  [$(( $(date +%s) - T0 )) s]"; }
 
 stamp "batch-invariant GEMV vs cuBLAS, Qwen2.5-1.5B shapes (us per call, CUDA graph, weights out of L2)"

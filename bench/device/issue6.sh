@@ -21,13 +21,7 @@
 # (copied to $OUT too; the later benches in this tree use it).
 #   SKIP_TESTS=1 SCOUT=tiny-llama4 MAV=tiny-llama4 EXTRA="--device cpu" bash bench/device/issue6.sh  # CPU smoke
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-RES=bench/results
-mkdir -p "$RES"
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+source "$(dirname "$0")/common.sh"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     echo "=== pytest -m gpu (MoE, Llama 4, FP8, GEMV)  [$(( $(date +%s) - T0 )) s]"

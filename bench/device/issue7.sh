@@ -22,18 +22,11 @@
 #   TARGET=/path/tiny DRAFT=/path/tiny PROMPTS=stdlib:40 TRAIN_ARGS="--max-tokens 16 --batch-size 2" \
 #       TRAIN_BUDGET=60 NUM_PROMPTS=2 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/issue7.sh  # CPU smoke
 set -uo pipefail
-cd "$(dirname "$0")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then source bench/device/setup.sh; fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}
-export LIGHTSPEED_GIT_COMMIT=${LIGHTSPEED_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-RES=bench/results
-mkdir -p "$RES"
-T0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
+source "$(dirname "$0")/common.sh"
+export LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}
 TARGET=${TARGET:-qwen2.5-coder-1.5b-instruct} DRAFT=${DRAFT:-qwen2.5-coder-0.5b-instruct}
 HEAD_DIR=${HEAD_DIR:-/tmp/issue7-head} TRAIN_BUDGET=${TRAIN_BUDGET:-420} EXTRA=${EXTRA:-}
 LOG=${OUT:-/tmp}/issue7-train.log
-copy() { if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT/"; fi; }
 
 STAGE=${STAGE:-all}
 

@@ -1,4 +1,4 @@
-"""One whole sequence through a model outside the engine (no scheduler, a scratch KV cache):
+"""Whole sequences through a model outside the engine (no scheduler, a scratch KV cache):
 for teacher-forced evaluation (FP8 accuracy, perplexity) and EAGLE-3 training features."""
 from __future__ import annotations
 
@@ -8,25 +8,35 @@ from lightspeed.layers.attention import AttentionMetadata
 
 
 @torch.no_grad()
-def sequence_forward(model, ids: list[int], aux_layers: tuple[int, ...] = (), block_size: int = 16):
-    """ids -> final-normed hidden [n, H] (and aux hidden [n, len(aux) * H] with aux_layers),
-    one prefill over a fresh paged cache sized to the sequence."""
+def packed_forward(model, seqs: list[list[int]], aux_layers: tuple[int, ...] = (), block_size: int = 16):
+    """Sequences in one packed prefill over a fresh paged cache of their own -> final-normed
+    hidden [sum L, H] (and aux hidden [sum L, len(aux) * H] with aux_layers), rows in order.
+
+        tokens: | seq0: L0 | seq1: L1 | ...      query_start_loc = [0, L0, L0+L1, ...]
+        blocks: | seq0: ceil(L0/bs) | seq1 ... | slot of token t of seq s = start_s * bs + t
+    """
     c = model.config
     device = model.lm_head.weight.device
     dtype = model.model.embed_tokens.weight.dtype
-    n = len(ids)
-    nb = -(-n // block_size)
-    caches = [torch.zeros(model.kv_cache_shape(c, nb, block_size), device=device, dtype=dtype)
+    lens = [len(s) for s in seqs]
+    nbs = [-(-n // block_size) for n in lens]
+    starts = torch.tensor([0] + nbs[:-1]).cumsum(0).tolist()
+    caches = [torch.zeros(model.kv_cache_shape(c, sum(nbs), block_size), device=device, dtype=dtype)
               for _ in range(c.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(n, device=device),
-                             query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-                             seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-                             block_tables=torch.arange(nb, dtype=torch.int32, device=device)[None],
-                             query_start_loc_cpu=[0, n], seq_lens_cpu=[n])
-    return model(torch.tensor(ids, device=device), torch.arange(n, device=device), caches, meta,
-                 aux_layer_ids=tuple(aux_layers))
+    tables = torch.zeros(len(seqs), max(nbs), dtype=torch.int32)
+    for i, (s, nb) in enumerate(zip(starts, nbs)):
+        tables[i, :nb] = torch.arange(s, s + nb)
+    qsl = torch.tensor([0] + lens).cumsum(0).tolist()
+    meta = AttentionMetadata(
+        slot_mapping=torch.cat([torch.arange(n) + s * block_size for s, n in zip(starts, lens)]).to(device),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens)
+    ids = torch.tensor([t for s in seqs for t in s], device=device)
+    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
+    return model(ids, positions, caches, meta, aux_layer_ids=tuple(aux_layers))
 
 
 def sequence_logits(model, ids: list[int]) -> torch.Tensor:
     """ids -> next-token logits [n, vocab] float32 at every position."""
-    return model.compute_logits(sequence_forward(model, ids))
+    return model.compute_logits(packed_forward(model, [ids]))

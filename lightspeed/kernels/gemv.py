@@ -89,6 +89,17 @@ def gemv_k_loop(acc, x_ptr, stride_xm, rows, row_ok, row_scale, w_ptr, stride_wk
 
 
 @triton.jit
+def _store_out(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, n_ok, out_mask, stride_om,
+               HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The epilogue: acc [BM, BN] float32 (* per-channel scale) (+ bias) -> out, in out's dtype."""
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,  # [M, K] bf16/fp16
     w_ptr,  # [N, K] bf16/fp16/fp8 e4m3
@@ -138,20 +149,11 @@ def _gemv_kernel(
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for kk in range(0, split_k):
                 acc += tl.load(ws_ptr + kk * M * N + tile, mask=out_mask, other=0.0, cache_modifier=".cg")
-            if HAS_SCALE:
-                acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-            if HAS_BIAS:
-                acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=out_mask)
+            _store_out(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, n_ok, out_mask, stride_om, HAS_SCALE,
+                       HAS_BIAS)
             tl.atomic_xchg(counter_ptr + pid_n, 0)
     else:
-        if HAS_SCALE:
-            acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
-        if HAS_BIAS:
-            acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
+        _store_out(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, n_ok, out_mask, stride_om, HAS_SCALE, HAS_BIAS)
 
 
 def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor:

@@ -16,37 +16,15 @@ from __future__ import annotations
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from lightspeed.layers.attention import AttentionMetadata
+from lightspeed.engine.forward import packed_forward
 
 
 @torch.no_grad()
 def target_features(model, seqs: list[list[int]], aux_layers: list[int], block_size: int = 16):
-    """Sequences through the target in one packed prefill -> per sequence (aux [L, 3H],
-    hidden [L, H], argmax [L] int64).
-
-        tokens: | seq0: L0 | seq1: L1 | ...      query_start_loc = [0, L0, L0+L1, ...]
-        blocks: | seq0: ceil(L0/bs) | seq1 ... | slot of token t of seq s = start_s * bs + t
-    """
-    c = model.config
-    device = model.lm_head.weight.device
-    dtype = model.model.embed_tokens.weight.dtype
+    """Sequences through the target in one packed prefill (engine/forward.packed_forward)
+    -> per sequence (aux [L, 3H], hidden [L, H], argmax [L] int64)."""
+    hidden, aux = packed_forward(model, seqs, tuple(aux_layers), block_size)
     lens = [len(s) for s in seqs]
-    nbs = [-(-n // block_size) for n in lens]
-    starts = torch.tensor([0] + nbs[:-1]).cumsum(0).tolist()
-    caches = [torch.zeros(2, sum(nbs), block_size, c.num_key_value_heads, c.head_dim, device=device, dtype=dtype)
-              for _ in range(c.num_hidden_layers)]
-    tables = torch.zeros(len(seqs), max(nbs), dtype=torch.int32)
-    for i, (s, nb) in enumerate(zip(starts, nbs)):
-        tables[i, :nb] = torch.arange(s, s + nb)
-    qsl = torch.tensor([0] + lens).cumsum(0).tolist()
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat([torch.arange(n) + s * block_size for s, n in zip(starts, lens)]).to(device),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device), block_tables=tables.to(device),
-        query_start_loc_cpu=qsl, seq_lens_cpu=lens)
-    ids = torch.tensor([t for s in seqs for t in s], device=device)
-    positions = torch.cat([torch.arange(n) for n in lens]).to(device)
-    hidden, aux = model(ids, positions, caches, meta, aux_layer_ids=tuple(aux_layers))
     # NOTE: full-vocabulary logits in slices of 2048 rows ([2048, V] float32 each)
     argmax = torch.cat([model.compute_logits(h).argmax(-1) for h in hidden.split(2048)])
     return list(zip(aux.split(lens), hidden.split(lens), argmax.split(lens)))

@@ -1,0 +1,15 @@
+# Sourced by the device scripts (bench/device/issue*.sh, attn.sh): go to the repo root; with
+# carried wheels (.whl) install them and assemble the GGUFs (setup.sh); then the paths, the
+# commit the results record, the results folder, the start time T0 and `copy FILE` (to $OUT).
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+if [ -d .whl ] && [ -f bench/device/setup.sh ]; then
+    source bench/device/setup.sh
+else
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+export LIGHTSPEED_GIT_COMMIT=${LIGHTSPEED_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+RES=bench/results
+mkdir -p "$RES"
+T0=$(date +%s)
+copy() { if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT/"; fi; }
