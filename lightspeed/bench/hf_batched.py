@@ -30,7 +30,7 @@ def _generate_s(model, batch: list[list[int]], n: int, pad_id: int) -> float:
 def hf_batched_rows(model, prompts: list[list[int]], levels: list[int], output_len: int, label: str,
                     pad_id: int = 0) -> list[dict]:
     """One row per concurrency level, in `bench serve`'s row format."""
-    _generate_s(model, prompts[:1], 4, pad_id)  # warm-up
+    _generate_s(model, prompts[:1], output_len, pad_id)  # NOTE: a full-length warm-up (a short one left c=1 ~3x slow)
     rows = []
     for c in levels:
         batches = [prompts[i:i + c] for i in range(0, len(prompts), c)]
