@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
     p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
                    help="launch Triton kernels without Programmatic Dependent Launch")
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
-                   help="run every projection of <= 16 rows through the batch-invariant GEMV, so speculative "
+                   help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
                         "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")
     if not speculative:
         return

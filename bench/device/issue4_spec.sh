@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Issue 4, the speculative GPU path, in one device call (under 4 minutes):
+# Issue 4, the speculative GPU path, in one device call (under 8 minutes):
 #   1. cost of the batch-invariant GEMV vs cuBLAS at Qwen2.5-1.5B shapes (M = 1 and 5)
-#   2. Qwen2.5-Coder-1.5B-Instruct, 8 HumanEval prompts x 256 tokens, batch 1, greedy, bf16,
-#      --batch-invariant: plain, 0.5B draft k = 4, 6, n-gram k = 4; tok/s/user, AL and
-#      whether each speculative output is token-identical to plain
+#   2. eval-spec, Qwen2.5-Coder-1.5B-Instruct, 8 HumanEval prompts x 256 tokens, batch 1,
+#      greedy, bf16, batch-invariant: plain, 0.5B draft k = 4, 6 and a 2x6x12 tree, n-gram
+#      k = 4; tok/s/user, AL and how many outputs are token-identical to plain (first differences)
 #   3. the `gpu` tests of that path: draft-loop CUDA graphs vs eager (draft model, EAGLE-3),
 #      device verification vs the host verifiers, batch-invariant GEMV rows at
-#      Qwen2.5-1.5B shapes, graph verify vs eager
+#      Qwen2.5-1.5B shapes, graph verify vs eager, whole-model verify rows == decode steps
+#      (tests/engine/test_batch_invariance.py), the attention kernels
 # JSON under bench/results/issue4-spec-*.json, copied to $OUT when set.
 #
 #   bash bench/device/issue4_spec.sh           # everything;  SKIP_TESTS=1: benches only
@@ -37,41 +38,36 @@ print("sum of the 5 shapes: " + "   ".join(f"M={m}: cuBLAS {c:.1f} us, GEMV {g:.
 EOF
 [ -n "${OUT:-}" ] && cp "$RES/issue4-spec-gemv-cost.txt" "$OUT/" 2>/dev/null
 
-M=qwen2.5-coder-1.5b-instruct
-COMMON="--model $M --prompts humaneval --num-prompts 8 --output-len 256 --num-iters 1 --batch-size 1 --dtype bfloat16 --batch-invariant"
-bench() {  # NAME TIMEOUT ARGS...
-    local name=$1 limit=$2
-    shift 2
-    stamp "$name"
-    timeout "$limit" python3 -m lightspeed.cli bench latency $COMMON "$@" --out "$RES/$name.json" 2>&1 \
-        | grep -v "it/s" | tail -8
-    if [ -n "${OUT:-}" ] && [ -f "$RES/$name.json" ]; then cp "$RES/$name.json" "$OUT/"; fi
-}
-bench issue4-spec-qwen1.5b-draft 100 --speculative draft:qwen2.5-coder-0.5b-instruct --spec-k-list 4,6
-bench issue4-spec-qwen1.5b-ngram 50 --speculative ngram --spec-k-list 4
+stamp "eval-spec: plain, 0.5B draft chains and tree, n-gram (8 HumanEval prompts x 256, greedy, batch 1)"
+timeout "${EVAL_TIMEOUT:-200}" python3 -m lightspeed.cli eval-spec --model qwen2.5-coder-1.5b-instruct --prompts humaneval \
+    --num-prompts 8 --output-len 256 --speculative none --speculative draft:qwen2.5-coder-0.5b-instruct@k=4,6 \
+    --speculative draft:qwen2.5-coder-0.5b-instruct@tree=2x6x12 \
+    --speculative draft:qwen2.5-coder-0.5b-instruct@tree=4x6x24 --speculative ngram@k=4 \
+    --out "$RES/issue4-spec-eval.json" 2>&1 | grep -v "it/s" | tail -12
+copy "$RES/issue4-spec-eval.json"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     stamp "pytest -m gpu (speculative path)"
-    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/spec/test_draft_model.py tests/spec/test_verify.py \
-        "tests/spec/test_eagle3.py::test_chain_graph_equals_eager" \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/spec/test_draft_model.py tests/spec/test_verify.py \
+        "tests/spec/test_eagle3.py::test_chain_graph_equals_eager" tests/engine/test_batch_invariance.py \
+        tests/kernels/test_paged_attention.py \
         "tests/kernels/test_gemv.py::test_gemv_batch_invariant_rows_qwen_1_5b_shapes" \
         "tests/engine/test_cuda_graph.py::test_graph_verify_equals_eager" 2>&1 | tail -15
 fi
 
 stamp "summary"
-python3 - "$RES" <<'EOF'
+python3 - "$RES/issue4-spec-eval.json" <<'EOF'
 import json, sys
 from pathlib import Path
-for name in ("draft", "ngram"):
-    p = Path(sys.argv[1]) / f"issue4-spec-qwen1.5b-{name}.json"
-    if not p.exists():
-        print(f"{name}: no result"); continue
-    r = json.loads(p.read_text())
-    print(f"device {r['device']}, commit {r['git_commit']}")
-    for row in r["results"]:
-        al = f"AL {row['acceptance_length']:.2f}" if "acceptance_length" in row else " " * 7
-        same = f"same as plain: {row['outputs_identical_to_plain']}" if "outputs_identical_to_plain" in row else ""
-        print(f"  {row['name'][-48:]:<48} {row['tokens_per_s_user']:7.1f} tok/s/user  {al}  "
-              f"invariant={row.get('batch_invariant')}  {same}")
+p = Path(sys.argv[1])
+if not p.exists():
+    sys.exit("eval-spec: no result")
+r = json.loads(p.read_text())
+print(f"device {r['device']}, commit {r['git_commit']}")
+for row in r["results"]:
+    al = f"AL {row['acceptance_length']:.2f}" if row.get("acceptance_length") else " " * 7
+    same = f"same as plain {row['prompts_identical_to_plain']} first diff {row['first_difference']}" \
+        if "prompts_identical_to_plain" in row else ""
+    print(f"  {row['speculative'][-40:]:<40} {row['tokens_per_s_user']:7.1f} tok/s/user  {al}  {same}")
 EOF
 stamp "done"

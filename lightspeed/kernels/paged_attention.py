@@ -1,5 +1,5 @@
 """Paged attention over the KV cache, shared by decode (1 query token per sequence), verify
-(k+1 <= 16 query tokens, causal or tree mask) and prefill (longer q): split-KV
+(k+1 <= 64 query tokens, causal or tree mask) and prefill (longer q): split-KV
 (flash-decoding) with GQA head grouping.
 
     kv_cache [2, num_blocks, block_size, Hkv, D]; key j of sequence s sits in
@@ -25,10 +25,13 @@ sits at position pos(qi) = ctx + qi and sees key j (at position pos(j)) when
     pos(j) >= pos(qi) // C * C            (Llama 4 chunked attention, chunk size C)
 With a tree mask the new tokens sit at their depth: pos(ctx + i) = ctx + (ones in tree row
 i: its ancestors and itself) - 1; cached keys keep pos(j) = j. Tree rows list ancestors
-before descendants (tree[i, j] = 0 for j > i), as every drafter orders them.
+before descendants (tree[i, j] = 0 for j > i), as every drafter orders them. A tree row reads
+its keys as the decode step of that token would see them, contiguous: virtual key j < ctx is
+key j, virtual key ctx + a is the row's a-th visible new token (its ancestor at depth a, or
+itself), read in place; the row runs causally over keys [0, pos(row) + 1) of that sequence.
 
 Batch invariance: decode and verify run one query token per program (Q_TILE = 1) and the
-split of a row depends only on its (lo, hi) and on NUM_PARTS, which depends on the number of
+split of a row depends only on its (lo, hi) (a tree row's as its decode step's) and on NUM_PARTS, which depends on the number of
 sequences and kv heads (not on the bound): row i of a verify step then runs the same
 operations in the same order as a decode step of that token, and the outputs are bitwise
 equal (tests/kernels/test_paged_attention.py::test_verify_rows_equal_decode).
@@ -59,7 +62,7 @@ def _tree_pos(tree_row_ptr, rows, rows_ok, ctx, stride_tree_q, BLOCK_TQ: tl.cons
 @triton.jit
 def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk,
                 num_parts, Q_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_TQ: tl.constexpr,
-                IS_DECODE: tl.constexpr, TREE_POS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 HAS_CHUNK: tl.constexpr):
     """Sequence s, tile [tile_q0, tile_q0 + Q_TILE) -> (first query row, number of queries,
     ctx, position of the tile's first token, keys [lo, hi) the tile may see, keys per
@@ -74,10 +77,11 @@ def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stri
     ctx = seq_len - q_len
     hi = tl.minimum(seq_len, ctx + tl.minimum(tile_q0 + Q_TILE, q_len))
     first = ctx + tile_q0
-    if TREE_POS:  # Q_TILE == 1: the token's depth
+    if HAS_TREE:  # Q_TILE == 1: the token's depth; its keys are the virtual run [0, first] (module doc)
         r = tl.full([1], 0, tl.int32) + tile_q0
         first = tl.max(_tree_pos(tree_ptr + s.to(tl.int64) * stride_tree_s, r, r < q_len, ctx, stride_tree_q,
                                  BLOCK_TQ), axis=0)
+        hi = first + 1
     lo = hi * 0
     if HAS_WINDOW:
         lo = tl.maximum(lo, first - window + 1)
@@ -112,10 +116,9 @@ def _paged_attn_kernel(
     q_tile = tl.program_id(2) // grid_parts
     part = tl.program_id(2) % grid_parts
     tile_q0 = q_tile * Q_TILE
-    TREE_POS: tl.constexpr = HAS_TREE and (HAS_WINDOW or HAS_CHUNK)
     q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
         s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
-        Q_TILE, BLOCK_N, BLOCK_TQ, IS_DECODE, TREE_POS, HAS_WINDOW, HAS_CHUNK)
+        Q_TILE, BLOCK_N, BLOCK_TQ, IS_DECODE, HAS_TREE, HAS_WINDOW, HAS_CHUNK)
     lo = lo + part * part_size
     hi = tl.minimum(hi, lo + part_size)
     # NOTE: a program with no keys writes nothing; the reduce skips its partition, and with
@@ -126,7 +129,7 @@ def _paged_attn_kernel(
         head = kvh * G + offs_m % G
         row_ok = (offs_m < Q_TILE * G) & (qi < q_len)
         q_pos = ctx + qi  # [BLOCK_M]
-        if TREE_POS:
+        if HAS_TREE:
             q_pos = first + 0 * qi  # Q_TILE == 1
         if HAS_CHUNK:
             q_lo = q_pos // chunk * chunk  # first key position of the row's chunk
@@ -142,30 +145,28 @@ def _paged_attn_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_base = kv_ptr + kvh.to(tl.int64) * stride_kv_h
+        if HAS_TREE:  # the row's visible new tokens and their rank (1 = the first): ctx + rank - 1 is virtual
+            offs_c = tl.arange(0, BLOCK_TQ)
+            vis = tl.load(tree_row + tile_q0 * stride_tree_q + offs_c, mask=offs_c <= tile_q0, other=0) != 0
+            rank = tl.cumsum(vis.to(tl.int32), axis=0)  # [BLOCK_TQ]
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
-            blk = tl.load(bt_row + offs_n // BS, mask=n_ok, other=0).to(tl.int64)
-            kv_off = blk * stride_kv_blk + (offs_n % BS).to(tl.int64) * stride_kv_tok  # [BLOCK_N]
+            key = offs_n  # where virtual key offs_n sits in the cache
+            if HAS_TREE:
+                hit = vis[None, :] & (rank[None, :] == (offs_n - ctx + 1)[:, None])  # [BLOCK_N, BLOCK_TQ]
+                key = tl.where(offs_n >= ctx, ctx + tl.sum(tl.where(hit, offs_c[None, :], 0), axis=1), offs_n)
+            blk = tl.load(bt_row + key // BS, mask=n_ok, other=0).to(tl.int64)
+            kv_off = blk * stride_kv_blk + (key % BS).to(tl.int64) * stride_kv_tok  # [BLOCK_N]
             kv_mask = n_ok[:, None] & d_ok[None, :]
             k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
             qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
-            k_pos = offs_n  # [BLOCK_N]
-            if HAS_TREE:
-                is_new = offs_n >= ctx
-                tm = tl.load(tree_row + qi[:, None] * stride_tree_q + (offs_n - ctx)[None, :],
-                             mask=row_ok[:, None] & (is_new & n_ok)[None, :], other=0)
-                seen = n_ok[None, :] & ((~is_new)[None, :] | (tm != 0))
-                if TREE_POS:
-                    new_pos = _tree_pos(tree_row, offs_n - ctx, is_new & n_ok, ctx, stride_tree_q, BLOCK_TQ)
-                    k_pos = tl.where(is_new, new_pos, offs_n)
-            else:
-                seen = n_ok[None, :] & (offs_n[None, :] <= (ctx + qi)[:, None])
+            seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # virtual keys: positions
             if HAS_WINDOW:
-                seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+                seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
             if HAS_CHUNK:
-                seen = seen & (k_pos[None, :] >= q_lo[:, None])
+                seen = seen & (offs_n[None, :] >= q_lo[:, None])
             qk = tl.where(seen, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
@@ -203,10 +204,9 @@ def _paged_attn_reduce_kernel(
     s = tl.program_id(0)
     h = tl.program_id(1)
     qi = tl.program_id(2)
-    TREE_POS: tl.constexpr = HAS_TREE and (HAS_WINDOW or HAS_CHUNK)
     q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
         s, qi, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
-        1, BLOCK_N, BLOCK_TQ, IS_DECODE, TREE_POS, HAS_WINDOW, HAS_CHUNK)
+        1, BLOCK_N, BLOCK_TQ, IS_DECODE, HAS_TREE, HAS_WINDOW, HAS_CHUNK)
     if qi < q_len:
         p_hi = tl.minimum(tl.cdiv(hi - lo, part_size), grid_parts)  # partitions with keys, in order
         row = ((q_start + qi).to(tl.int64) * HQ + h) * grid_parts  # partition 0 of this (token, head)

@@ -1,4 +1,4 @@
-"""Paged verify attention: q_len = k + 1 (1..16) query tokens at the end of each sequence's
+"""Paged verify attention: q_len = k + 1 (1..64) query tokens at the end of each sequence's
 context, causal or with a tree mask among the new tokens (speculation); split-KV like decode,
 one query token per program (Q_TILE = 1) so that each row is computed exactly as a decode
 step of that token would (bitwise). The kernels live in paged_attention.py.
@@ -13,7 +13,7 @@ import torch
 
 from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attention_triton
 
-MAX_VERIFY_Q = 16
+MAX_VERIFY_Q = 64
 
 
 def pack_tree_masks(tree_masks: list[torch.Tensor | None], num_q: int, device) -> torch.Tensor:

@@ -70,8 +70,8 @@ def attention_bound(max_seq_len: int) -> int:
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                            sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D] through the kernels: decode (one token per sequence),
-    verify (<= 16 tokens, causal or tree) or prefill. No host sync, no host lists (except
-    the reference fallback for a tree longer than 16 tokens, never in a CUDA graph)."""
+    verify (<= 64 tokens, causal or tree) or prefill. No host sync, no host lists (except
+    the reference fallback for a tree longer than 64 tokens, never in a CUDA graph)."""
     bound = attention_bound(meta.max_seq_len)
     tree = meta.packed_tree_mask(q.device)
     if tree is None and meta.max_q_len == 1 and q.shape[0] == meta.block_tables.shape[0]:

@@ -42,11 +42,12 @@ def set_gemv_faster(m: int, n: int, k: int, dtype: torch.dtype, faster: bool) ->
     (_GEMV_FASTER.add if faster else _GEMV_FASTER.discard)((m, n, k, dtype))
 
 
-# Batch invariance: every projection (lm_head included) with M <= 16 rows runs the Triton
-# GEMV in its batch-invariant form (kernels/gemv.py), whatever the mode above, so a verify
-# step (M = k + 1) computes each row's bits as a decode step (M = 1) does. Process-wide,
-# set by the Engine (EngineConfig.batch_invariant).
+# Batch invariance: every projection (lm_head included) with M <= 64 rows runs the Triton
+# GEMV in its batch-invariant form (kernels/gemv.py; 16-row pieces past 16), whatever the
+# mode above, so a verify step (M = k + 1, or a tree's nodes + 1) computes each row's bits
+# as a decode step (M = 1) does. Process-wide, set by the Engine (EngineConfig.batch_invariant).
 _BATCH_INVARIANT = False
+INVARIANT_MAX_ROWS = 64  # = kernels.MAX_VERIFY_Q
 
 
 def set_batch_invariant(enabled: bool) -> None:
@@ -78,6 +79,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     FP8; the Triton GEMV for small M where the policy says it beats cuBLAS; else F.linear
     (cuBLAS on CUDA, MKL on CPU).
     """
+    if _BATCH_INVARIANT and kernels.MAX_M < x.shape[0] <= INVARIANT_MAX_ROWS and x.dim() == 2 \
+            and kernels.use_triton(x) and not kernels.needs_grad(x, weight):
+        return torch.cat([linear(part, weight, bias, scale) for part in x.split(kernels.MAX_M)])
     if scale is not None:
         return kernels.fp8_linear(x, weight, scale, bias, batch_invariant=_BATCH_INVARIANT)
     if _use_gemv(x, weight):

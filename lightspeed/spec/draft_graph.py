@@ -3,7 +3,7 @@ draft steps in one replay, each draft chosen by an on-device argmax and fed back
 the draft model the catch-up pass before them in the same graph.
 
     roots      catch-up in the graph (draft model): the tokens past the draft's cached
-               prefix (<= 16 per sequence) in the static input layout of
+               prefix (<= 64 per sequence) in the static input layout of
                engine/cuda_graph.py (B sequences, Q rows each, bound L); the root of each
                sequence is its last row. Roots given (EAGLE-3, whose catch-up reads target
                hidden states): one row per sequence at its feed_base position, and the

@@ -7,6 +7,8 @@
     stdlib[:N]           built-in, offline: functions and methods with docstrings from the Python
                          standard library sources, as completion prompts (signature + docstring);
                          at most N of them (default 2000; about 4,000 exist). NOTE: never HumanEval (the evaluation set).
+    python[:N]           the same from every Python source on the machine: the standard library,
+                         then the installed packages (site-packages; tests skipped); default N 20000.
 """
 from __future__ import annotations
 
@@ -70,59 +72,79 @@ def read_jsonl_prompts(path: Path) -> list[Prompt]:
     return prompts
 
 
-def stdlib_prompts(limit: int = 2000) -> list[str]:
-    """Signature + docstring of public stdlib functions and methods (a method under its class's
-    first line), sorted files, first `limit`; each a completion prompt ending where the body starts."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "tkinter", "turtledemo")
+def _source_files():
+    """(root, the parts of a relative path to skip) of the standard library, then of site-packages."""
+    paths = sysconfig.get_paths()
+    yield Path(paths["stdlib"]), ("test", "idlelib", "lib2to3", "site-packages", "dist-packages", "tkinter",
+                                  "turtledemo")
+    for site in dict.fromkeys((paths["purelib"], paths["platlib"])):
+        yield Path(site), ("test", "tests", "testing", "_vendor", "vendored")
+
+
+def stdlib_prompts(limit: int = 2000, site_packages: bool = False) -> list[str]:
+    """Signature + docstring of public functions and methods (a method under its class's first
+    line) of the standard library (then of site-packages), sorted files, first `limit`; each a
+    completion prompt ending where the body starts."""
     prompts: list[str] = []
-    for f in sorted(root.rglob("*.py")):
-        if any(part in skip for part in f.relative_to(root).parts):
-            continue
-        try:
-            src = f.read_text(encoding="utf-8")
-            tree = ast.parse(src)
-        except (OSError, UnicodeDecodeError, SyntaxError, ValueError):
-            continue
-        lines = src.splitlines()
-        found = [("", node) for node in tree.body]
-        for cls in tree.body:
-            if isinstance(cls, ast.ClassDef) and not cls.name.startswith("_") and lines[cls.lineno - 1].endswith(":"):
-                found += [(lines[cls.lineno - 1] + "\n", node) for node in cls.body]
-        for prefix, node in found:
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+    for n, (root, skip) in enumerate(_source_files()):
+        if n and not site_packages:
+            break
+        for f in sorted(root.rglob("*.py")):
+            if any(part in skip for part in f.relative_to(root).parts):
                 continue
-            doc = ast.get_docstring(node, clean=False)
-            if not doc or len(doc) < 20 or not node.body or len(node.body) < 2:
-                continue
-            end = node.body[0].end_lineno  # the docstring's last line
-            head = prefix + "\n".join(lines[node.lineno - 1 - len(node.decorator_list): end])
-            if len(head) > 1500:
-                continue
-            prompts.append(head + "\n")
+            prompts += _function_prompts(f, limit - len(prompts))
             if len(prompts) >= limit:
                 return prompts
     return prompts
 
 
+def _function_prompts(f: Path, limit: int) -> list[str]:
+    """Up to `limit` prompts from one source file (none when it does not parse)."""
+    try:
+        src = f.read_text(encoding="utf-8")
+        tree = ast.parse(src)
+    except (OSError, UnicodeDecodeError, SyntaxError, ValueError, RecursionError):
+        return []
+    lines = src.splitlines()
+    found = [("", node) for node in tree.body]
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and not cls.name.startswith("_") and lines[cls.lineno - 1].endswith(":"):
+            found += [(lines[cls.lineno - 1] + "\n", node) for node in cls.body]
+    prompts: list[str] = []
+    for prefix, node in found:
+        if len(prompts) >= limit:
+            break
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node, clean=False)
+        if not doc or len(doc) < 20 or not node.body or len(node.body) < 2:
+            continue
+        end = node.body[0].end_lineno  # the docstring's last line
+        head = prefix + "\n".join(lines[node.lineno - 1 - len(node.decorator_list): end])
+        if len(head) <= 1500:
+            prompts.append(head + "\n")
+    return prompts
+
+
 def load_prompts(source: str) -> list[Prompt]:
     """--prompts SOURCE -> prompts; InvalidRequestError when it yields none."""
-    if source == "stdlib" or source.startswith("stdlib:"):
-        limit = 2000
-        if ":" in source:
+    name, _, num = source.partition(":")
+    if name in ("stdlib", "python"):
+        limit = 2000 if name == "stdlib" else 20000
+        if num:
             try:
-                limit = int(source.split(":", 1)[1])
+                limit = int(num)
             except ValueError:
-                raise InvalidRequestError(f"--prompts {source}: expected stdlib or stdlib:N") from None
-        prompts: list[Prompt] = list(stdlib_prompts(limit))
+                raise InvalidRequestError(f"--prompts {source}: expected {name} or {name}:N") from None
+        prompts: list[Prompt] = list(stdlib_prompts(limit, site_packages=name == "python"))
         if not prompts:
-            raise InvalidRequestError("--prompts stdlib: no Python standard library sources with docstrings were "
-                                      "found on this machine; pass a JSONL file of prompts")
+            raise InvalidRequestError(f"--prompts {source}: no Python sources with docstrings were found on this "
+                                      "machine; pass a JSONL file of prompts")
         return prompts
     path = Path(source).expanduser()
     if not path.is_file():
         raise InvalidRequestError(f"--prompts {source}: no such file (pass a JSONL file of prompts or chat turns, "
-                                  "or stdlib[:N] for the built-in source)")
+                                  "or stdlib[:N] / python[:N] for the built-in sources)")
     prompts = read_jsonl_prompts(path)
     if not prompts:
         raise InvalidRequestError(f"--prompts {source}: the file holds no prompts (one JSON prompt or conversation "

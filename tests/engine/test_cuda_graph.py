@@ -45,7 +45,8 @@ def test_graph_shape_decode_verify_and_eager():
     assert shape(req("a", [5, 6, 7, 8], 9, [0, 1, 2, 3], drafts=3), req("b", [5], 3, [4])) == (2, 4)
     assert shape(req("a", [1, 2, 3], 0, [0], last=True)) is None  # a prefill chunk
     assert shape(req("a", [1], 0, [0], last=False)) is None
-    assert shape(req("a", [5] + [1] * 16, 9, [0, 1, 2, 3, 4, 5, 6], drafts=16)) is None  # q 17 > 16
+    assert shape(req("a", [5] + [1] * 16, 9, [0, 1, 2, 3, 4, 5, 6], drafts=16)) == (1, 17)  # a 16-node tree
+    assert shape(req("a", [5] + [1] * 64, 9, list(range(20)), drafts=64)) is None  # q 65 > 64
 
 
 def test_fill_static_inputs_pads_with_unwritten_slots():

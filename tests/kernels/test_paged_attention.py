@@ -28,10 +28,15 @@ def make_batch(seq_lens, q_lens, hq, hkv, d, bs, dtype, device):
 
 
 def random_tree_masks(q_lens):
-    """Per sequence: each new token sees itself and a random set of earlier ones (a tree's ancestors)."""
+    """Per sequence: a random tree of its new tokens (each node's parent an earlier node or the
+    context); row i sees itself and its ancestors."""
     masks = []
     for n in q_lens:
-        m = torch.tril(torch.rand(n, n) < 0.5) | torch.eye(n, dtype=torch.bool)
+        m = torch.eye(n, dtype=torch.bool)
+        for i in range(1, n):
+            parent = int(torch.randint(-1, i, ()))
+            if parent >= 0:
+                m[i] |= m[parent]
         masks.append(m)
     return masks
 
@@ -185,19 +190,29 @@ def test_ref_matches_layer_ref():
 
 
 def _verify_rows_equal_decode(device, dtype, seq_lens, q_len, hq, hkv, d, bs, tree, chunk, block_n):
-    """Row i of a verify step (k + 1 = q_len new tokens per sequence, causal or a causal tree
-    mask as CUDA graphs pass it) == a decode step of that token, bitwise; each launch with
-    its own attention_bound (as eager steps and graph buckets use)."""
+    """Row i of a verify step (k + 1 = q_len new tokens per sequence, causal or a random tree)
+    == a decode step of that token after its ancestors (the accepted path), bitwise; each
+    launch with its own attention_bound (as eager steps and graph buckets use)."""
     from lightspeed.layers.attention import attention_bound
     q, kv, bt, sl, qsl = make_batch(seq_lens, [q_len] * len(seq_lens), hq, hkv, d, bs, dtype, device)
-    tm = torch.ones(len(seq_lens), q_len, q_len, dtype=torch.bool, device=device).tril() if tree else None
+    masks = random_tree_masks([q_len] * len(seq_lens)) if tree else [torch.ones(q_len, q_len).tril().bool()] * len(sl)
+    tm = pack_tree_masks(masks, q_len, device) if tree else None
     scale = d ** -0.5
     o = paged_verify_attention_triton(q, kv, qsl, sl, bt, scale, attention_bound(max(seq_lens)), q_len, tm,
                                       chunk_size=chunk, block_n=block_n)
+    flat = kv.view(2, -1, hkv, d)
     for i in range(q_len):
         rows = qsl[:-1] + i
-        dec_lens = sl - q_len + i + 1
-        dec = paged_decode_attention_triton(q[rows].contiguous(), kv, bt, dec_lens, scale,
+        path_kv = kv.clone()  # each sequence's context, then row i's ancestors and itself in order
+        dec_lens = []
+        for s, n in enumerate(seq_lens):
+            ctx = n - q_len
+            slot = [int(bt[s, p // bs]) * bs + p % bs for p in range(n)]
+            path = masks[s][i].nonzero().flatten().tolist()
+            path_kv.view(2, -1, hkv, d)[:, slot[ctx:ctx + len(path)]] = flat[:, [slot[ctx + j] for j in path]]
+            dec_lens.append(ctx + len(path))
+        dec_lens = torch.tensor(dec_lens, dtype=torch.int32, device=device)
+        dec = paged_decode_attention_triton(q[rows].contiguous(), path_kv, bt, dec_lens, scale,
                                             attention_bound(int(dec_lens.max())), chunk_size=chunk, block_n=block_n)
         assert torch.equal(o[rows], dec), f"row {i}: max diff {(o[rows].float() - dec.float()).abs().max()}"
     ref = paged_verify_attention_ref(q, kv, qsl, sl, bt, scale, tm, chunk_size=chunk)

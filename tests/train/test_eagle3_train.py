@@ -209,6 +209,14 @@ def test_stdlib_source():
     assert methods and all(p.splitlines()[1].startswith((" ", "\t")) for p in methods)
 
 
+def test_python_source_adds_site_packages():
+    n = len(stdlib_prompts(10**6))
+    ps = load_prompts(f"python:{n + 50}")
+    assert len(ps) == n + 50 and ps[:n] == stdlib_prompts(n)  # the standard library, then installed packages
+    with pytest.raises(InvalidRequestError, match="python or python:N"):
+        load_prompts("python:x")
+
+
 def test_cli_stdlib_source(setup, tmp_path, capsys):
     from lightspeed.cli import main
     root, _, _ = setup
