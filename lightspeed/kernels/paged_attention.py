@@ -92,6 +92,40 @@ def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stri
 
 
 @triton.jit
+def _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row, kv_base, stride_kv_kv,
+                  stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis, rank, offs_c, BS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, GATHER: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    """Online softmax over virtual keys [start, start + BLOCK_N) (< hi) -> (m_i, l_i, acc).
+    GATHER: virtual key ctx + a is the row's visible new token of rank a + 1 (a tree row)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < hi
+    key = offs_n  # where virtual key offs_n sits in the cache
+    if GATHER:
+        hit = vis[None, :] & (rank[None, :] == (offs_n - ctx + 1)[:, None])  # [BLOCK_N, BLOCK_TQ]
+        key = tl.where(offs_n >= ctx, ctx + tl.sum(tl.where(hit, offs_c[None, :], 0), axis=1), offs_n)
+    blk = tl.load(bt_row + key // BS, mask=n_ok, other=0).to(tl.int64)
+    kv_off = blk * stride_kv_blk + (key % BS).to(tl.int64) * stride_kv_tok  # [BLOCK_N]
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
+    seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # virtual keys: positions
+    if HAS_WINDOW:
+        seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
+    if HAS_CHUNK:
+        seen = seen & (offs_n[None, :] >= q_lo[:, None])
+    qk = tl.where(seen, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
+    p = tl.exp2(qk - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(
     q_ptr,  # [T, Hq, D]
     kv_ptr,  # [2, num_blocks, BS, Hkv, D]
@@ -131,6 +165,7 @@ def _paged_attn_kernel(
         q_pos = ctx + qi  # [BLOCK_M]
         if HAS_TREE:
             q_pos = first + 0 * qi  # Q_TILE == 1
+        q_lo = q_pos
         if HAS_CHUNK:
             q_lo = q_pos // chunk * chunk  # first key position of the row's chunk
         offs_d = tl.arange(0, BLOCK_D)
@@ -145,36 +180,21 @@ def _paged_attn_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_base = kv_ptr + kvh.to(tl.int64) * stride_kv_h
+        offs_c = tl.arange(0, BLOCK_TQ)
+        vis = offs_c < 0
+        tail = hi  # keys from tail on are a tree's new tokens: read through the row's ancestors
         if HAS_TREE:  # the row's visible new tokens and their rank (1 = the first): ctx + rank - 1 is virtual
-            offs_c = tl.arange(0, BLOCK_TQ)
             vis = tl.load(tree_row + tile_q0 * stride_tree_q + offs_c, mask=offs_c <= tile_q0, other=0) != 0
-            rank = tl.cumsum(vis.to(tl.int32), axis=0)  # [BLOCK_TQ]
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < hi
-            key = offs_n  # where virtual key offs_n sits in the cache
-            if HAS_TREE:
-                hit = vis[None, :] & (rank[None, :] == (offs_n - ctx + 1)[:, None])  # [BLOCK_N, BLOCK_TQ]
-                key = tl.where(offs_n >= ctx, ctx + tl.sum(tl.where(hit, offs_c[None, :], 0), axis=1), offs_n)
-            blk = tl.load(bt_row + key // BS, mask=n_ok, other=0).to(tl.int64)
-            kv_off = blk * stride_kv_blk + (key % BS).to(tl.int64) * stride_kv_tok  # [BLOCK_N]
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
-            seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # virtual keys: positions
-            if HAS_WINDOW:
-                seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
-            if HAS_CHUNK:
-                seen = seen & (offs_n[None, :] >= q_lo[:, None])
-            qk = tl.where(seen, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-            p = tl.exp2(qk - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), DOT_F32)
-            m_i = m_new
+            tail = tl.minimum(hi, lo + tl.maximum(ctx - lo, 0) // BLOCK_N * BLOCK_N)
+        rank = tl.cumsum(vis.to(tl.int32), axis=0)  # [BLOCK_TQ]
+        for start in range(lo, tail, BLOCK_N):
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row,
+                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis,
+                                          rank, offs_c, BS, BLOCK_N, False, HAS_WINDOW, HAS_CHUNK, DOT_F32)
+        for start in range(tail, hi, BLOCK_N):  # (none without a tree)
+            m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row,
+                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis,
+                                          rank, offs_c, BS, BLOCK_N, True, HAS_WINDOW, HAS_CHUNK, DOT_F32)
         pdl_launch_dependents(USE_PDL)
         if SPLIT:
             prow = (tok * HQ + head) * grid_parts + part  # [BLOCK_M] row of [T, Hq, grid_parts]
