@@ -72,11 +72,19 @@ def test_ttt_step0_matches_inference_head(setup):
     torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_training_learns_and_head_is_lossless(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    """A head trained briefly (300 steps, 3 TTT steps) and saved to ROOT/head."""
     root, prompts, llm = setup
     tr = Trainer(_cfg(root, prompts, root / "head"), llm)
     tr.train_steps()
-    out = tr.finish()
+    tr.finish()
+    return tr
+
+
+def test_training_learns_and_head_is_lossless(setup, trained):
+    root, _, llm = setup
+    tr, out = trained, trained.out
     first, last = tr.log["eval"][0], tr.log["eval"][-1]
     assert last["loss"] < first["loss"] - 0.5, (first, last)  # soft CE: floored by the target entropy
     for a0, a1 in zip(first["accuracy"], last["accuracy"]):
@@ -92,12 +100,32 @@ def test_training_learns_and_head_is_lossless(setup):
                speculative=SpeculativeConfig("eagle3", model=str(out), num_speculative_tokens=3))
     held = [json.loads(line)["ids"] for line in (out / "data.jsonl").read_text().splitlines()][:3]
     prompts_ids = [s[:8] for s in held]
-    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True) \
-        if "ignore_eos" in SamplingParams.__dataclass_fields__ else SamplingParams(max_tokens=30, temperature=0.0)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     plain = [o.token_ids for o in llm.generate(prompts_ids, params)]
     outs = spec.generate(prompts_ids, params)
     assert [o.token_ids for o in outs] == plain
     assert sum(o.metrics.acceptance_length or 0 for o in outs) / len(outs) > 1.2  # drafts get accepted
+
+
+def test_answer_accuracy_counts_rows_that_root_a_chain(trained):
+    """Held-out answer_accuracy counts rows i >= prompt_len - 1 (their chains predict generated
+    tokens only, as at inference) against the target's greedy tokens."""
+    tr, k = trained, trained.cfg.ttt_steps
+    correct, count = torch.zeros(k), torch.zeros(k)
+    for i in tr.heldout:
+        seq, p = tr.seqs[i], tr.prompt_lens[i]
+        ids, _, aux, _, greedy = tr.features.batch([i])
+        greedy = greedy[0]  # [L] the target's next token after each position
+        assert greedy[p:-1].tolist() == seq[p + 1:]  # the data is the greedy answer
+        with torch.no_grad():
+            steps = ttt_forward(tr.head, ids[0], aux[0], k)
+        for j, logits in enumerate(steps):
+            pred = tr.draft_ids[logits[p - 1: len(seq) - 1 - j].argmax(-1)]  # row i predicts greedy[i + 1 + j]
+            correct[j] += (pred == greedy[p + j:]).sum()
+            count[j] += len(pred)
+    ev = tr.evaluate()
+    assert count.min() > 0 and ev["answer_accuracy"] != ev["accuracy"]
+    torch.testing.assert_close(torch.tensor(ev["answer_accuracy"]), correct / count)
 
 
 def test_resume_continues_same_curve(setup):
@@ -133,7 +161,7 @@ def test_batched_loss_equals_accumulation(setup):
         ref_grads = [r + g / 3 for r, g in zip(ref_grads, torch.autograd.grad(t, params))]
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    assert torch.equal(accs, ref_accs) and accs[:, 1].min() > 0
+    assert torch.equal(accs, ref_accs) and accs[:, :, 1].min() > 0
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
