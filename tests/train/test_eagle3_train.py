@@ -19,7 +19,7 @@ from lightspeed.spec import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
 from lightspeed.train.eagle3 import TrainConfig, Trainer
 from lightspeed.train.features import FeatureStore, target_features
-from lightspeed.train.head import trainable, ttt_forward
+from lightspeed.train.head import save_head, trainable, ttt_forward
 from tests.tiny import make_tiny_checkpoint
 
 
@@ -105,6 +105,58 @@ def test_training_learns_and_head_is_lossless(setup, trained):
     outs = spec.generate(prompts_ids, params)
     assert [o.token_ids for o in outs] == plain
     assert sum(o.metrics.acceptance_length or 0 for o in outs) / len(outs) > 1.2  # drafts get accepted
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chain_drafts_equal_ttt_steps(setup, trained, tmp_path, device):
+    """Every step of the inference chain drafts what the TTT unroll predicts at the same row:
+    on the target's greedy continuation of training prompts, when the proposer drafts after
+    a context of N tokens and drafts 0..j-1 are the sequence's next tokens, draft j is the
+    argmax of TTT step j at row N - 2 (same float32 weights; near-ties skipped), and an eager
+    chain's logits are that row's. CPU: eager chain; CUDA: draft graphs after the catch-up."""
+    root, _, _ = setup
+    tr, k = trained, trained.cfg.ttt_steps
+    save_head(tr.head, tr.hf_cfg, tmp_path / "head", torch.float32)  # NOTE: the trained weights, not rounded
+    spec = LLM(str(root / "target"), device=device, dtype="float32", block_size=4,
+               speculative=SpeculativeConfig("eagle3", model=str(tmp_path / "head"), num_speculative_tokens=k))
+    proposer, chains, chain_logits = spec.engine.runner.proposer, [], {}
+    emit, choose = proposer.emit, proposer._choose
+
+    def recording_emit(out, rid, tokens, parents):
+        chains.append((rid, list(proposer.contexts[rid]), list(tokens)))
+        emit(out, rid, tokens, parents)
+
+    def recording_choose(roots, logits):  # each eager chain step: logits [roots, V_target]
+        for r, row in zip(roots, logits):
+            chain_logits.setdefault((r.job.request_id, r.job.num_tokens), []).append(row.cpu()[tr.draft_ids])
+        return choose(roots, logits)
+    proposer.emit, proposer._choose = recording_emit, recording_choose
+    prompts = [tr.seqs[i][: tr.prompt_lens[i]] for i in tr.train[:8]]
+    outs = spec.generate(prompts, SamplingParams(max_tokens=tr.cfg.max_tokens, temperature=0.0))
+    if device == "cuda":
+        assert any(has_roots for _, _, has_roots in proposer.graphs.graphs), "no draft graph replayed"
+    checked, logits_checked = [0] * k, 0
+    tol = 1e-4 if device == "cpu" else 1e-3  # NOTE: the TTT reference runs on the CPU
+    for prompt, o in zip(prompts, outs):
+        seq = prompt + list(o.token_ids)
+        aux = target_features(tr.model, [seq], tr.aux_layers)[0][0]  # [L, 3H]
+        with torch.no_grad():
+            steps = ttt_forward(tr.head, torch.tensor(seq), aux, k)  # step j, row i predicts seq[i + 2 + j]
+        for context, drafts in ((c, d) for rid, c, d in chains if rid == o.request_id):
+            n = len(context)
+            assert context == seq[:n]
+            for j, draft in enumerate(drafts):
+                if drafts[:j] != seq[n:n + j]:
+                    break
+                ref = steps[j][n - 2]
+                if (o.request_id, n) in chain_logits:
+                    torch.testing.assert_close(chain_logits[o.request_id, n][j], ref, rtol=tol, atol=tol)
+                    logits_checked += 1
+                top = ref.topk(2)
+                if top.values[0] - top.values[1] > 1e-3:
+                    assert draft == tr.draft_ids[top.indices[0]], (o.request_id, n, j)
+                    checked[j] += 1
+    assert min(checked) >= 3 and (logits_checked or device == "cuda"), (checked, logits_checked)
 
 
 def test_answer_accuracy_counts_rows_that_root_a_chain(trained):
