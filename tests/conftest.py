@@ -19,10 +19,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tests run tiny models of small ops: one intra-op thread is faster, and far faster on a
-    loaded machine (OpenMP workers spin-wait for busy cores)."""
+    loaded machine (OpenMP workers spin-wait for busy cores). Session-wide, so module fixtures
+    (a model loaded or a head trained once per module) run on one thread too."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

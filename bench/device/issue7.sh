@@ -58,11 +58,13 @@ row = {"name": f"train-eagle3 {target} {log['config']['prompts']}", "model": tar
        "draft_vocab_size": log["draft_vocab_size"], "aux_layers": log["aux_layers"],
        **{k: log[k] for k in ("train_seconds", "train_steps", "train_tokens", "ms_per_step", "train_tokens_per_s")},
        "heldout_loss_start": ev0["loss"], "heldout_loss_end": ev1["loss"],
-       "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev1["accuracy"]}
+       "heldout_accuracy_start": ev0["accuracy"], "heldout_accuracy_end": ev1["accuracy"],
+       "heldout_answer_accuracy_end": ev1["answer_accuracy"]}
 save_results(out, torch.device("cuda" if torch.cuda.is_available() else "cpu"), [row], command=command)
 print(f"end to end {e2e:.0f} s (data {row['data_s']:.0f} s), {row['train_steps']} steps x {row['batch_size']} seqs, "
       f"{row['ms_per_step']:.0f} ms/step, {row['train_tokens_per_s']:.0f} train tok/s; held-out loss "
-      f"{ev0['loss']:.3f} -> {ev1['loss']:.3f}, acc/step " + " ".join(f"{a:.2f}" for a in ev1["accuracy"]))
+      f"{ev0['loss']:.3f} -> {ev1['loss']:.3f}, acc/step " + " ".join(f"{a:.2f}" for a in ev1["accuracy"])
+      + ", answer rows " + " ".join(f"{a:.2f}" for a in ev1["answer_accuracy"]))
 EOF
     copy "$RES/issue7-train-qwen1.5b.json"
 fi

@@ -21,7 +21,8 @@
    unroll (bf16 autocast on CUDA, float32 master weights); --time-budget stops it cleanly.
 5. Output: OUT/config.json + OUT/model.safetensors in the published EAGLE-3 format
    (`--speculative eagle3:OUT`), OUT/checkpoint.pt (head + AdamW + step + RNG: --resume
-   continues exactly), OUT/train_log.json (loss curve, held-out loss / accuracy per step).
+   continues exactly), OUT/train_log.json (loss curve; held-out loss and per-step accuracy,
+   over all rows and over the answer rows that compare with greedy acceptance: see ttt_loss).
 """
 from __future__ import annotations
 
@@ -210,6 +211,7 @@ class Trainer:
                     f.write(json.dumps(r) + "\n")
         recs = [r for r in recs if len(r["ids"]) >= 3]
         self.seqs = [r["ids"] for r in recs]
+        self.prompt_lens = [r.get("prompt_len", 0) for r in recs]
         if not self.seqs:
             raise InvalidRequestError("the generated data holds no sequence of 3 or more tokens")
         n_hold = max(1, int(len(self.seqs) * cfg.holdout)) if len(self.seqs) > 1 else 0
@@ -217,7 +219,7 @@ class Trainer:
         self.train = list(range(n_hold, len(self.seqs))) or self.heldout
         device = self.model.lm_head.weight.device
         self.device = device
-        self.draft_ids = choose_draft_vocab(self.seqs, [r.get("prompt_len", 0) for r in recs], cfg.draft_vocab_size,
+        self.draft_ids = choose_draft_vocab(self.seqs, self.prompt_lens, cfg.draft_vocab_size,
                                             self.mc.vocab_size).to(device)
         self.t2d = torch.zeros(self.mc.vocab_size, dtype=torch.bool, device=device)
         self.t2d[self.draft_ids] = True
@@ -238,24 +240,26 @@ class Trainer:
 
     # loss ---------------------------------------------------------------------------
     def batch_loss(self, idx: list[int]):
-        """Sequences by index -> (loss, per-step losses [K], per-step (correct, count) [K, 2], tokens)."""
+        """Sequences by index -> (loss, per-step losses [K], per-step (correct, count) over all
+        rows and answer rows [K, 2, 2] (ttt_loss), tokens)."""
         ids, lens, aux, tgt_draft, tgt_argmax = self.features.batch(idx)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             step_logits = ttt_forward(self.head, ids, aux, self.cfg.ttt_steps, lens)
-        total, losses, accs = ttt_loss(step_logits, tgt_draft, tgt_argmax, lens, self.draft_ids, self.t2d)
+        prompt_lens = torch.tensor([self.prompt_lens[i] for i in idx])
+        total, losses, accs = ttt_loss(step_logits, tgt_draft, tgt_argmax, lens, self.draft_ids, self.t2d, prompt_lens)
         return total, losses, accs, int(lens.sum())
 
     @torch.no_grad()
     def evaluate(self, idx: list[int] | None = None) -> dict:
         idx = self.heldout if idx is None else idx
         bs = self.cfg.batch_size
-        loss, accs = 0.0, torch.zeros(self.cfg.ttt_steps, 2, dtype=torch.long)
+        loss, accs = 0.0, torch.zeros(self.cfg.ttt_steps, 2, 2, dtype=torch.long)
         for i in range(0, len(idx), bs):
             total, _, a, _ = self.batch_loss(idx[i:i + bs])
             loss += float(total) * len(idx[i:i + bs])
             accs += a.cpu()
-        return {"step": self.step, "loss": loss / max(len(idx), 1),
-                "accuracy": [c / max(n, 1) for c, n in accs.tolist()]}
+        acc, answer = ([c / max(n, 1) for c, n in a] for a in accs.transpose(0, 1).tolist())
+        return {"step": self.step, "loss": loss / max(len(idx), 1), "accuracy": acc, "answer_accuracy": answer}
 
     # checkpoint ---------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -316,7 +320,7 @@ class Trainer:
             self.step += 1
             tokens += num
             loss = float(total.detach())  # NOTE: the one host sync of a step
-            acc = [a / max(n, 1) for a, n in accs.tolist()]
+            acc = [a / max(n, 1) for a, n in accs[:, 0].tolist()]
             self.log["losses"].append(loss)
             self.log["accuracy"].append(acc)
             if c.progress and (time.time() - last > 0.5 or self.step == until):

@@ -159,14 +159,20 @@ def ttt_forward(head: Eagle3Head, ids: torch.Tensor, aux: torch.Tensor, steps: i
 
 
 def ttt_loss(step_logits, tgt_draft: torch.Tensor, tgt_argmax: torch.Tensor, lens: torch.Tensor,
-             draft_ids: torch.Tensor, t2d: torch.Tensor):
+             draft_ids: torch.Tensor, t2d: torch.Tensor, prompt_lens: torch.Tensor | None = None):
     """step_logits: list over steps of [B, L-1, V_draft] (ttt_forward); tgt_draft [B, L, V_draft]:
     the target's logits over the draft vocabulary; tgt_argmax [B, L]: its argmax over the full
-    vocabulary; lens [B] -> (loss, per-step losses [K], per-step (correct, count) [K, 2]).
+    vocabulary; lens, prompt_lens [B] (None: no prompt) -> (loss, per-step losses [K], per-step
+    (correct, count) [K, 2 (all rows, answer rows), 2]).
 
     loss = mean over sequences of sum_k STEP_DECAY^k * (soft CE of step k averaged over the
     sequence's rows whose target argmax is in the draft vocabulary): a batch of B sequences is
-    exactly the mean of B one-sequence losses (gradient accumulation)."""
+    exactly the mean of B one-sequence losses (gradient accumulation).
+
+    Answer rows: i >= prompt_len - 1, whose input token t_{i+1} and predicted tokens are all
+    generated. Only such rows root a draft chain at inference (the catch-up row of the last
+    committed token; the first answer token comes from the prefill, never from a draft), so
+    their accuracy is the one comparable with greedy acceptance."""
     b, L, _ = tgt_draft.shape
     n = L - 1
     p = torch.softmax(tgt_draft.float(), -1)  # [B, L, V_draft]
@@ -184,9 +190,10 @@ def ttt_loss(step_logits, tgt_draft: torch.Tensor, tgt_argmax: torch.Tensor, len
         lk = (ce * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B]
         total = total + STEP_DECAY ** k * lk.mean()
         losses.append(lk.detach().mean())
-        pred = draft_ids[lg[:, :m].argmax(-1)]
-        accs.append(torch.stack([((pred == argmax) & valid).sum(), valid.sum()]))
-    zero = torch.zeros(2, dtype=torch.long, device=tgt_draft.device)
+        hit = (draft_ids[lg[:, :m].argmax(-1)] == argmax) & valid
+        answer = valid if prompt_lens is None else valid & (rows[None] >= prompt_lens.to(lg.device)[:, None] - 1)
+        accs.append(torch.stack([hit.sum(), valid.sum(), (hit & answer).sum(), answer.sum()]).view(2, 2))
+    zero = torch.zeros(2, 2, dtype=torch.long, device=tgt_draft.device)
     accs += [zero] * (len(step_logits) - len(accs))
     losses += [torch.zeros((), device=tgt_draft.device)] * (len(step_logits) - len(losses))
     return total, torch.stack(losses), torch.stack(accs)

@@ -19,7 +19,7 @@ from lightspeed.spec import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
 from lightspeed.train.eagle3 import TrainConfig, Trainer
 from lightspeed.train.features import FeatureStore, target_features
-from lightspeed.train.head import trainable, ttt_forward
+from lightspeed.train.head import save_head, trainable, ttt_forward
 from tests.tiny import make_tiny_checkpoint
 
 
@@ -72,11 +72,19 @@ def test_ttt_step0_matches_inference_head(setup):
     torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_training_learns_and_head_is_lossless(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    """A head trained briefly (300 steps, 3 TTT steps) and saved to ROOT/head."""
     root, prompts, llm = setup
     tr = Trainer(_cfg(root, prompts, root / "head"), llm)
     tr.train_steps()
-    out = tr.finish()
+    tr.finish()
+    return tr
+
+
+def test_training_learns_and_head_is_lossless(setup, trained):
+    root, _, llm = setup
+    tr, out = trained, trained.out
     first, last = tr.log["eval"][0], tr.log["eval"][-1]
     assert last["loss"] < first["loss"] - 0.5, (first, last)  # soft CE: floored by the target entropy
     for a0, a1 in zip(first["accuracy"], last["accuracy"]):
@@ -92,12 +100,84 @@ def test_training_learns_and_head_is_lossless(setup):
                speculative=SpeculativeConfig("eagle3", model=str(out), num_speculative_tokens=3))
     held = [json.loads(line)["ids"] for line in (out / "data.jsonl").read_text().splitlines()][:3]
     prompts_ids = [s[:8] for s in held]
-    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True) \
-        if "ignore_eos" in SamplingParams.__dataclass_fields__ else SamplingParams(max_tokens=30, temperature=0.0)
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     plain = [o.token_ids for o in llm.generate(prompts_ids, params)]
     outs = spec.generate(prompts_ids, params)
     assert [o.token_ids for o in outs] == plain
     assert sum(o.metrics.acceptance_length or 0 for o in outs) / len(outs) > 1.2  # drafts get accepted
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chain_drafts_equal_ttt_steps(setup, trained, tmp_path, device):
+    """Every step of the inference chain drafts what the TTT unroll predicts at the same row:
+    on the target's greedy continuation of training prompts, when the proposer drafts after
+    a context of N tokens and drafts 0..j-1 are the sequence's next tokens, draft j is the
+    argmax of TTT step j at row N - 2 (same float32 weights; near-ties skipped), and an eager
+    chain's logits are that row's. CPU: eager chain; CUDA: draft graphs after the catch-up."""
+    root, _, _ = setup
+    tr, k = trained, trained.cfg.ttt_steps
+    save_head(tr.head, tr.hf_cfg, tmp_path / "head", torch.float32)  # NOTE: the trained weights, not rounded
+    spec = LLM(str(root / "target"), device=device, dtype="float32", block_size=4,
+               speculative=SpeculativeConfig("eagle3", model=str(tmp_path / "head"), num_speculative_tokens=k))
+    proposer, chains, chain_logits = spec.engine.runner.proposer, [], {}
+    emit, choose = proposer.emit, proposer._choose
+
+    def recording_emit(out, rid, tokens, parents):
+        chains.append((rid, list(proposer.contexts[rid]), list(tokens)))
+        emit(out, rid, tokens, parents)
+
+    def recording_choose(roots, logits):  # each eager chain step: logits [roots, V_target]
+        for r, row in zip(roots, logits):
+            chain_logits.setdefault((r.job.request_id, r.job.num_tokens), []).append(row.cpu()[tr.draft_ids])
+        return choose(roots, logits)
+    proposer.emit, proposer._choose = recording_emit, recording_choose
+    prompts = [tr.seqs[i][: tr.prompt_lens[i]] for i in tr.train[:8]]
+    outs = spec.generate(prompts, SamplingParams(max_tokens=tr.cfg.max_tokens, temperature=0.0))
+    if device == "cuda":
+        assert any(has_roots for _, _, has_roots in proposer.graphs.graphs), "no draft graph replayed"
+    checked, logits_checked = [0] * k, 0
+    tol = 1e-4 if device == "cpu" else 1e-3  # NOTE: the TTT reference runs on the CPU
+    for prompt, o in zip(prompts, outs):
+        seq = prompt + list(o.token_ids)
+        aux = target_features(tr.model, [seq], tr.aux_layers)[0][0]  # [L, 3H]
+        with torch.no_grad():
+            steps = ttt_forward(tr.head, torch.tensor(seq), aux, k)  # step j, row i predicts seq[i + 2 + j]
+        for context, drafts in ((c, d) for rid, c, d in chains if rid == o.request_id):
+            n = len(context)
+            assert context == seq[:n]
+            for j, draft in enumerate(drafts):
+                if drafts[:j] != seq[n:n + j]:
+                    break
+                ref = steps[j][n - 2]
+                if (o.request_id, n) in chain_logits:
+                    torch.testing.assert_close(chain_logits[o.request_id, n][j], ref, rtol=tol, atol=tol)
+                    logits_checked += 1
+                top = ref.topk(2)
+                if top.values[0] - top.values[1] > 1e-3:
+                    assert draft == tr.draft_ids[top.indices[0]], (o.request_id, n, j)
+                    checked[j] += 1
+    assert min(checked) >= 3 and (logits_checked or device == "cuda"), (checked, logits_checked)
+
+
+def test_answer_accuracy_counts_rows_that_root_a_chain(trained):
+    """Held-out answer_accuracy counts rows i >= prompt_len - 1 (their chains predict generated
+    tokens only, as at inference) against the target's greedy tokens."""
+    tr, k = trained, trained.cfg.ttt_steps
+    correct, count = torch.zeros(k), torch.zeros(k)
+    for i in tr.heldout:
+        seq, p = tr.seqs[i], tr.prompt_lens[i]
+        ids, _, aux, _, greedy = tr.features.batch([i])
+        greedy = greedy[0]  # [L] the target's next token after each position
+        assert greedy[p:-1].tolist() == seq[p + 1:]  # the data is the greedy answer
+        with torch.no_grad():
+            steps = ttt_forward(tr.head, ids[0], aux[0], k)
+        for j, logits in enumerate(steps):
+            pred = tr.draft_ids[logits[p - 1: len(seq) - 1 - j].argmax(-1)]  # row i predicts greedy[i + 1 + j]
+            correct[j] += (pred == greedy[p + j:]).sum()
+            count[j] += len(pred)
+    ev = tr.evaluate()
+    assert count.min() > 0 and ev["answer_accuracy"] != ev["accuracy"]
+    torch.testing.assert_close(torch.tensor(ev["answer_accuracy"]), correct / count)
 
 
 def test_resume_continues_same_curve(setup):
@@ -133,7 +213,7 @@ def test_batched_loss_equals_accumulation(setup):
         ref_grads = [r + g / 3 for r, g in zip(ref_grads, torch.autograd.grad(t, params))]
     torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
-    assert torch.equal(accs, ref_accs) and accs[:, 1].min() > 0
+    assert torch.equal(accs, ref_accs) and accs[:, :, 1].min() > 0
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
