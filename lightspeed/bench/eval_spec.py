@@ -100,8 +100,10 @@ def run_eval_spec(args) -> list[dict]:
     if args.batch_invariant is None and any(spec is not None for _, spec in configs):
         args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
     for label, spec in configs:
+        # NOTE: no prefix caching: a prompt's KV computed by an earlier prefill (the warm-up, a shared
+        # prefix) is not bitwise that of its own prefill, and EAGLE-3 engines never reuse it
         llm = LLM(args.model, device=args.device, dtype=args.dtype, speculative=spec, max_num_seqs=args.batch_size,
-                  max_model_len=args.max_model_len, **engine_options(args))
+                  max_model_len=args.max_model_len, enable_prefix_caching=False, **engine_options(args))
         eng = llm.engine
         device = eng.device
         if prompts is None:

@@ -233,7 +233,8 @@ def run_latency_bench(args) -> list[dict]:
         speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
                                                  tree_num_nodes=args.spec_tree_nodes) if spec else None
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
-                  max_num_seqs=max(batch_sizes), **dict(engine_options(args), **switches))
+                  max_num_seqs=max(batch_sizes), enable_prefix_caching=False,  # NOTE: as eval_spec.py
+                  **dict(engine_options(args), **switches))
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
