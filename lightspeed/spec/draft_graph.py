@@ -2,18 +2,19 @@
 draft steps in one replay, each draft chosen by an on-device argmax and fed back, and for
 the draft model the catch-up pass before them in the same graph.
 
-    roots      catch-up in the graph (draft model): the tokens past the draft's cached
-               prefix (<= 64 per sequence) in the static input layout of
-               engine/cuda_graph.py (B sequences, Q rows each, bound L); the root of each
-               sequence is its last row. Roots given (EAGLE-3, whose catch-up reads target
-               hidden states): one row per sequence at its feed_base position, and the
-               roots' logits [S, V] (+ hidden [S, H]) copied into static device tensors.
+    roots      catch-up in the graph: the tokens past the drafter's cached prefix (<= 64
+               per sequence) in the static input layout of engine/cuda_graph.py (B
+               sequences, Q rows each, bound L), for EAGLE-3 with their input hidden states
+               [T, H] copied into a static device tensor; the root of each sequence is its
+               last row. Roots given (after an eager catch-up): one row per sequence at
+               its feed_base position, and the roots' logits [S, V] (+ hidden [S, H])
+               copied into static device tensors.
     draft 0    argmax of the root logits; p = the root row's position, n = its seq_len
     step j     (j = 1 .. k-1) feed draft j-1 (+ the previous step's output hidden) at
                position p + j, slot block_table[(p + j) // bs] * bs + (p + j) % bs (on the
                device), seq_len n + j -> draft j
 
-One graph per (Layout, k, roots given), L >= the longest seq_len + k - 1. The output drafts
+One graph per (Layout, k, roots given, hidden fed), L >= the longest seq_len + k - 1. The output drafts
 [B, k] int64 is the only tensor the host reads (one copy per step). Padding sequences write
 no K/V (slot -1). Off CUDA (tests, under the Triton interpreter) the body runs eagerly at
 every step, as CudaGraphRunner emulates.
@@ -42,6 +43,7 @@ def to_target_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 class _DraftGraph(_Graph):
     roots: tuple[torch.Tensor, torch.Tensor | None] | None = None  # static [B, V], [B, H] when roots are given
+    hidden: torch.Tensor | None = None  # static [T, H]: the catch-up rows' input hidden states (EAGLE-3)
 
 
 class DraftGraphRunner:
@@ -53,21 +55,22 @@ class DraftGraphRunner:
         self.module, self.forward, self.kv_caches, self.block_size, self.device = \
             module, forward, kv_caches, block_size, device
         self.buckets = batch_buckets(max_num_seqs)
-        self.graphs: dict[tuple[Layout, int, bool], _DraftGraph] = {}
+        self.graphs: dict[tuple[Layout, int, bool, bool], _DraftGraph] = {}
         self.is_cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.is_cuda else None
 
-    def run(self, host: HostInputs, k: int,
-            roots: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[list[int]] | None:
-        """Greedy drafts [S][k] after the catch-up pass `host` (roots None), or from `roots`
-        (logits [S, V], hidden [S, H] or None) with `host` one row per sequence at its
-        feed_base; None when no graph serves it (draft eagerly)."""
+    def run(self, host: HostInputs, k: int, roots: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+            hidden: torch.Tensor | None = None) -> list[list[int]] | None:
+        """Greedy drafts [S][k] after the catch-up pass `host` (roots None; hidden [T, H]: its
+        rows' input hidden states, EAGLE-3), or from `roots` (logits [S, V], hidden [S, H] or
+        None) with `host` one row per sequence at its feed_base; None when no graph serves it
+        (draft eagerly)."""
         num = len(host.seq_lens)
         b = pick_bucket(num, self.buckets)
         if b is None or host.max_q_len > kernels.MAX_VERIFY_Q:
             return None
         lay = Layout.make(b, host.max_q_len, max(host.seq_lens) + k - 1, self.block_size)
-        key = (lay, k, roots is not None)
+        key = (lay, k, roots is not None, hidden is not None)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= MAX_GRAPHS:
@@ -77,12 +80,16 @@ class DraftGraphRunner:
             g = self.graphs[key] = _DraftGraph(lay, self.device)
             if roots is not None:
                 g.roots = tuple(None if t is None else t.new_zeros(b, t.shape[1]) for t in roots)
+            if hidden is not None:
+                g.hidden = hidden.new_zeros(lay.T, hidden.shape[1])
             if self.is_cuda:
                 capture(g, lambda: self._body(g, k), self.pool)
         if roots is not None:
             for static, t in zip(g.roots, roots):
                 if t is not None:
                     static[:num].copy_(t)
+        if hidden is not None:  # NOTE: real rows first, in order (cuda_graph.fill_static_inputs)
+            g.hidden[: len(hidden)].copy_(hidden)
         g.load(host)
         if g.graph is not None:
             g.graph.replay()
@@ -98,7 +105,7 @@ class DraftGraphRunner:
             meta = AttentionMetadata(slot_mapping=x["slot"], query_start_loc=x["qsl"], seq_lens=x["len"],
                                      block_tables=x["tab"], query_start_loc_cpu=rows, seq_lens_cpu=[1] * lay.B,
                                      max_seq_len=lay.L, max_q_len=lay.Q, tree_mask=x["tree"])
-            logits, hidden = self.forward(x["ids"], None, x["pos"], meta, last)
+            logits, hidden = self.forward(x["ids"], g.hidden, x["pos"], meta, last)
         else:
             logits, hidden = g.roots
         token = kernels.argmax(logits)  # [B]

@@ -93,25 +93,9 @@ class DraftModelProposer(ModelDrafter):
         logits = self.model.compute_logits(out if rows is None else out[rows])
         return to_target_vocab(logits, self.target_vocab_size), None
 
-    def _draft_in_graph(self, jobs: list[DraftJob], k: int, out) -> bool:
-        seqs, kept = self._catch_up_seqs(jobs)
-        drafts = self.graphs.run(self.kv.host_inputs(seqs), k) if seqs else None
-        if drafts is None:
-            return False
-        self._emit_chains(self._commit(kept, [None] * len(kept)), drafts, out)
-        return True
-
-    def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
-        self._ensure_kv(runner)
-        seqs, kept = self._catch_up_seqs(jobs)
-        if not seqs:
-            return []
-        logits, _ = self._forward(seqs)
-        return self._commit(kept, list(logits))
-
-    def _catch_up_seqs(self, jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
-        """The catch-up pass (each context past the draft's valid cached prefix; the logits
-        of its last token) and the jobs it serves; allocates their KV slots."""
+    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
+                       jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
+        """Each context past the draft's valid cached prefix, rooting its job at its last token."""
         seqs, kept = [], []
         for job in jobs:
             rid, ctx = job.request_id, job.context
@@ -123,14 +107,14 @@ class DraftModelProposer(ModelDrafter):
             kept.append(job)
         return seqs, kept
 
-    def _commit(self, jobs: list[DraftJob], logits: list) -> list[Root]:
-        """After the catch-up pass: the draft's cache holds each whole context."""
+    def _roots(self, jobs: list[DraftJob], logits: torch.Tensor | None, hidden: None) -> list[Root]:
+        """The draft's cache now holds each whole context."""
         roots = []
-        for job, row in zip(jobs, logits):
+        for i, job in enumerate(jobs):
             n = job.num_tokens
             self.cached[job.request_id] = list(job.context)
             self.stable[job.request_id] = n
-            roots.append(Root(job, row, None, feed_base=n - 1, storage_base=n))
+            roots.append(Root(job, None if logits is None else logits[i], None, feed_base=n - 1, storage_base=n))
         return roots
 
     def _after_draft(self, roots: list[Root], tokens: dict[str, list[int]]) -> None:

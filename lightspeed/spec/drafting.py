@@ -124,12 +124,17 @@ class ModelDrafter(Proposer):
     def _ensure_kv(self, runner) -> None:
         raise NotImplementedError
 
-    def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
+    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
+                       jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob | None]]:
+        """The catch-up pass (KV slots allocated, bookkeeping done): its sequences and, per
+        sequence, the job it roots (its last row's logits start the drafts) or None (it only
+        feeds the drafter's cache)."""
         raise NotImplementedError
 
-    def _draft_in_graph(self, jobs: list[DraftJob], k: int, out) -> bool:
-        """Hook: catch-up pass and chain in one graph replay; False: not done (nothing changed)."""
-        return False
+    def _roots(self, jobs: list[DraftJob], logits: torch.Tensor | None, hidden: torch.Tensor | None) -> list[Root]:
+        """After the catch-up pass: the roots of the rooted jobs (logits [R, V], hidden [R, H]
+        of their rows; None when the pass ran in a graph with the chain)."""
+        raise NotImplementedError
 
     def _scratch_slots(self, job: DraftJob) -> int:
         """Scratch slots the drafting of `job` may use."""
@@ -138,10 +143,20 @@ class ModelDrafter(Proposer):
         return max(job.max_depth - 1, 0)
 
     def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
+        self._ensure_kv(runner)
         k = self._graph_depth(runner, jobs)
-        if k is not None and self._draft_in_graph(jobs, k, out):
+        seqs, plans = self._catch_up_seqs(runner, sched, inputs, aux_hidden, jobs)
+        if not seqs:
             return
-        roots = self._catch_up(runner, sched, inputs, aux_hidden, jobs)
+        rooted = [j for j in plans if j is not None]
+        if k is not None and len(rooted) == len(plans):  # catch-up pass and chain in one graph replay
+            feed = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
+            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed)
+            if drafts is not None:
+                self._emit_chains(self._roots(rooted, None, None), drafts, out)
+                return
+        logits, h = self._forward(seqs)
+        roots = self._roots(rooted, logits, h)
         if not roots:
             return
         if self.config.is_tree:

@@ -80,8 +80,8 @@ class Eagle3Proposer(ModelDrafter):
         fused = self.head.fuse(aux_hidden[torch.tensor(rows, device=aux_hidden.device)])
         return {rid: (pos, fused[a: a + n]) for rid, pos, a, n in spans}
 
-    def _catch_up(self, runner, sched, inputs, aux_hidden, jobs: list[DraftJob]) -> list[Root]:
-        self._ensure_kv(runner)
+    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
+                       jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob | None]]:
         by_id = {j.request_id: j for j in jobs}
         seqs, plans = [], []
         for rid, (pos, new) in self._new_hidden(sched, inputs, aux_hidden).items():
@@ -107,14 +107,8 @@ class Eagle3Proposer(ModelDrafter):
             plans.append(job)
             self.head_done[rid] = done + num_feed
             self.pending[rid] = pend[num_feed:]
-        if not seqs:
-            return []
-        logits, prenorm = self._forward(seqs)
-        roots, row = [], 0
-        for job in plans:
-            if job is None:
-                continue
-            n = job.num_tokens
-            roots.append(Root(job, logits[row], prenorm[row], feed_base=n - 2, storage_base=n - 1))
-            row += 1
-        return roots
+        return seqs, plans
+
+    def _roots(self, jobs: list[DraftJob], logits: torch.Tensor | None, prenorm: torch.Tensor | None) -> list[Root]:
+        return [Root(job, None if logits is None else logits[i], None if prenorm is None else prenorm[i],
+                     feed_base=job.num_tokens - 2, storage_base=job.num_tokens - 1) for i, job in enumerate(jobs)]

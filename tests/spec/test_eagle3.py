@@ -193,12 +193,12 @@ def test_broken_head_files_are_rejected(target, tmp_path):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_chain_graph_equals_eager(target, device):
-    """The EAGLE-3 chain after the eager catch-up replays one draft graph from the roots'
-    logits and hidden states (emulated under the Triton interpreter on CPU): same drafts."""
+    """The EAGLE-3 catch-up pass (fed the target's hidden states) and chain replay one draft
+    graph (emulated under the Triton interpreter on CPU): same drafts as eager drafting."""
     from tests.spec.helpers import check_draft_graphs
     root, _ = target
     head = make_eagle3_head(root / f"head_graph_{device}", draft_vocab=200, seed=2)
     spec = SpeculativeConfig("eagle3", model=str(head), num_speculative_tokens=3)
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
-    check_draft_graphs(root / "target", spec, random_prompts([6, 17, 9]), params, {(4, 3, True)},
+    check_draft_graphs(root / "target", spec, random_prompts([6, 17, 9]), params, {(4, 3, False)},
                        dtype="float32" if device == "cuda" else None)
