@@ -9,7 +9,7 @@
 #
 #   bash bench/device/issue4.sh            # everything
 #   SKIP_TESTS=1 bash bench/device/issue4.sh     # benches only;  ONLY_TESTS=1: tests only
-#   SKIP_TESTS=1 BIG=tiny-llama SMALL=tiny-qwen2 EXTRA="--device cpu" bash bench/device/issue4.sh  # CPU smoke run
+#   SKIP_TESTS=1 BIG=tiny-llama SMALL=tiny-qwen2 CONTEXT_LEN=128 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/issue4.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -22,7 +22,7 @@ fi
 HF=""
 python -c "import transformers" 2>/dev/null && HF="--compare-hf"
 BIG=${BIG:-llama3.1-8b} SMALL=${SMALL:-qwen2.5-1.5b}
-COMMON="--context-len 1024 --output-len 256 --batch-size 1 --num-iters 3 --ablate ${EXTRA:-}"
+COMMON="--context-len ${CONTEXT_LEN:-1024} --output-len ${OUTPUT_LEN:-256} --batch-size 1 --num-iters 3 --ablate ${EXTRA:-}"
 bench() {  # NAME TIMEOUT ARGS...
     local name=$1 limit=$2
     shift 2
