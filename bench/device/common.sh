@@ -1,6 +1,7 @@
 # Sourced by the device scripts (bench/device/issue*.sh, attn.sh): go to the repo root; with
 # carried wheels (.whl) install them and assemble the GGUFs (setup.sh); then the paths, the
-# commit the results record, the results folder, the start time T0 and `copy FILE` (to $OUT).
+# commit the results record, the results folder, the start time T0, `copy FILE` (to $OUT) and
+# `bench NAME TIMEOUT ARGS...` (`lightspeed bench latency ARGS` into $RES/NAME.json, copied).
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 if [ -d .whl ] && [ -f bench/device/setup.sh ]; then
     source bench/device/setup.sh
@@ -13,3 +14,10 @@ RES=bench/results
 mkdir -p "$RES"
 T0=$(date +%s)
 copy() { if [ -n "${OUT:-}" ] && [ -f "$1" ]; then cp "$1" "$OUT/"; fi; }
+bench() {  # NAME TIMEOUT ARGS...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name  [$(( $(date +%s) - T0 )) s]"
+    timeout "$limit" python -m lightspeed.cli bench latency "$@" --out "$RES/$name.json" 2>&1 | tail -8
+    copy "$RES/$name.json"
+}

@@ -23,13 +23,6 @@ HF=""
 python -c "import transformers" 2>/dev/null && HF="--compare-hf"
 BIG=${BIG:-llama3.1-8b} SMALL=${SMALL:-qwen2.5-1.5b}
 COMMON="--context-len ${CONTEXT_LEN:-1024} --output-len ${OUTPUT_LEN:-256} --batch-size 1 --num-iters 3 --ablate ${EXTRA:-}"
-bench() {  # NAME TIMEOUT ARGS...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name  [$(( $(date +%s) - T0 )) s]"
-    timeout "$limit" python -m lightspeed.cli bench latency "$@" --out "$RES/$name.json" 2>&1 | tail -8
-    if [ -n "${OUT:-}" ] && [ -f "$RES/$name.json" ]; then cp "$RES/$name.json" "$OUT/"; fi
-}
 bench "issue4-$BIG-bf16" 110 --shape "$BIG" $COMMON
 bench "issue4-$BIG-fp8" 110 --shape "$BIG" --quantization fp8 $COMMON
 bench "issue4-$SMALL-bf16" 100 --shape "$SMALL" $COMMON $HF

@@ -56,18 +56,5 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 
 stamp "summary"
-python3 - "$RES/issue4-spec-eval.json" <<'EOF'
-import json, sys
-from pathlib import Path
-p = Path(sys.argv[1])
-if not p.exists():
-    sys.exit("eval-spec: no result")
-r = json.loads(p.read_text())
-print(f"device {r['device']}, commit {r['git_commit']}")
-for row in r["results"]:
-    al = f"AL {row['acceptance_length']:.2f}" if row.get("acceptance_length") else " " * 7
-    same = f"same as plain {row['prompts_identical_to_plain']} first diff {row['first_difference']}" \
-        if "prompts_identical_to_plain" in row else ""
-    print(f"  {row['speculative'][-40:]:<40} {row['tokens_per_s_user']:7.1f} tok/s/user  {al}  {same}")
-EOF
+python3 bench/device/spec_summary.py "$RES/issue4-spec-eval.json"
 stamp "done"

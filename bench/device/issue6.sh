@@ -32,13 +32,6 @@ fi
 
 SCOUT=${SCOUT:-llama4-scout} MAV=${MAV:-llama4-maverick} MAV_LAYERS=${MAV_LAYERS:-14}
 COMMON="--context-len 1024 --batch-size 1 --step-tokens 1,4 ${EXTRA:-}"
-bench() {  # NAME TIMEOUT ARGS...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== $name  [$(( $(date +%s) - T0 )) s]"
-    timeout "$limit" python -m lightspeed.cli bench latency "$@" --out "$RES/$name.json" 2>&1 | tail -8
-    if [ -n "${OUT:-}" ] && [ -f "$RES/$name.json" ]; then cp "$RES/$name.json" "$OUT/"; fi
-}
 PARTS=",${PARTS:-sweep,scout,maverick,peer},"
 has() { [[ "$PARTS" == *",$1,"* ]]; }
 if has sweep; then

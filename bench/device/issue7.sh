@@ -92,23 +92,4 @@ if [ -f "$HEAD_DIR/data.jsonl" ]; then
 fi
 
 echo "=== summary  [$(( $(date +%s) - T0 )) s]"
-python - "$RES/issue7-eval-spec-qwen1.5b.json" <<'EOF'
-import json, sys
-from pathlib import Path
-p = Path(sys.argv[1])
-if not p.exists():
-    sys.exit("eval-spec: no result")
-r = json.loads(p.read_text())
-rows = r["results"]
-print(f"device {r['device']}, commit {r['git_commit']}, {rows[0]['num_prompts']} HumanEval prompts, "
-      f"{rows[0]['output_len']} tokens, greedy, batch 1")
-for row in rows:
-    pos = " ".join(f"{a:.2f}" for a in row.get("acceptance_rate_per_position") or [])
-    al = f"AL {row['acceptance_length']:.2f}" if row.get("acceptance_length") else " " * 7
-    same = "" if "prompts_identical_to_plain" not in row else f" same={row['prompts_identical_to_plain']}"
-    print(f"{row['speculative'][-40:]:<40} {row['tokens_per_s_user']:8.1f} tok/s  {al}{same}  [{pos}]")
-best = lambda m: max((x["tokens_per_s_user"] for x in rows if x["speculative"].startswith(m)), default=None)
-head, draft = best("eagle3:"), best("draft:")
-if head and draft:
-    print(f"head / 0.5B draft (best of each): {head / draft:.2f}x (target >= 1.3x); head {head:.0f} tok/s (target >= 2500)")
-EOF
+python bench/device/spec_summary.py "$RES/issue7-eval-spec-qwen1.5b.json"

@@ -30,14 +30,14 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int = 0) -> lis
 def file_prompts(path: Path, num: int | None, tokenizer) -> list[list[int]]:
     """The first `num` prompts of a JSONL file, as token ids (chat turns through the chat template)."""
     from lightspeed.train.data import read_jsonl_prompts
-    first = path.open(encoding="utf-8").readline()
+    with path.open(encoding="utf-8") as f:
+        first = f.readline()
     try:
         rec = json.loads(first)
     except json.JSONDecodeError:
         rec = None
     if isinstance(rec, dict) and "ids" in rec and "prompt_len" in rec:  # train-eagle3's data.jsonl
-        with path.open(encoding="utf-8") as f:
-            recs = [json.loads(line) for line in f if line.strip()]
+        recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return [r["ids"][: r["prompt_len"]] for r in recs[:num] if r["prompt_len"] > 0]
     prompts = read_jsonl_prompts(path)[:num]
     return [tokenizer.encode(tokenizer.apply_chat_template(p, add_generation_prompt=True), add_special_tokens=False)

@@ -181,12 +181,13 @@ def _paged_attn_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_base = kv_ptr + kvh.to(tl.int64) * stride_kv_h
         offs_c = tl.arange(0, BLOCK_TQ)
-        vis = offs_c < 0
+        vis = offs_c < 0  # (unused without a tree)
+        rank = offs_c
         tail = hi  # keys from tail on are a tree's new tokens: read through the row's ancestors
         if HAS_TREE:  # the row's visible new tokens and their rank (1 = the first): ctx + rank - 1 is virtual
             vis = tl.load(tree_row + tile_q0 * stride_tree_q + offs_c, mask=offs_c <= tile_q0, other=0) != 0
+            rank = tl.cumsum(vis.to(tl.int32), axis=0)  # [BLOCK_TQ]
             tail = tl.minimum(hi, lo + tl.maximum(ctx - lo, 0) // BLOCK_N * BLOCK_N)
-        rank = tl.cumsum(vis.to(tl.int32), axis=0)  # [BLOCK_TQ]
         for start in range(lo, tail, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row,
                                           kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis,
