@@ -10,6 +10,6 @@ def __getattr__(name):  # keep `import lightspeed` light: torch loads on first u
         from lightspeed.engine.llm import LLM
         return LLM
     if name == "SpeculativeConfig":
-        from lightspeed.spec import SpeculativeConfig
+        from lightspeed.speculative import SpeculativeConfig
         return SpeculativeConfig
     raise AttributeError(name)

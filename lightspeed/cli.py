@@ -55,7 +55,7 @@ def _sampling(args):
 def _speculative(args):
     if not args.speculative:
         return None
-    from lightspeed.spec import SpeculativeConfig
+    from lightspeed.speculative import SpeculativeConfig
     return SpeculativeConfig.from_cli(args.speculative, args.num_speculative_tokens, tree_topk=args.spec_tree_topk,
                                       tree_depth=args.spec_tree_depth, tree_num_nodes=args.spec_tree_nodes)
 

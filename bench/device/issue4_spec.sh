@@ -48,8 +48,8 @@ copy "$RES/issue4-spec-eval.json"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
     stamp "pytest -m gpu (speculative path)"
-    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/spec/test_draft_model.py tests/spec/test_verify.py \
-        "tests/spec/test_eagle3.py::test_chain_graph_equals_eager" tests/engine/test_batch_invariance.py \
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/speculative/test_draft_model.py tests/speculative/test_verify.py \
+        "tests/speculative/test_eagle3.py::test_chain_graph_equals_eager" tests/engine/test_batch_invariance.py \
         tests/kernels/test_paged_attention.py \
         "tests/kernels/test_gemv.py::test_gemv_batch_invariant_rows_qwen_1_5b_shapes" \
         "tests/engine/test_cuda_graph.py::test_graph_verify_equals_eager" 2>&1 | tail -15

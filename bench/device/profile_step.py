@@ -16,7 +16,7 @@ import torch
 from lightspeed import LLM, SamplingParams
 from lightspeed.bench.prompts import load_prompts
 from lightspeed.bench.results import save_results
-from lightspeed.spec import SpeculativeConfig
+from lightspeed.speculative import SpeculativeConfig
 
 
 def profile(model: str, spec: str, k: int) -> dict:

@@ -48,7 +48,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def parse_configs(specs: list[str], default_ks: str):
     """--speculative values -> [(label, SpeculativeConfig | None)], validated before any model loads."""
-    from lightspeed.spec import SpeculativeConfig
+    from lightspeed.speculative import SpeculativeConfig
     if not specs:
         raise InvalidRequestError("eval-spec needs at least one --speculative (none = plain decoding; repeat the "
                                   "option to compare methods)")

@@ -215,7 +215,7 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.layers.linear import batch_invariant
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
-    from lightspeed.spec import SpeculativeConfig
+    from lightspeed.speculative import SpeculativeConfig
 
     if args.num_layers is not None and not args.shape:
         raise InvalidRequestError("--num-layers needs --shape (random weights of a real shape)")

@@ -100,7 +100,7 @@ class Engine:
         self.max_model_len = min(max_len, num_blocks * config.block_size)
         proposer = verifier = None
         if speculative is not None:
-            from lightspeed.spec import build_speculation
+            from lightspeed.speculative import build_speculation
             proposer, verifier = build_speculation(speculative, self)
         self.speculative = speculative
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,

@@ -13,7 +13,7 @@
        step k, row i: hidden = the head's own pre-norm output of step k-1 row i,
                       token t_{i+1+k}, position i+k                    -> predicts t_{i+2+k} (z_{i+1+k})
 
-   Attention as at test time (lightspeed/spec/eagle3.py): row i of step k sees the step-0 keys
+   Attention as at test time (lightspeed/speculative/eagle3.py): row i of step k sees the step-0 keys
    of rows 0..i (the target-state KV) and its own keys of steps 1..k (its chain's scratch KV).
    Loss of step k: soft cross-entropy between the target distribution restricted to the draft
    vocabulary and the head's, on rows whose target argmax is in the draft vocabulary; total

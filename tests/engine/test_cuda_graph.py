@@ -87,7 +87,7 @@ import sys, torch
 import lightspeed.kernels as K
 from lightspeed import LLM, SamplingParams
 from lightspeed.engine.cuda_graph import CudaGraphRunner
-from lightspeed.spec import SpeculativeConfig
+from lightspeed.speculative import SpeculativeConfig
 from tests.tiny import make_tiny_checkpoint
 tmp = sys.argv[1]
 make_tiny_checkpoint(f"{tmp}/t", "qwen2", seed=0)
@@ -151,7 +151,7 @@ def test_graph_decode_equals_eager(tmp_path, arch, dtype, batch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tree", [False, True])
 def test_graph_verify_equals_eager(tmp_path, tree):
-    from lightspeed.spec import SpeculativeConfig
+    from lightspeed.speculative import SpeculativeConfig
     from tests.tiny import make_tiny_checkpoint
     make_tiny_checkpoint(tmp_path / "t", "qwen2", seed=0)
     make_tiny_checkpoint(tmp_path / "d", "qwen2", seed=1, num_hidden_layers=1)

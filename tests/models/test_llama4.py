@@ -215,7 +215,7 @@ SPEC_CASES = {  # over a Llama 4 target whose chunk (8) is crossed by prompts an
 
 def make_llama4_eagle3_head(path, **overrides):
     """A full-vocabulary EAGLE-3 head (no d2t / t2d) reading layers 0, 2, 3 of the 4-layer target."""
-    from tests.spec.helpers import make_eagle3_head
+    from tests.speculative.helpers import make_eagle3_head
     return make_eagle3_head(path, **{"draft_vocab": VOCAB, "with_d2t": False, "aux_layer_ids": [0, 2, 3],
                                      **overrides})
 

@@ -15,7 +15,7 @@ import torch
 from lightspeed.config import SamplingParams
 from lightspeed.engine.llm import LLM
 from lightspeed.errors import InvalidRequestError, LightspeedError, UnsupportedModelError
-from lightspeed.spec import SpeculativeConfig
+from lightspeed.speculative import SpeculativeConfig
 from lightspeed.train.data import load_prompts, stdlib_prompts
 from lightspeed.train.eagle3 import TrainConfig, Trainer
 from lightspeed.train.features import FeatureStore, target_features

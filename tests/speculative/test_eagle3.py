@@ -12,7 +12,7 @@ from lightspeed.engine.engine import Engine
 from lightspeed.config import EngineConfig
 from lightspeed.errors import CheckpointError, UnsupportedModelError
 from lightspeed.models.eagle3 import load_eagle3_head
-from tests.spec.helpers import VOCAB, make_eagle3_head, make_tiny_checkpoint, random_prompts
+from tests.speculative.helpers import VOCAB, make_eagle3_head, make_tiny_checkpoint, random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_broken_head_files_are_rejected(target, tmp_path):
 def test_chain_graph_equals_eager(target, device):
     """The EAGLE-3 catch-up pass (fed the target's hidden states) and chain replay one draft
     graph (emulated under the Triton interpreter on CPU): same drafts as eager drafting."""
-    from tests.spec.helpers import check_draft_graphs
+    from tests.speculative.helpers import check_draft_graphs
     root, _ = target
     head = make_eagle3_head(root / f"head_graph_{device}", draft_vocab=200, seed=2)
     spec = SpeculativeConfig("eagle3", model=str(head), num_speculative_tokens=3)

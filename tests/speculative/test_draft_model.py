@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from lightspeed import LLM, SamplingParams, SpeculativeConfig
 from lightspeed.errors import TokenizerMismatchError
-from tests.spec.helpers import check_draft_graphs, make_tiny_checkpoint, random_prompts
+from tests.speculative.helpers import check_draft_graphs, make_tiny_checkpoint, random_prompts
 from tests.tiny import hf_greedy
 
 

@@ -11,8 +11,8 @@ import torch
 
 from lightspeed import LLM, SamplingParams, SpeculativeConfig
 from lightspeed.engine.sampler import sampling_logits
-from tests.spec.helpers import make_eagle3_head, make_tiny_checkpoint
-from tests.spec.stats import ks_uniform_pvalue, randomized_pit
+from tests.speculative.helpers import make_eagle3_head, make_tiny_checkpoint
+from tests.speculative.stats import ks_uniform_pvalue, randomized_pit
 
 V = 12
 PROMPT = [1, 5, 3, 7, 2, 9, 1, 5, 3]  # repeats, so n-gram lookup drafts

@@ -9,8 +9,8 @@ import torch
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
-from lightspeed.spec.verify import copy_kv_slots, verify_greedy, verify_sampled
-from tests.spec.stats import chi_square_pvalue, total_variation
+from lightspeed.speculative.verify import copy_kv_slots, verify_greedy, verify_sampled
+from tests.speculative.stats import chi_square_pvalue, total_variation
 
 V = 4
 
@@ -183,7 +183,7 @@ def test_verifier_on_device_equals_host_verifiers(seed, uniform, mode):
 
     import lightspeed.kernels as K
     from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
-    from lightspeed.spec.verify import Verifier
+    from lightspeed.speculative.verify import Verifier
     if mode == "interpreter" and not K.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
     dev = "cuda" if mode == "cuda" else "cpu"

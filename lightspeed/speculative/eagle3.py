@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from lightspeed.models.eagle3 import load_eagle3_head
-from lightspeed.spec.draft_model import kv_num_blocks
-from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
-from lightspeed.spec.proposer import DraftJob
+from lightspeed.speculative.draft_model import kv_num_blocks
+from lightspeed.speculative.drafting import DraftKV, DraftSeq, ModelDrafter, Root
+from lightspeed.speculative.proposer import DraftJob
 
 
 class Eagle3Proposer(ModelDrafter):

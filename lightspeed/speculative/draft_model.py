@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from lightspeed.errors import TokenizerMismatchError
-from lightspeed.spec.draft_graph import to_target_vocab
-from lightspeed.spec.drafting import DraftKV, DraftSeq, ModelDrafter, Root
-from lightspeed.spec.proposer import DraftJob
+from lightspeed.speculative.draft_graph import to_target_vocab
+from lightspeed.speculative.drafting import DraftKV, DraftSeq, ModelDrafter, Root
+from lightspeed.speculative.proposer import DraftJob
 
 
 def check_vocabularies(target_tok, draft_tok, draft_vocab_size: int, target_vocab_size: int, target_name: str,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightspeed.spec.proposer import DraftJob, Proposer
-from lightspeed.spec.tree import merge_paths
+from lightspeed.speculative.proposer import DraftJob, Proposer
+from lightspeed.speculative.tree import merge_paths
 
 
 def find_continuations(context: list[int], min_n: int, max_n: int, length: int, max_paths: int) -> list[list[int]]:

@@ -103,15 +103,15 @@ def parse_load_thresholds(text: str | None) -> list[tuple[int, int]] | None:
 
 def build_speculation(config: SpeculativeConfig, engine):
     """-> (proposer, verifier) for the Engine; loads the drafter (weights, vocabulary checks)."""
-    from lightspeed.spec.verify import Verifier
+    from lightspeed.speculative.verify import Verifier
     if config.method == "ngram":
-        from lightspeed.spec.ngram import NgramProposer
+        from lightspeed.speculative.ngram import NgramProposer
         proposer = NgramProposer(config, engine)
     elif config.method == "draft":
-        from lightspeed.spec.draft_model import DraftModelProposer
+        from lightspeed.speculative.draft_model import DraftModelProposer
         proposer = DraftModelProposer(config, engine)
     else:
-        from lightspeed.spec.eagle3 import Eagle3Proposer
+        from lightspeed.speculative.eagle3 import Eagle3Proposer
         proposer = Eagle3Proposer(config, engine)
     verifier = Verifier(proposer)
     proposer.verifier = verifier

@@ -4,7 +4,7 @@ budget that cuts drafts), and stops / max_tokens / max_model_len / logprobs beha
 import pytest
 
 from lightspeed import LLM, SamplingParams, SpeculativeConfig
-from tests.spec.helpers import make_eagle3_head, make_tiny_checkpoint, random_prompts
+from tests.speculative.helpers import make_eagle3_head, make_tiny_checkpoint, random_prompts
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 SMALL = dict(device="cpu", block_size=4, max_num_batched_tokens=32)

@@ -21,9 +21,9 @@ from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.input_prep import HostInputs
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
 from lightspeed.layers.attention import AttentionMetadata
-from lightspeed.spec.draft_graph import DraftGraphRunner
-from lightspeed.spec.proposer import DraftJob, Proposer
-from lightspeed.spec.tree import TreeBuilder
+from lightspeed.speculative.draft_graph import DraftGraphRunner
+from lightspeed.speculative.proposer import DraftJob, Proposer
+from lightspeed.speculative.tree import TreeBuilder
 
 
 @dataclass

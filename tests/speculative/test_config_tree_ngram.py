@@ -7,9 +7,9 @@ import torch
 from lightspeed import SpeculativeConfig
 from lightspeed.cli import main
 from lightspeed.errors import InvalidRequestError
-from lightspeed.spec.ngram import find_continuations
-from lightspeed.spec.tree import TreeBuilder, merge_paths
-from tests.spec.helpers import make_tiny_checkpoint
+from lightspeed.speculative.ngram import find_continuations
+from lightspeed.speculative.tree import TreeBuilder, merge_paths
+from tests.speculative.helpers import make_tiny_checkpoint
 
 
 def test_from_cli():
