@@ -22,6 +22,9 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
                    help="run every step eagerly (no CUDA graphs)")
     p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
                    help="launch Triton kernels without Programmatic Dependent Launch")
+    p.add_argument("--no-fused-layers", dest="enable_fused_layers", action="store_false",
+                   help="run small steps through the per-op kernels (10 launches per layer) instead of the fused "
+                        "5-launch layers")
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
                    help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
                         "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")
@@ -69,7 +72,7 @@ def _llm(args):
 def engine_options(args) -> dict:
     """EngineConfig options from the model arguments (quantization, graphs, PDL)."""
     return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
-                batch_invariant=args.batch_invariant)
+                enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant)
 
 
 def cmd_generate(args) -> None:

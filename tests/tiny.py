@@ -17,6 +17,9 @@ ARCHS = {
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
     "llama-tied": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True, head_dim=24),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2"),
+    # head_dim 32: the smallest the fused 5-launch layers take (kernels/fused_gemv.py)
+    "qwen2-d32": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", num_attention_heads=2,
+                      num_key_value_heads=1),
     "mistral": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=24),
 }
 

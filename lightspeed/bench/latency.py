@@ -127,10 +127,21 @@ def active_weight_bytes(model, num_tokens: int = 1) -> float:
     return total
 
 
-def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
+def count_kernels(fn) -> int:
+    """CUDA kernels one call of fn launches (torch.profiler: CUPTI sees graph replays too)."""
+    import torch
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> tuple[float, int | None]:
     """Median ms of one step of `num_tokens` new tokens of one sequence after `context_len`
     cached ones (decode: 1; verify-shaped: k + 1): forward + logits as the engine runs it
-    (replaying its CUDA graph when graphs are on, host input copy included).
+    (replaying its CUDA graph when graphs are on, host input copy included) -> (ms, kernels
+    per step on CUDA, else None).
     NOTE: writes K/V into blocks 0..; call it while no request runs."""
     import torch
 
@@ -157,7 +168,8 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
             step()
             _sync(eng.device)
             times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times[3:])
+        kernels = count_kernels(step) if eng.device.type == "cuda" else None
+    return 1000 * statistics.median(times[3:]), kernels
 
 
 def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: int, device, dtype,
@@ -189,10 +201,12 @@ def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: in
 def _configs(args) -> list[tuple[str | None, int, dict]]:
     """(speculative spec or None, k, engine switches): the plain baseline first, its
     ablations (--ablate: PDL off, CUDA graphs off), then each speculative k."""
-    base = dict(enable_pdl=args.enable_pdl, enable_cuda_graph=args.enable_cuda_graph)
+    base = dict(enable_pdl=args.enable_pdl, enable_cuda_graph=args.enable_cuda_graph,
+                enable_fused_layers=args.enable_fused_layers)
     out = [(None, 0, base)]
     if args.ablate:
-        out += [(None, 0, dict(base, enable_pdl=False)), (None, 0, dict(base, enable_cuda_graph=False))]
+        out += [(None, 0, dict(base, enable_fused_layers=False)), (None, 0, dict(base, enable_pdl=False)),
+                (None, 0, dict(base, enable_cuda_graph=False))]
     if args.speculative:
         ks = [int(k) for k in args.spec_k_list.split(",")] if args.spec_k_list else [args.num_speculative_tokens]
         out += [(args.speculative, k, base) for k in ks]
@@ -248,13 +262,16 @@ def run_latency_bench(args) -> list[dict]:
             floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
             quant = eng.config.quantization or "none"
             graph_on, pdl_on = _switches(eng)
+            fused_on = eng.config.enable_fused_layers and eng.device.type == "cuda"
             name = f"{label} {quant} bs{b} {source}{input_len if source == 'random' else ''} out{args.output_len}"
             row = {"name": name + (f" spec={spec} k={k}" if spec else
-                                   f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"),
+                                   f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"
+                                   f" fused={'on' if fused_on else 'off'}"),
                    "model": label, "batch_size": b, "prompts": source, "num_prompts": len(prompts),
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
                    "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
-                   "cuda_graph": graph_on, "pdl": pdl_on, "batch_invariant": batch_invariant(),
+                   "cuda_graph": graph_on, "pdl": pdl_on, "fused_layers": fused_on,
+                   "batch_invariant": batch_invariant(),
                    "num_hidden_layers": mc.num_hidden_layers,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
@@ -289,15 +306,18 @@ def run_latency_bench(args) -> list[dict]:
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
             results.append(row)
-        if is_baseline and args.step_tokens:
+        if spec is None and args.step_tokens:
             ctx = int(statistics.mean(len(p) for p in prompts))
             for q in (int(v) for v in args.step_tokens.split(",")):
-                ms = time_step(eng, q, ctx)
+                ms, num_kernels = time_step(eng, q, ctx)
                 floor_ms = 1000 * (active_weight_bytes(eng.runner.model, q) + (ctx + q) * kv_per_token) / bandwidth
-                results.append({"name": f"{label} {quant} step of {q} token{'s' if q > 1 else ''} ctx{ctx}",
+                switch = "" if is_baseline else " " + ",".join(f"{k}={v}" for k, v in switches.items()
+                                                               if v != _configs(args)[0][2].get(k))
+                results.append({"name": f"{label} {quant} step of {q} token{'s' if q > 1 else ''} ctx{ctx}{switch}",
                                 "model": label, "kind": "step", "num_tokens": q, "context_len": ctx,
                                 "num_hidden_layers": mc.num_hidden_layers, "quantization": quant,
-                                "cuda_graph": graph_on, "ms_per_step": ms, "floor_ms_per_step": floor_ms,
+                                "cuda_graph": graph_on, "pdl": pdl_on, "fused_layers": fused_on, "ms_per_step": ms,
+                                "floor_ms_per_step": floor_ms, "kernels_per_step": num_kernels,
                                 "fraction_of_floor": floor_ms / ms,
                                 "active_weight_bytes": active_weight_bytes(eng.runner.model, q),
                                 "copy_bandwidth_gb_s": bandwidth / 1e9})

@@ -136,6 +136,7 @@ def _model_args(args, speculative: bool) -> list[str]:
             out += [flag, str(value)]
     out += [] if args.enable_cuda_graph else ["--no-cuda-graph"]
     out += [] if args.enable_pdl else ["--no-pdl"]
+    out += [] if args.enable_fused_layers else ["--no-fused-layers"]
     if args.batch_invariant is not None:
         out += ["--batch-invariant" if args.batch_invariant else "--no-batch-invariant"]
     if speculative and args.speculative:

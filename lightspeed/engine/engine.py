@@ -93,6 +93,8 @@ class Engine:
         set_batch_invariant(speculative is not None and self.device.type == "cuda" if invariant is None else invariant)
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
+        if hasattr(getattr(model, "model", None), "fused_layers"):
+            model.model.fused_layers = config.enable_fused_layers
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
         max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)

@@ -30,6 +30,8 @@ from lightspeed.kernels.fp8_gemv import (FP8_DTYPE, fp8_gemv_ref, fp8_gemv_trito
                                          quantize_fp8_per_channel)
 from lightspeed.kernels.fused_moe import ExpertWeights, fused_moe_ref, fused_moe_triton
 from lightspeed.kernels.fused_moe import MAX_TOKENS as MOE_MAX_TOKENS
+from lightspeed.kernels.fused_gemv import MAX_ROWS as FUSED_MAX_ROWS
+from lightspeed.kernels.fused_gemv import fused_gemv_ref, fused_gemv_triton
 from lightspeed.kernels.gemv import MAX_M, gemv_triton
 from lightspeed.kernels.paged_decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_ref, paged_prefill_attention_triton
@@ -163,6 +165,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return F.linear(x, weight, bias)
 
 
+def fused_gemv_max_rows() -> int:
+    return FUSED_MAX_ROWS
+
+
+def fused_gemv(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A projection with its norm prologue / residual, SwiGLU or rope+KV epilogue
+    (kernels/fused_gemv.py): the Triton kernel for <= 64 rows on CUDA, else the reference."""
+    if x.dim() == 2 and x.shape[0] <= FUSED_MAX_ROWS and use_triton(x):
+        return fused_gemv_triton(x, weight, **kwargs)
+    return fused_gemv_ref(x, weight, **kwargs)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, batch_invariant: bool = False) -> torch.Tensor:
     """x [M, K] bf16/fp16 @ (weight [N, K] e4m3fn * scale [N, 1])^T (+ bias) -> [M, N] x.dtype.
@@ -213,7 +227,7 @@ def rejection_verify(target_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
 
 __all__ = [
     "HAS_TRITON", "FP8_DTYPE", "MAX_VERIFY_Q", "set_pdl", "pdl_requested", "use_pdl", "use_triton", "force_triton",
-    "add_rmsnorm", "qkv_rope_cache", "paged_attention", "paged_decode_attention", "paged_verify_attention",
+    "add_rmsnorm", "qkv_rope_cache", "fused_gemv", "paged_attention", "paged_decode_attention", "paged_verify_attention",
     "paged_prefill_attention", "pack_tree_masks", "silu_mul", "gemv", "fp8_linear", "fp8_gemv",
     "quantize_fp8_per_channel", "fused_moe", "ExpertWeights", "argmax", "rejection_verify",
 ]

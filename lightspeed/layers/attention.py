@@ -160,5 +160,9 @@ class Attention(nn.Module):
         t = qkv.shape[0]
         q = kernels.qkv_rope_cache(qkv, bias, positions, cos_sin_cache, meta.slot_mapping, kv_cache,
                                    self.num_heads, self.num_kv_heads, self.head_dim)  # [T, Hq, D]
+        return self.attend(q, kv_cache, meta)
+
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """q: [T, Hq, D] rotated, the new K/V already in kv_cache -> [T, Hq * D] (Triton path)."""
         o = paged_attention_triton(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size)
-        return o.view(t, self.num_heads * self.head_dim)
+        return o.view(q.shape[0], self.num_heads * self.head_dim)

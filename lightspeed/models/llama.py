@@ -10,6 +10,11 @@ Where kernels.use_triton holds (CUDA) each layer runs the fused kernels: add+RMS
 projection then one epilogue (bias + rotary + paged KV write), paged attention, SwiGLU;
 nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CPU) the
 same math in torch (rotary cos/sin gathered once per step for all layers).
+
+Small steps (decode, verify, draft: <= 16 rows, <= 64 in batch-invariant mode) carry the
+residual stream s itself (HF's hidden_states[i]) through 5 launches per layer
+(kernels/fused_gemv.py): norm+QKV+rope+KV write, attention, o_proj + s, norm+gate_up+SwiGLU,
+down_proj + s (LlamaModel.fused_layers; off: the per-op kernels above).
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from lightspeed import kernels
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError
 from lightspeed.layers.activation import silu_and_mul
+from lightspeed.kernels.fused_gemv import PLAIN, RESIDUAL, ROPE_KV, SWIGLU, RopeKV
 from lightspeed.layers.attention import Attention, AttentionMetadata
-from lightspeed.layers.linear import Linear, linear
+from lightspeed.layers.linear import Linear, batch_invariant, linear
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
 
@@ -101,6 +107,23 @@ class LlamaDecoderLayer(nn.Module):
     def feed_forward_out(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp(hidden)
 
+    def forward_fused(self, s: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                      rope: RopeInputs) -> torch.Tensor:
+        """The residual stream s [T, H] entering this layer -> the one leaving it, in 5 launches."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, ln1, ln2 = attn.qkv_proj, self.input_layernorm, self.post_attention_layernorm
+        kv = RopeKV(rope.positions, rope.cache, meta.slot_mapping, kv_cache, attn.num_heads, attn.num_kv_heads,
+                    attn.head_dim)
+        q = kernels.fused_gemv(s, qkv.weight, epilogue=ROPE_KV, norm_weight=ln1.weight, eps=ln1.eps,
+                               scale=qkv.weight_scale, bias=qkv.bias, rope=kv)  # [T, Hq, D]
+        o = attn.attn.attend(q, kv_cache, meta)  # [T, Hq * D]
+        s = kernels.fused_gemv(o, attn.o_proj.weight, epilogue=RESIDUAL, scale=attn.o_proj.weight_scale,
+                               bias=attn.o_proj.bias, residual=s)
+        a = kernels.fused_gemv(s, mlp.gate_up_proj.weight, epilogue=SWIGLU, norm_weight=ln2.weight, eps=ln2.eps,
+                               scale=mlp.gate_up_proj.weight_scale, bias=mlp.gate_up_proj.bias)  # [T, I]
+        return kernels.fused_gemv(a, mlp.down_proj.weight, epilogue=RESIDUAL, scale=mlp.down_proj.weight_scale,
+                                  bias=mlp.down_proj.bias, residual=s)
+
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden, residual) -> (mlp_out, residual); HF's layer output is their sum."""
@@ -132,6 +155,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.max_positions = rope_table_size(config.max_position_embeddings)
         self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
+        self.fused_layers = True  # small steps through forward_fused where it applies (Engine sets it)
 
     def make_layer(self, config: ModelConfig, layer_id: int) -> nn.Module:
         return LlamaDecoderLayer(config)
@@ -139,11 +163,25 @@ class LlamaModel(nn.Module):
     def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
         return rope_inputs(self.rotary_emb, hidden, positions)
 
+    def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
+        """The 5-launch layers: Triton, few rows, dense Llama layers, full-width rotary."""
+        limit = kernels.fused_gemv_max_rows() if batch_invariant() else kernels.MAX_M
+        d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
+        return (self.fused_layers and rope.cache is not None and hidden.shape[0] <= limit
+                and not kernels.needs_grad(hidden) and all(type(layer) is LlamaDecoderLayer for layer in self.layers)
+                and rope.cache.shape[1] == d and d >= 32 and d & (d - 1) == 0)
+
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
         rope = self.rope_inputs(hidden, positions)
         aux = {}  # layer id -> [T, H]
+        if self.can_fuse(hidden, rope):
+            for i, layer in enumerate(self.layers):
+                if i in aux_layer_ids:
+                    aux[i] = hidden  # HF hidden_states[i]
+                hidden = layer.forward_fused(hidden, kv_caches[i], attn_meta, rope)
+            return self.norm(hidden), aux
         for i, layer in enumerate(self.layers):
             if i in aux_layer_ids:
                 aux[i] = hidden if residual is None else hidden + residual  # HF hidden_states[i]

@@ -13,8 +13,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Greedy tokens of a mixed batch (chunked prefill + decode) with the Triton path equal the
-# torch path's, and one tree-verify forward gives the same logits.
+# Greedy tokens of a mixed batch (chunked prefill + decode) with the Triton path (fused
+# 5-launch layers, and per-op kernels) equal the torch path's, and one tree-verify forward
+# gives the same logits.
 SCRIPT = r"""
 import sys, torch
 import lightspeed.kernels as K
@@ -24,6 +25,15 @@ from lightspeed.layers.linear import set_gemv_mode
 from tests.tiny import make_tiny_checkpoint
 
 device, archs, tmp = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+fused_calls, fused_gemv = [0], K.fused_gemv
+
+
+def counting_fused_gemv(*a, **k):
+    fused_calls[0] += K.use_triton(a[0])
+    return fused_gemv(*a, **k)
+
+
+K.fused_gemv = counting_fused_gemv
 if device == "cpu":
     assert K.interpreter_active()
 params = SamplingParams(max_tokens=int(sys.argv[4]), temperature=0.0, ignore_eos=True)
@@ -34,10 +44,11 @@ for arch in archs:
     make_tiny_checkpoint(path, arch)
     llm = LLM(path, device=device, dtype="float32", block_size=4, max_num_batched_tokens=16, enable_cuda_graph=False)
     runs = {}
-    for triton in (False, True):
-        K.force_triton(triton and device == "cpu")
+    for triton in (False, True, "unfused"):
+        K.force_triton(bool(triton) and device == "cpu")
         K._DISABLED = not triton  # NOTE: the reference path on CUDA too
         set_gemv_mode("always" if triton else "never")
+        llm.engine.runner.model.model.fused_layers = triton is True  # the 5-launch layers, or per-op kernels
         runs[triton] = [o.token_ids for o in llm.generate(prompts, params)]
         # a tree verify: 3 cached tokens, then root + 3 drafts (root -> a, root -> b -> c)
         # NOTE: a fresh cache: the engine's blocks may hold prefix-cached KV of the prompts
@@ -53,8 +64,11 @@ for arch in archs:
             runs[(triton, "tree")] = model.compute_logits(model(ids, pos, kv, meta)).cpu()
     K.force_triton(False)
     K._DISABLED = False
-    assert runs[True] == runs[False], (arch, runs)
-    torch.testing.assert_close(runs[(True, "tree")], runs[(False, "tree")], rtol=1e-4, atol=1e-4)
+    if arch == "qwen2-d32":
+        assert fused_calls[0] > 0, "the fused layers never ran"
+    for triton in (True, "unfused"):
+        assert runs[triton] == runs[False], (arch, triton, runs)
+        torch.testing.assert_close(runs[(triton, "tree")], runs[(False, "tree")], rtol=1e-4, atol=1e-4)
     print("ok", arch)
 """
 
@@ -68,12 +82,13 @@ def _run(device: str, archs: str, tmp_path, max_tokens: int, env: dict) -> None:
 
 def test_triton_path_equals_torch_path_in_the_interpreter(tmp_path):
     pytest.importorskip("triton")
-    # llama-tied: head_dim 24 (not a power of two); qwen2: q/k/v bias; mistral: sliding window
-    _run("cpu", "qwen2,llama-tied,mistral", tmp_path, 6, {"TRITON_INTERPRET": "1"})
+    # llama-tied: head_dim 24 (not a power of two); qwen2-d32: q/k/v bias, head_dim 32 (the fused
+    # layers); mistral: sliding window
+    _run("cpu", "qwen2-d32,llama-tied,mistral", tmp_path, 6, {"TRITON_INTERPRET": "1"})
 
 
 @pytest.mark.gpu
 def test_triton_path_equals_torch_path_on_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    _run("cuda", "llama,llama3,qwen2,llama-tied,mistral", tmp_path, 32, {})
+    _run("cuda", "llama,llama3,qwen2,qwen2-d32,llama-tied,mistral", tmp_path, 32, {})
