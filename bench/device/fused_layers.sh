@@ -5,7 +5,8 @@
 # shapes, fused vs per-op kernels vs PDL off vs graphs off (--ablate), kernels per step, each
 # as a fraction of its floor. JSON under bench/results/fused-*.json, copied to $OUT.
 #
-#   bash bench/device/fused_layers.sh        SKIP_TESTS=1: benches only   SHAPES="a b": shapes
+#   bash bench/device/fused_layers.sh     SKIP_TESTS=1: benches only; SHAPES="a b": the shapes;
+#   ABLATE="" FP8="": only fused on / off (--ablate otherwise), no FP8 row
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -21,9 +22,9 @@ timeout 120 python -m lightspeed.bench.boundaries --shape qwen2.5-1.5b --out "$R
 copy "$RES/fused-boundaries-qwen2.5-1.5b.json"
 COMMON="--context-len ${CONTEXT_LEN:-1024} --output-len ${OUTPUT_LEN:-128} --batch-size 1 --num-iters 2 --step-tokens 1,4"
 for s in ${SHAPES:-qwen2.5-1.5b qwen2.5-0.5b llama3.1-8b}; do
-    bench "fused-$s-bf16" 150 --shape "$s" $COMMON --ablate
+    bench "fused-$s-bf16" 150 --shape "$s" $COMMON ${ABLATE---ablate}
 done
-[ -n "${FP8:-1}" ] && bench "fused-llama3.1-8b-fp8" 120 --shape llama3.1-8b --quantization fp8 $COMMON --ablate
+[ -n "${FP8-1}" ] && bench "fused-llama3.1-8b-fp8" 120 --shape llama3.1-8b --quantization fp8 $COMMON --ablate
 echo "=== summary  [$(( $(date +%s) - T0 )) s]"
 python - "$RES" <<'PY'
 import json, sys

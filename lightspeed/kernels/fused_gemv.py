@@ -3,7 +3,8 @@ kernels/gemv.py with the ops around it folded in, so a dense layer runs in 5 lau
 (norm+QKV+rope+KV write, attention, o+residual, norm+gate_up+SwiGLU, down+residual)
 instead of 10.
 
-    prologue  NORM:      x <- rms_norm(x) * norm_weight        (HF numerics, add_rmsnorm.py)
+    prologue  NORM:      x <- rms_norm(x) * norm_weight, as (x * norm_weight) W^T / rms(x):
+                         the sum of x^2 rides along the K loop, so no pass over x comes first
     epilogue  PLAIN:     out = y (+ bias)                       y = x W^T (* scale), rounded
               RESIDUAL:  out = y + residual                    (the residual stream, in x.dtype)
               SWIGLU:    out = silu(y_gate) * y_up             (silu_mul.py numerics)
@@ -11,7 +12,8 @@ instead of 10.
                          k, v -> kv_cache at slot_mapping (-1 skipped)   (qkv_rope_cache.py)
 
 Each epilogue rounds y to x.dtype first, as the separate kernels read it from memory, so
-the arithmetic is that of the per-op path except the order of the RMS sum (chunked here).
+the arithmetic is that of the per-op path except where the RMS scale is applied (on the
+float32 sums, not on x before rounding: the same to a rounding of x's dtype).
 
 Tiles: program (tile, k split, row piece); a row piece is 16 rows (tl.dot, M padded); the
 tile's output columns are one or two runs of BLOCK_N weight rows:
@@ -34,7 +36,6 @@ import torch.nn.functional as F
 
 from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
-from lightspeed.kernels.add_rmsnorm import add_rmsnorm_ref
 from lightspeed.kernels.gemv import tuned_config
 from lightspeed.kernels.qkv_rope_cache import qkv_rope_cache_ref
 
@@ -46,24 +47,12 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
-def _row_rstd(x_ptr, stride_xm, rows, row_ok, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BM] float32 1 / rms of x's rows (float32 sum of squares over K, in BLOCK_K chunks)."""
-    offs_k = tl.arange(0, BLOCK_K)
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
-    sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-        sq += x * x
-    return tl.rsqrt(tl.sum(sq, axis=1) / K + eps)
-
-
-@triton.jit
-def _k_loop(acc1, acc2, x_ptr, stride_xm, rows, row_ok, rstd, nw_ptr, w_ptr, stride_wn, stride_wk, cols1, cols2,
-            n_ok,
-            k_lo, k_hi, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr):
-    """acc1 [BM, BN] += xn[rows, k] @ W[cols1, k]^T (acc2 likewise over cols2 when TWO), k in
-    [k_lo, k_hi); xn = x, or with HAS_NORM rms_norm(x) * norm_weight rounded as add_rmsnorm."""
+def _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk, cols1, cols2,
+            n_ok, k_lo, k_hi, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, TWO: tl.constexpr,
+            DOT_F32: tl.constexpr):
+    """acc1 [BM, BN] += xg[rows, k] @ W[cols1, k]^T (acc2 likewise over cols2 when TWO), k in
+    [k_lo, k_hi); xg = x, or with HAS_NORM x * norm_weight (rounded to x's dtype), and sq
+    [BM, BK] += x^2 in float32: the RMS scale is applied to the sums afterwards (_norm_scale)."""
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w1 = w_ptr + cols1.to(tl.int64)[None, :] * stride_wn  # [1, BN]
@@ -71,18 +60,26 @@ def _k_loop(acc1, acc2, x_ptr, stride_xm, rows, row_ok, rstd, nw_ptr, w_ptr, str
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_hi
-        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        if HAS_NORM:
-            g = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            xn = (x.to(tl.float32) * rstd[:, None]).to(x_ptr.dtype.element_ty)
-            x = (xn.to(tl.float32) * g[None, :]).to(x_ptr.dtype.element_ty)
         wm = k_ok[:, None] & n_ok[None, :]
         wa = tl.load(w1 + kk[:, None] * stride_wk, mask=wm, other=0.0)  # [BK, BN]
-        acc1 += dot(x, wa.to(x.dtype), DOT_F32)
         if TWO:
             wb = tl.load(w2 + kk[:, None] * stride_wk, mask=wm, other=0.0)
+        x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
+        if HAS_NORM:
+            xf = x.to(tl.float32)
+            sq += xf * xf
+            g = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            x = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
+        acc1 += dot(x, wa.to(x.dtype), DOT_F32)
+        if TWO:
             acc2 += dot(x, wb.to(x.dtype), DOT_F32)
-    return acc1, acc2
+    return acc1, acc2, sq
+
+
+@triton.jit
+def _norm_scale(sq_sum, K, eps):
+    """[BM] float32 sums of x^2 over all K -> 1 / rms."""
+    return tl.rsqrt(sq_sum / K + eps)
 
 
 @triton.jit
@@ -155,6 +152,7 @@ def _fused_gemv_kernel(
     res_ptr,  # [M, N] residual (EPI RESIDUAL)
     out_ptr,  # [M, N_out] x.dtype; ROPE_KV: q [M, Hq, D]
     ws_ptr,  # [split_k, M, N_W] float32 partials (unused unless IS_SPLIT)
+    sq_ptr,  # [split_k, M] float32 partial sums of x^2 (unused unless IS_SPLIT and HAS_NORM)
     counter_ptr,  # [pieces * tiles] int32, 0 between launches (unused unless IS_SPLIT)
     pos_ptr,  # [M] positions (ROPE_KV)
     cs_ptr,  # [max_pos, D] float32 |cos|sin| (ROPE_KV)
@@ -179,13 +177,12 @@ def _fused_gemv_kernel(
     k_lo = pid_k * k_split
     k_hi = tl.minimum(K, k_lo + k_split)
     pdl_wait(USE_PDL)
-    rstd = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_NORM:
-        rstd = _row_rstd(x_ptr, stride_xm, rows, row_ok, K, eps, BLOCK_M, BLOCK_K)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc1, acc2 = _k_loop(acc1, acc2, x_ptr, stride_xm, rows, row_ok, rstd, nw_ptr, w_ptr, stride_wn, stride_wk, cols1,
-                         cols2, n_ok, k_lo, k_hi, BLOCK_K, HAS_NORM, TWO, DOT_F32)
+    sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    acc1, acc2, sq = _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk,
+                             cols1, cols2, n_ok, k_lo, k_hi, BLOCK_K, HAS_NORM, TWO, DOT_F32)
+    sq_sum = tl.sum(sq, axis=1)  # [BM] this program's part of sum(x^2)
     pdl_launch_dependents(USE_PDL)
     if IS_SPLIT:
         mask = row_ok[:, None] & n_ok[None, :]
@@ -193,21 +190,34 @@ def _fused_gemv_kernel(
         tl.store(part + cols1[None, :], acc1, mask=mask)
         if TWO:
             tl.store(part + cols2[None, :], acc2, mask=mask)
+        if HAS_NORM:
+            tl.store(sq_ptr + pid_k.to(tl.int64) * M + rows, sq_sum, mask=row_ok)
         tl.debug_barrier()
         count = tl.atomic_add(counter_ptr + piece * num_tiles + tile, 1)
         if count == split_k - 1:
             acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            sq_sum = tl.zeros([BLOCK_M], tl.float32)
             for kk in range(0, split_k):
                 p = ws_ptr + (kk * M + rows.to(tl.int64)[:, None]) * N_W
                 acc1 += tl.load(p + cols1[None, :], mask=mask, other=0.0, cache_modifier=".cg")
                 if TWO:
                     acc2 += tl.load(p + cols2[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_NORM:
+                    sq_sum += tl.load(sq_ptr + kk * M + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            if HAS_NORM:
+                rstd = _norm_scale(sq_sum, K, eps)[:, None]
+                acc1 = acc1 * rstd
+                acc2 = acc2 * rstd
             _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
                       pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
                       stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + piece * num_tiles + tile, 0)
     else:
+        if HAS_NORM:
+            rstd = _norm_scale(sq_sum, K, eps)[:, None]
+            acc1 = acc1 * rstd
+            acc2 = acc2 * rstd
         _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
                   stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
@@ -322,15 +332,16 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
     pieces = cdiv(m, ROW_PIECE)
     if split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        sq = torch.empty((split_k, m), dtype=torch.float32, device=x.device)
         counters = _counters_for(x.device, pieces * tiles)
     else:
-        ws = counters = out
+        ws = sq = counters = out
     res = residual if residual is not None else x
     pdl = use_pdl(x.device)
     pos, cs, slots, kv, stride_oh, stride_cs, s_kv, s_slot, s_h = extra
     _fused_gemv_kernel[(tiles, split_k, pieces)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
-        bias if bias is not None else x, res, out, ws, counters, pos, cs, slots, kv,
+        bias if bias is not None else x, res, out, ws, sq, counters, pos, cs, slots, kv,
         m, n_out, n, k, float(eps), k_split, split_k, tiles, second,
         x.stride(0), weight.stride(0), weight.stride(1), res.stride(0), out.stride(0), stride_oh, stride_cs, s_kv,
         s_slot, s_h,
@@ -346,11 +357,13 @@ def fused_gemv_ref(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = PLA
                    norm_weight: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    rope: RopeKV | None = None) -> torch.Tensor:
-    """The per-op path in plain torch: add_rmsnorm_ref, the product, then silu_mul_ref /
+    """The per-op path in plain torch: the normed product, then silu_mul_ref /
     qkv_rope_cache_ref / the residual add; same contract as fused_gemv_triton."""
-    if norm_weight is not None:
-        x = add_rmsnorm_ref(x, None, norm_weight, eps)[0]
     y = x.float() @ weight.float().t()
+    if norm_weight is not None:  # NOTE: the kernel's order; add_rmsnorm_ref's to a rounding of x's dtype
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = ((xf * norm_weight.float()).to(x.dtype).float() @ weight.float().t()) * rstd
     if scale is not None:
         y = y * scale.float()
     if epilogue == ROPE_KV:

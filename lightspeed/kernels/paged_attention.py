@@ -16,8 +16,7 @@ blocks before lo are skipped, not masked). NUM_PARTS > 1 splits them into partit
     part_size = round_up(cdiv(hi - lo, NUM_PARTS), BLOCK_N)   keys: [lo + p * part_size, ...)
 
 each program writing an unnormalised partial (acc, running max m in log2 units, sum l) that
-the last program of its (sequence, kv head, q tile) group to arrive merges in partition order,
-in the same launch (an arrival counter); with one partition the program writes the output.
+the reduce kernel merges in partition order; with one partition the program writes the output.
 
 Query token qi of sequence s (q_len tokens, ctx = seq_len - q_len cached keys before them)
 sits at position pos(qi) = ctx + qi and sees key j (at position pos(j)) when
@@ -134,10 +133,8 @@ def _paged_attn_kernel(
     seq_lens_ptr,  # [S] int32
     qsl_ptr,  # [S + 1] int32 query_start_loc (unused when IS_DECODE: token s is sequence s)
     tree_ptr,  # [S, TQ, TQ] uint8, 1 = may attend (unused unless HAS_TREE)
-    out_ptr,  # [T, Hq, D]
-    pacc_ptr,  # [T, Hq, grid_parts, D] float32 partial acc (unused unless SPLIT)
-    ml_ptr,  # [T, Hq, grid_parts, 2] float32 partial (max, sum) (unused unless SPLIT)
-    counter_ptr,  # [S * Hkv * q tiles] int32, 0 between launches (unused unless SPLIT)
+    out_ptr,  # [T, Hq, D] (NUM_PARTS == 1) or partial acc [T, Hq, NUM_PARTS, D] float32
+    ml_ptr,  # [T, Hq, NUM_PARTS, 2] float32 partial (max, sum) (unused when NUM_PARTS == 1)
     qk_scale,  # softmax scale * log2(e)
     window, chunk, num_parts, grid_parts,
     stride_q_t, stride_q_h, stride_kv_kv, stride_kv_blk, stride_kv_tok, stride_kv_h,
@@ -156,7 +153,6 @@ def _paged_attn_kernel(
     q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
         s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
         Q_TILE, BLOCK_N, BLOCK_TQ, IS_DECODE, HAS_TREE, HAS_WINDOW, HAS_CHUNK)
-    p_hi = tl.minimum(tl.cdiv(hi - lo, tl.maximum(part_size, 1)), grid_parts)  # partitions with keys, in order
     lo = lo + part * part_size
     hi = tl.minimum(hi, lo + part_size)
     # NOTE: a program with no keys writes nothing; the reduce skips its partition, and with
@@ -203,74 +199,63 @@ def _paged_attn_kernel(
         pdl_launch_dependents(USE_PDL)
         if SPLIT:
             prow = (tok * HQ + head) * grid_parts + part  # [BLOCK_M] row of [T, Hq, grid_parts]
-            tl.store(pacc_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
+            tl.store(out_ptr + prow[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
             tl.store(ml_ptr + prow * 2, m_i, mask=row_ok)
             tl.store(ml_ptr + prow * 2 + 1, l_i, mask=row_ok)
         else:
             o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
             tl.store(out_ptr + tok[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    if SPLIT:
-        # NOTE: every program of the (sequence, kv head, q tile) arrives, empty ones too; the
-        # last to arrive merges the partitions of the tile's G heads in order (the former
-        # reduce kernel's arithmetic) and resets the counter.
-        tl.debug_barrier()
-        group = (s * tl.num_programs(1) + kvh) * (tl.num_programs(2) // grid_parts) + q_tile
-        count = tl.atomic_add(counter_ptr + group, 1)
-        if (count == grid_parts - 1) & (tile_q0 < q_len):
-            tok0 = (q_start + tile_q0).to(tl.int64)
-            for g in range(G):
-                row = (tok0 * HQ + kvh * G + g) * grid_parts
-                _reduce_row(pacc_ptr, ml_ptr, row, p_hi, out_ptr + tok0 * stride_o_t + (kvh * G + g) * stride_o_h,
-                            D, BLOCK_D, 16)
-        if count == grid_parts - 1:
-            tl.atomic_xchg(counter_ptr + group, 0)
 
 
 @triton.jit
-def _reduce_row(acc_ptr, ml_ptr, row, p_hi, out_row_ptr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_P: tl.constexpr):
-    """Merge the partials of one (query token, head), partitions [0, p_hi) in order, into
-    out_row_ptr [D]. row: index of its partition 0 in [T, Hq, grid_parts]. The partials come
-    from other programs of the same launch: read from L2 (.cg)."""
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, p_hi, BLOCK_P):
-        p_ok = p0 + offs_p < p_hi
-        m_max = tl.maximum(m_max, tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf"),
-                                          cache_modifier=".cg"))
-    m_all = tl.max(m_max, axis=0)
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    l_vec = tl.zeros([BLOCK_P], tl.float32)
-    for p0 in range(0, p_hi, BLOCK_P):
-        p_ok = p0 + offs_p < p_hi
-        m = tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf"), cache_modifier=".cg")
-        l = tl.load(ml_ptr + (row + p0 + offs_p) * 2 + 1, mask=p_ok, other=0.0, cache_modifier=".cg")
-        w = tl.exp2(m - m_all)  # [BLOCK_P], 0 for empty partitions
-        l_vec += w * l
-        part_acc = tl.load(acc_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :],
-                           mask=p_ok[:, None] & (offs_d < D)[None, :], other=0.0, cache_modifier=".cg")
-        acc += tl.sum(w[:, None] * part_acc, axis=0)
-    l_all = tl.sum(l_vec, axis=0)
-    o = acc / tl.where(l_all > 0.0, l_all, 1.0)
-    tl.store(out_row_ptr + offs_d, o.to(out_row_ptr.dtype.element_ty), mask=offs_d < D)
-
-
-_MAX_GROUPS = 65536
-_group_counter_buffers: dict[torch.device, torch.Tensor] = {}
-
-
-def _group_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device arrival counters of the split-KV groups, zeroed once; every launch leaves
-    them at zero. NOTE: allocated on first use: run one split launch before graph capture."""
-    if n > _MAX_GROUPS:
-        raise ValueError(f"paged attention: {n} split groups > {_MAX_GROUPS}")
-    c = _group_counter_buffers.get(device)
-    if c is None:
-        c = _group_counter_buffers[device] = torch.zeros(_MAX_GROUPS, dtype=torch.int32, device=device)
-    return c
+def _paged_attn_reduce_kernel(
+    acc_ptr,  # [T, Hq, grid_parts, D] float32 partial acc
+    ml_ptr,  # [T, Hq, grid_parts, 2] float32 partial (max, sum)
+    seq_lens_ptr,  # [S] int32
+    qsl_ptr,  # [S + 1] int32 (unused when IS_DECODE)
+    tree_ptr,  # [S, TQ, TQ] uint8 (unused unless HAS_TREE)
+    out_ptr,  # [T, Hq, D]
+    window, chunk, num_parts, grid_parts, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
+    HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_TQ: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    # grid (S, Hq, max_q_len): one (query token, head) each; the split kernel ran Q_TILE = 1
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    qi = tl.program_id(2)
+    q_start, q_len, ctx, first, lo, hi, part_size = _tile_range(
+        s, qi, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stride_tree_q, window, chunk, num_parts,
+        1, BLOCK_N, BLOCK_TQ, IS_DECODE, HAS_TREE, HAS_WINDOW, HAS_CHUNK)
+    if qi < q_len:
+        p_hi = tl.minimum(tl.cdiv(hi - lo, part_size), grid_parts)  # partitions with keys, in order
+        row = ((q_start + qi).to(tl.int64) * HQ + h) * grid_parts  # partition 0 of this (token, head)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        pdl_wait(USE_PDL)
+        m_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for p0 in range(0, p_hi, BLOCK_P):
+            p_ok = p0 + offs_p < p_hi
+            m_max = tl.maximum(m_max, tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf")))
+        m_all = tl.max(m_max, axis=0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        l_vec = tl.zeros([BLOCK_P], tl.float32)
+        for p0 in range(0, p_hi, BLOCK_P):
+            p_ok = p0 + offs_p < p_hi
+            m = tl.load(ml_ptr + (row + p0 + offs_p) * 2, mask=p_ok, other=float("-inf"))
+            l = tl.load(ml_ptr + (row + p0 + offs_p) * 2 + 1, mask=p_ok, other=0.0)
+            w = tl.exp2(m - m_all)  # [BLOCK_P], 0 for empty partitions
+            l_vec += w * l
+            part_acc = tl.load(acc_ptr + (row + p0 + offs_p)[:, None] * D + offs_d[None, :],
+                               mask=p_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+            acc += tl.sum(w[:, None] * part_acc, axis=0)
+        pdl_launch_dependents(USE_PDL)
+        l_all = tl.sum(l_vec, axis=0)
+        o = acc / tl.where(l_all > 0.0, l_all, 1.0)
+        tl.store(out_ptr + (q_start + qi).to(tl.int64) * stride_o_t + h * stride_o_h + offs_d,
+                 o.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def choose_num_parts(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
@@ -347,9 +332,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     if split:
         part_acc = torch.empty((t, hq, grid_parts, d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((t, hq, grid_parts, 2), dtype=torch.float32, device=q.device)
-        counters = _group_counters(q.device, s * hkv * num_q_tiles)
     else:
-        part_acc = part_ml = counters = out
+        part_acc, part_ml = out, out
     pdl = use_pdl(q.device)
     window = int(sliding_window) if sliding_window else 0
     chunk = int(chunk_size) if chunk_size else 0
@@ -359,7 +343,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     tree_strides = (tree.stride(0), tree.stride(1)) if tree_mask is not None else (0, 0)
     block_tq = max(16, next_pow2(max_q_len))
     _paged_attn_kernel[(s, hkv, num_q_tiles * grid_parts)](
-        q, kv_cache, block_tables, seq_lens, qsl, tree, out, part_acc, part_ml, counters,
+        q, kv_cache, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
         scale * LOG2E, window, chunk, num_parts, grid_parts,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), *tree_strides, out.stride(0), out.stride(1),
@@ -368,6 +352,15 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         HAS_CHUNK=chunk > 0, BLOCK_TQ=block_tq, DOT_F32=dot_in_f32(), USE_PDL=pdl,
         num_warps=num_warps, num_stages=2, launch_pdl=pdl,
     )
+    if split:
+        _paged_attn_reduce_kernel[(s, hq, max_q_len)](
+            part_acc, part_ml, seq_lens, qsl, tree, out, window, chunk, num_parts, grid_parts, *tree_strides,
+            out.stride(0), out.stride(1), HQ=hq, D=d, BLOCK_D=next_pow2(d),
+            # NOTE: a fixed BLOCK_P: the combine order does not depend on the number of partitions
+            BLOCK_P=16, BLOCK_N=block_n, BLOCK_TQ=block_tq, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None,
+            HAS_WINDOW=window > 0, HAS_CHUNK=chunk > 0, USE_PDL=pdl,
+            num_warps=4 if d > 64 else 2, launch_pdl=pdl,
+        )
     return out
 
 

@@ -164,11 +164,14 @@ class LlamaModel(nn.Module):
         return rope_inputs(self.rotary_emb, hidden, positions)
 
     def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
-        """The 5-launch layers: Triton, few rows, dense Llama layers, full-width rotary."""
+        """The 5-launch layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
         limit = kernels.fused_gemv_max_rows() if batch_invariant() else kernels.MAX_M
         d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
+        # NOTE: FP8 weights keep the per-op path: their GEMV (fp8_gemv.py) streams them 2x faster
+        # than this kernel's upcast tiles (bench/results/fused-llama3.1-8b-fp8.json)
         return (self.fused_layers and rope.cache is not None and hidden.shape[0] <= limit
                 and not kernels.needs_grad(hidden) and all(type(layer) is LlamaDecoderLayer for layer in self.layers)
+                and self.layers[0].self_attn.qkv_proj.weight_scale is None
                 and rope.cache.shape[1] == d and d >= 32 and d & (d - 1) == 0)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
