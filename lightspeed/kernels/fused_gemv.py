@@ -49,11 +49,15 @@ _counters: dict[torch.device, torch.Tensor] = {}
 @triton.jit
 def _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk, cols1, cols2,
             n_ok, k_lo, k_hi, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, TWO: tl.constexpr,
-            DOT_F32: tl.constexpr):
+            DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr):
     """acc1 [BM, BN] += xg[rows, k] @ W[cols1, k]^T (acc2 likewise over cols2 when TWO), k in
     [k_lo, k_hi); xg = x, or with HAS_NORM x * norm_weight (rounded to x's dtype), and sq
-    [BM, BK] += x^2 in float32: the RMS scale is applied to the sums afterwards (_norm_scale)."""
+    [BM, BK] += x^2 in float32: the RMS scale is applied to the sums afterwards (_norm_scale).
+    NOTE: W_K_CONTIG (a constexpr unit K stride) lets the loads of W be 16-byte vectors; a
+    runtime stride, even one equal to 1, does not."""
     offs_k = tl.arange(0, BLOCK_K)
+    if W_K_CONTIG:
+        stride_wk = 1
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
     w1 = w_ptr + cols1.to(tl.int64)[None, :] * stride_wn  # [1, BN]
     w2 = w_ptr + cols2.to(tl.int64)[None, :] * stride_wn
@@ -164,7 +168,7 @@ def _fused_gemv_kernel(
     EPI: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, TILE_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
     HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
-    DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -181,7 +185,7 @@ def _fused_gemv_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
     acc1, acc2, sq = _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk,
-                             cols1, cols2, n_ok, k_lo, k_hi, BLOCK_K, HAS_NORM, TWO, DOT_F32)
+                             cols1, cols2, n_ok, k_lo, k_hi, BLOCK_K, HAS_NORM, TWO, DOT_F32, W_K_CONTIG)
     sq_sum = tl.sum(sq, axis=1)  # [BM] this program's part of sum(x^2)
     pdl_launch_dependents(USE_PDL)
     if IS_SPLIT:
@@ -347,7 +351,8 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         s_slot, s_h,
         EPI=epilogue, HQ=hq, HKV=hkv, TILE_STRIDE=tile_stride, BLOCK_M=ROW_PIECE, BLOCK_N=block_n,
         BLOCK_K=cfg["block_k"], IS_SPLIT=split_k > 1, HAS_NORM=norm_weight is not None,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, TWO=two, DOT_F32=dot_in_f32(), USE_PDL=pdl,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, TWO=two, DOT_F32=dot_in_f32(),
+        W_K_CONTIG=weight.stride(1) == 1, USE_PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out
