@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
                    help="launch Triton kernels without Programmatic Dependent Launch")
     p.add_argument("--no-fused-layers", dest="enable_fused_layers", action="store_false",
                    help="run small steps through the per-op kernels (10 launches per layer) instead of the fused "
-                        "5-launch layers")
+                        "8-launch layers")
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
                    help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
                         "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")

@@ -249,7 +249,7 @@ class EngineConfig:
     quantization: str | None = None  # "fp8": e4m3 linear weights (per-output-channel scales) but lm_head
     enable_cuda_graph: bool = True  # CUDA graphs for decode / verify steps (CUDA with Triton only)
     enable_pdl: bool = True  # Programmatic Dependent Launch between Triton kernels (sm_90+)
-    # small steps of dense Llama-family layers in 5 fused launches per layer (kernels/fused_gemv.py)
+    # small steps of dense Llama-family layers in 8 launches per layer, not 10 (kernels/fused_gemv.py)
     enable_fused_layers: bool = True
     # every projection with <= 64 rows through the batch-invariant GEMV, so speculative
     # (verify) steps compute the logits of plain decode bit for bit; None: on with

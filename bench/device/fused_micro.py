@@ -33,22 +33,17 @@ pos = torch.arange(1000, 1000 + m, device=dev)
 slots = torch.arange(100, 100 + m, device=dev)
 rope = RopeKV(pos, cs, slots, kv, hq, hkv, d)
 cases = {
-    "qkv: norm+gemv+rope  vs fused ROPE_KV": (
+    "qkv: norm+gemv+rope vs norm+fused ROPE_KV": (
         lambda: qkv_rope_cache_triton(gemv_triton(add_rmsnorm_triton(x, r, g, 1e-6)[0], wqkv), None, pos, cs, slots,
                                       kv, hq, hkv, d),
-        lambda: fused_gemv_triton(x, wqkv, epilogue=ROPE_KV, norm_weight=g, rope=rope)),
+        lambda: fused_gemv_triton(add_rmsnorm_triton(x, r, g, 1e-6)[0], wqkv, epilogue=ROPE_KV, rope=rope)),
     "qkv gemv alone vs fused PLAIN (same matrix)": (
         lambda: gemv_triton(x, wqkv), lambda: fused_gemv_triton(x, wqkv)),
     "o: gemv (+add in the norm) vs fused RESIDUAL": (
         lambda: gemv_triton(o, wo), lambda: fused_gemv_triton(o, wo, epilogue=RESIDUAL, residual=r)),
-    "gate_up: norm+gemv+silu vs fused SWIGLU+norm": (
-        lambda: silu_mul_triton(gemv_triton(add_rmsnorm_triton(x, r, g, 1e-6)[0], wgu)),
-        lambda: fused_gemv_triton(x, wgu, epilogue=SWIGLU, norm_weight=g)),
     "gate_up: gemv vs fused PLAIN": (lambda: gemv_triton(x, wgu), lambda: fused_gemv_triton(x, wgu)),
     "gate_up: gemv+silu vs fused SWIGLU (no norm)": (
         lambda: silu_mul_triton(gemv_triton(x, wgu)), lambda: fused_gemv_triton(x, wgu, epilogue=SWIGLU)),
-    "gate_up: gemv vs fused PLAIN+norm": (
-        lambda: gemv_triton(x, wgu), lambda: fused_gemv_triton(x, wgu, norm_weight=g)),
     "down: gemv vs fused RESIDUAL": (
         lambda: gemv_triton(a, wd), lambda: fused_gemv_triton(a, wd, epilogue=RESIDUAL, residual=r)),
 }

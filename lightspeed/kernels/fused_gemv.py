@@ -1,19 +1,18 @@
 """One launch per projection of a decoder layer at small M (<= 64 rows): the GEMV of
-kernels/gemv.py with the ops around it folded in, so a dense layer runs in 5 launches
-(norm+QKV+rope+KV write, attention, o+residual, norm+gate_up+SwiGLU, down+residual)
+kernels/gemv.py with the op after it folded in, so a dense layer runs in 8 launches (norm,
+QKV+rope+KV write, attention + its reduce, o+residual, norm, gate_up+SwiGLU, down+residual)
 instead of 10.
 
-    prologue  NORM:      x <- rms_norm(x) * norm_weight, as (x * norm_weight) W^T / rms(x):
-                         the sum of x^2 rides along the K loop, so no pass over x comes first
     epilogue  PLAIN:     out = y (+ bias)                       y = x W^T (* scale), rounded
               RESIDUAL:  out = y + residual                    (the residual stream, in x.dtype)
               SWIGLU:    out = silu(y_gate) * y_up             (silu_mul.py numerics)
               ROPE_KV:   y + bias, rotary on q / k heads; q -> out [M, Hq, D],
                          k, v -> kv_cache at slot_mapping (-1 skipped)   (qkv_rope_cache.py)
 
-Each epilogue rounds y to x.dtype first, as the separate kernels read it from memory, so
-the arithmetic is that of the per-op path except where the RMS scale is applied (on the
-float32 sums, not on x before rounding: the same to a rounding of x's dtype).
+Each epilogue rounds y to x.dtype first, as the separate kernels read it from memory: the
+arithmetic of the per-op path. NOTE: an RMSNorm prologue (x * norm_weight in the K loop,
+the RMS scale on the sums) was measured 2-3.4x slower on the gate_up matrices than the plain
+loop plus a norm launch (bench/device/fused_micro.py); the norm stays a kernel of its own.
 
 Tiles: program (tile, k split, row piece); a row piece is 16 rows (tl.dot, M padded); the
 tile's output columns are one or two runs of BLOCK_N weight rows:
@@ -47,14 +46,11 @@ _counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
-def _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk, cols1, cols2,
-            n_ok, k_lo, k_hi, BLOCK_K: tl.constexpr, HAS_NORM: tl.constexpr, TWO: tl.constexpr,
-            DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr):
-    """acc1 [BM, BN] += xg[rows, k] @ W[cols1, k]^T (acc2 likewise over cols2 when TWO), k in
-    [k_lo, k_hi); xg = x, or with HAS_NORM x * norm_weight (rounded to x's dtype), and sq
-    [BM, BK] += x^2 in float32: the RMS scale is applied to the sums afterwards (_norm_scale).
-    NOTE: W_K_CONTIG (a constexpr unit K stride) lets the loads of W be 16-byte vectors; a
-    runtime stride, even one equal to 1, does not."""
+def _k_loop(acc1, acc2, x_ptr, stride_xm, rows, row_ok, w_ptr, stride_wn, stride_wk, cols1, cols2, n_ok, k_lo,
+            k_hi, BLOCK_K: tl.constexpr, TWO: tl.constexpr, DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr):
+    """acc1 [BM, BN] += x[rows, k] @ W[cols1, k]^T (acc2 likewise over cols2 when TWO), k in
+    [k_lo, k_hi). NOTE: W_K_CONTIG (a constexpr unit K stride) lets the loads of W be 16-byte
+    vectors; a runtime stride, even one equal to 1, does not."""
     offs_k = tl.arange(0, BLOCK_K)
     if W_K_CONTIG:
         stride_wk = 1
@@ -65,25 +61,13 @@ def _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, strid
         kk = k0 + offs_k
         k_ok = kk < k_hi
         wm = k_ok[:, None] & n_ok[None, :]
-        wa = tl.load(w1 + kk[:, None] * stride_wk, mask=wm, other=0.0)  # [BK, BN]
-        if TWO:
-            wb = tl.load(w2 + kk[:, None] * stride_wk, mask=wm, other=0.0)
         x = tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BM, BK]
-        if HAS_NORM:
-            xf = x.to(tl.float32)
-            sq += xf * xf
-            g = tl.load(nw_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            x = (xf * g[None, :]).to(x_ptr.dtype.element_ty)
+        wa = tl.load(w1 + kk[:, None] * stride_wk, mask=wm, other=0.0)  # [BK, BN]
         acc1 += dot(x, wa.to(x.dtype), DOT_F32)
         if TWO:
+            wb = tl.load(w2 + kk[:, None] * stride_wk, mask=wm, other=0.0)
             acc2 += dot(x, wb.to(x.dtype), DOT_F32)
-    return acc1, acc2, sq
-
-
-@triton.jit
-def _norm_scale(sq_sum, K, eps):
-    """[BM] float32 sums of x^2 over all K -> 1 / rms."""
-    return tl.rsqrt(sq_sum / K + eps)
+    return acc1, acc2
 
 
 @triton.jit
@@ -149,25 +133,23 @@ def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bia
 @triton.jit
 def _fused_gemv_kernel(
     x_ptr,  # [M, K] bf16/fp16 (fp32 under the interpreter)
-    nw_ptr,  # [K] RMSNorm weight (unused unless HAS_NORM)
     w_ptr,  # [N, K] bf16/fp16/fp8 e4m3 (any strides; row-major streams fastest)
     scale_ptr,  # [N] float32 (unused unless HAS_SCALE)
     bias_ptr,  # [N] (unused unless HAS_BIAS)
     res_ptr,  # [M, N] residual (EPI RESIDUAL)
     out_ptr,  # [M, N_out] x.dtype; ROPE_KV: q [M, Hq, D]
     ws_ptr,  # [split_k, M, N_W] float32 partials (unused unless IS_SPLIT)
-    sq_ptr,  # [split_k, M] float32 partial sums of x^2 (unused unless IS_SPLIT and HAS_NORM)
     counter_ptr,  # [pieces * tiles] int32, 0 between launches (unused unless IS_SPLIT)
     pos_ptr,  # [M] positions (ROPE_KV)
     cs_ptr,  # [max_pos, D] float32 |cos|sin| (ROPE_KV)
     slot_ptr,  # [M] slots, -1 = skip (ROPE_KV)
     kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (ROPE_KV)
-    M, N_OUT, N_W, K, eps, k_split, split_k, num_tiles, second_off,
+    M, N_OUT, N_W, K, k_split, split_k, num_tiles, second_off,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv, stride_kv_slot,
     stride_kv_h,
     EPI: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, TILE_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
-    HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
     DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -183,10 +165,8 @@ def _fused_gemv_kernel(
     pdl_wait(USE_PDL)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    sq = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
-    acc1, acc2, sq = _k_loop(acc1, acc2, sq, x_ptr, stride_xm, rows, row_ok, nw_ptr, w_ptr, stride_wn, stride_wk,
-                             cols1, cols2, n_ok, k_lo, k_hi, BLOCK_K, HAS_NORM, TWO, DOT_F32, W_K_CONTIG)
-    sq_sum = tl.sum(sq, axis=1)  # [BM] this program's part of sum(x^2)
+    acc1, acc2 = _k_loop(acc1, acc2, x_ptr, stride_xm, rows, row_ok, w_ptr, stride_wn, stride_wk, cols1, cols2,
+                         n_ok, k_lo, k_hi, BLOCK_K, TWO, DOT_F32, W_K_CONTIG)
     pdl_launch_dependents(USE_PDL)
     if IS_SPLIT:
         mask = row_ok[:, None] & n_ok[None, :]
@@ -194,34 +174,21 @@ def _fused_gemv_kernel(
         tl.store(part + cols1[None, :], acc1, mask=mask)
         if TWO:
             tl.store(part + cols2[None, :], acc2, mask=mask)
-        if HAS_NORM:
-            tl.store(sq_ptr + pid_k.to(tl.int64) * M + rows, sq_sum, mask=row_ok)
         tl.debug_barrier()
         count = tl.atomic_add(counter_ptr + piece * num_tiles + tile, 1)
         if count == split_k - 1:
             acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            sq_sum = tl.zeros([BLOCK_M], tl.float32)
             for kk in range(0, split_k):
                 p = ws_ptr + (kk * M + rows.to(tl.int64)[:, None]) * N_W
                 acc1 += tl.load(p + cols1[None, :], mask=mask, other=0.0, cache_modifier=".cg")
                 if TWO:
                     acc2 += tl.load(p + cols2[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-                if HAS_NORM:
-                    sq_sum += tl.load(sq_ptr + kk * M + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-            if HAS_NORM:
-                rstd = _norm_scale(sq_sum, K, eps)[:, None]
-                acc1 = acc1 * rstd
-                acc2 = acc2 * rstd
             _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
                       pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
                       stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
             tl.atomic_xchg(counter_ptr + piece * num_tiles + tile, 0)
     else:
-        if HAS_NORM:
-            rstd = _norm_scale(sq_sum, K, eps)[:, None]
-            acc1 = acc1 * rstd
-            acc2 = acc2 * rstd
         _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
                   stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
@@ -267,7 +234,7 @@ def fused_config(n: int, k: int, weight_dtype: torch.dtype, device: torch.device
 
 
 def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = PLAIN,
-                      norm_weight: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
+                      scale: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                       rope: RopeKV | None = None, out: torch.Tensor | None = None,
                       config: dict | None = None) -> torch.Tensor:
@@ -283,10 +250,9 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
     if m > MAX_ROWS:
         raise ValueError(f"fused_gemv: M = {m} > {MAX_ROWS}")
     check_last_dim_contiguous("x", x)
-    for name, t in (("norm_weight", norm_weight), ("scale", scale), ("bias", bias)):
-        want = k if name == "norm_weight" else n
-        if t is not None and (tuple(t.shape) != (want,) or not t.is_contiguous()):
-            raise ValueError(f"fused_gemv: {name} must be contiguous [{want}]")
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t is not None and (tuple(t.shape) != (n,) or not t.is_contiguous()):
+            raise ValueError(f"fused_gemv: {name} must be contiguous [{n}]")
     if scale is not None and scale.dtype != torch.float32:
         raise ValueError("fused_gemv: scale must be float32")
     two = epilogue in (SWIGLU, ROPE_KV)
@@ -336,39 +302,31 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
     pieces = cdiv(m, ROW_PIECE)
     if split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        sq = torch.empty((split_k, m), dtype=torch.float32, device=x.device)
         counters = _counters_for(x.device, pieces * tiles)
     else:
-        ws = sq = counters = out
+        ws = counters = out
     res = residual if residual is not None else x
     pdl = use_pdl(x.device)
     pos, cs, slots, kv, stride_oh, stride_cs, s_kv, s_slot, s_h = extra
     _fused_gemv_kernel[(tiles, split_k, pieces)](
-        x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
-        bias if bias is not None else x, res, out, ws, sq, counters, pos, cs, slots, kv,
-        m, n_out, n, k, float(eps), k_split, split_k, tiles, second,
+        x, weight, scale if scale is not None else x, bias if bias is not None else x, res, out, ws, counters, pos,
+        cs, slots, kv, m, n_out, n, k, k_split, split_k, tiles, second,
         x.stride(0), weight.stride(0), weight.stride(1), res.stride(0), out.stride(0), stride_oh, stride_cs, s_kv,
         s_slot, s_h,
         EPI=epilogue, HQ=hq, HKV=hkv, TILE_STRIDE=tile_stride, BLOCK_M=ROW_PIECE, BLOCK_N=block_n,
-        BLOCK_K=cfg["block_k"], IS_SPLIT=split_k > 1, HAS_NORM=norm_weight is not None,
-        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, TWO=two, DOT_F32=dot_in_f32(),
+        BLOCK_K=cfg["block_k"], IS_SPLIT=split_k > 1, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, TWO=two, DOT_F32=dot_in_f32(),
         W_K_CONTIG=weight.stride(1) == 1, USE_PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out
 
 
-def fused_gemv_ref(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = PLAIN,
-                   norm_weight: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
+def fused_gemv_ref(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = PLAIN, scale: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                    rope: RopeKV | None = None) -> torch.Tensor:
-    """The per-op path in plain torch: the normed product, then silu_mul_ref /
+    """The per-op path in plain torch: the product, then silu_mul_ref /
     qkv_rope_cache_ref / the residual add; same contract as fused_gemv_triton."""
     y = x.float() @ weight.float().t()
-    if norm_weight is not None:  # NOTE: the kernel's order; add_rmsnorm_ref's to a rounding of x's dtype
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        y = ((xf * norm_weight.float()).to(x.dtype).float() @ weight.float().t()) * rstd
     if scale is not None:
         y = y * scale.float()
     if epilogue == ROPE_KV:

@@ -12,9 +12,9 @@ nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CP
 same math in torch (rotary cos/sin gathered once per step for all layers).
 
 Small steps (decode, verify, draft: <= 16 rows, <= 64 in batch-invariant mode) carry the
-residual stream s itself (HF's hidden_states[i]) through 5 launches per layer
-(kernels/fused_gemv.py): norm+QKV+rope+KV write, attention, o_proj + s, norm+gate_up+SwiGLU,
-down_proj + s (LlamaModel.fused_layers; off: the per-op kernels above).
+residual stream s itself (HF's hidden_states[i]) through 8 launches per layer
+(kernels/fused_gemv.py): norm, QKV+rope+KV write, attention (split + reduce), o_proj + s,
+norm, gate_up+SwiGLU, down_proj + s (LlamaModel.fused_layers; off: the per-op kernels above).
 """
 from __future__ import annotations
 
@@ -109,17 +109,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward_fused(self, s: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                       rope: RopeInputs) -> torch.Tensor:
-        """The residual stream s [T, H] entering this layer -> the one leaving it, in 5 launches."""
+        """The residual stream s [T, H] entering this layer -> the one leaving it, in 8 launches."""
         attn, mlp = self.self_attn, self.mlp
-        qkv, ln1, ln2 = attn.qkv_proj, self.input_layernorm, self.post_attention_layernorm
+        qkv = attn.qkv_proj
         kv = RopeKV(rope.positions, rope.cache, meta.slot_mapping, kv_cache, attn.num_heads, attn.num_kv_heads,
                     attn.head_dim)
-        q = kernels.fused_gemv(s, qkv.weight, epilogue=ROPE_KV, norm_weight=ln1.weight, eps=ln1.eps,
-                               scale=qkv.weight_scale, bias=qkv.bias, rope=kv)  # [T, Hq, D]
+        q = kernels.fused_gemv(self.input_layernorm(s), qkv.weight, epilogue=ROPE_KV, scale=qkv.weight_scale,
+                               bias=qkv.bias, rope=kv)  # [T, Hq, D]
         o = attn.attn.attend(q, kv_cache, meta)  # [T, Hq * D]
         s = kernels.fused_gemv(o, attn.o_proj.weight, epilogue=RESIDUAL, scale=attn.o_proj.weight_scale,
                                bias=attn.o_proj.bias, residual=s)
-        a = kernels.fused_gemv(s, mlp.gate_up_proj.weight, epilogue=SWIGLU, norm_weight=ln2.weight, eps=ln2.eps,
+        a = kernels.fused_gemv(self.post_attention_layernorm(s), mlp.gate_up_proj.weight, epilogue=SWIGLU,
                                scale=mlp.gate_up_proj.weight_scale, bias=mlp.gate_up_proj.bias)  # [T, I]
         return kernels.fused_gemv(a, mlp.down_proj.weight, epilogue=RESIDUAL, scale=mlp.down_proj.weight_scale,
                                   bias=mlp.down_proj.bias, residual=s)
@@ -164,7 +164,7 @@ class LlamaModel(nn.Module):
         return rope_inputs(self.rotary_emb, hidden, positions)
 
     def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
-        """The 5-launch layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
+        """The fused layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
         limit = kernels.fused_gemv_max_rows() if batch_invariant() else kernels.MAX_M
         d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
         # NOTE: FP8 weights keep the per-op path: their GEMV (fp8_gemv.py) streams them 2x faster
