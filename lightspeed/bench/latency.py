@@ -150,7 +150,7 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
 
     times = []
     with torch.inference_mode():
-        ensure_gemv_tuned(runner.model, q, eng.device)
+        ensure_gemv_tuned(runner.model, q, eng.device, runner.kernel_settings)
         for i in range(reps + 3):
             _sync(eng.device)
             t = time.perf_counter()
@@ -201,8 +201,8 @@ def _configs(args) -> list[tuple[str | None, int, dict]]:
 
 def _switches(eng) -> tuple[bool, bool]:
     """(CUDA graphs, PDL) as the engine really runs (both off on CPU)."""
-    from lightspeed import kernels
-    return eng.runner.graphs is not None, kernels.use_pdl(eng.device) and kernels.use_triton(eng.runner.kv_caches[0])
+    ks = eng.runner.kernel_settings
+    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_caches[0])
 
 
 def run_latency_bench(args) -> list[dict]:
@@ -212,7 +212,6 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
-    from lightspeed.layers.linear import batch_invariant
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
     from lightspeed.speculative import SpeculativeConfig
@@ -254,7 +253,7 @@ def run_latency_bench(args) -> list[dict]:
                    "model": label, "batch_size": b, "prompts": source, "num_prompts": len(prompts),
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
                    "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
-                   "cuda_graph": graph_on, "pdl": pdl_on, "batch_invariant": batch_invariant(),
+                   "cuda_graph": graph_on, "pdl": pdl_on, "batch_invariant": eng.kernel_settings.batch_invariant,
                    "num_hidden_layers": mc.num_hidden_layers,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
@@ -271,10 +270,11 @@ def run_latency_bench(args) -> list[dict]:
                            fraction_of_floor=floor_s * ls["tokens_per_s_user"])
                 if is_baseline:
                     baseline[b] = ls
-                    from lightspeed.layers.linear import GEMV_TIMINGS, gemv_mode
-                    if GEMV_TIMINGS:  # what "tuned" measured: M x N x K -> [cuBLAS us, Triton GEMV us]
-                        row.update(gemv_mode=gemv_mode(), gemv_vs_cublas_us={
-                            f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(GEMV_TIMINGS.items(), key=str)})
+                    ks = eng.kernel_settings
+                    if ks.state.gemv_timings:  # what "tuned" measured: M x N x K -> [cuBLAS us, Triton GEMV us]
+                        row.update(gemv_mode=ks.gemv_mode, gemv_vs_cublas_us={
+                            f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(ks.state.gemv_timings.items(),
+                                                                                  key=str)})
                 else:  # an ablation: same math, so the same tokens
                     row.update(speedup_vs_plain=ls["tokens_per_s_user"] / baseline[b]["tokens_per_s_user"],
                                **compare_outputs(ls["token_ids"], baseline[b]["token_ids"]))

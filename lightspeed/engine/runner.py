@@ -1,20 +1,21 @@
 """ModelRunner: the only place that builds tensors. Owns the model, the KV cache and the
-per-request sampling state; turns a SchedulerOutput into a RunnerOutput."""
+per-request sampling state and the KernelSettings its model runs with; turns a
+SchedulerOutput into a RunnerOutput."""
 from __future__ import annotations
 
 import torch
 
-from lightspeed import kernels
 from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
 from lightspeed.engine.sampler import Sampler
+from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.linear import ensure_gemv_tuned
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None, enable_cuda_graph: bool = False,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None):
         self.model = model
         self.config = model.config
         self.device, self.dtype = device, dtype
@@ -24,13 +25,22 @@ class ModelRunner:
         self.sampler = Sampler()
         self.proposer = proposer
         self.verifier = verifier
+        self.set_kernel_settings(kernel_settings if kernel_settings is not None else KernelSettings())
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
-        if enable_cuda_graph and device.type == "cuda" and kernels.use_triton(self.kv_caches[0]):
+        if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
             from lightspeed.engine.cuda_graph import CudaGraphRunner
             self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_num_seqs, device)
+
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        """Run the model (and the drafter, the verifier) with `settings` from now on."""
+        self.kernel_settings = settings
+        bind_kernel_settings(self.model, settings)
+        for part in (self.proposer, self.verifier):
+            if part is not None:
+                part.set_kernel_settings(settings)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         g = self.generators.get(request_id)
@@ -54,7 +64,8 @@ class ModelRunner:
         aux_ids = tuple(getattr(self.proposer, "aux_layer_ids", ()))
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
         # NOTE: the GEMV-vs-cuBLAS choice is per token count; measure it outside any capture
-        ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device)
+        ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device,
+                          self.kernel_settings)
         ran = self.graphs.run(shape, host, aux_ids) if shape is not None else None
         if ran is not None:  # replayed: views of the graph's static outputs, valid this step
             inputs, hidden, aux_hidden, logits = ran

@@ -6,7 +6,7 @@ Residual stream, vLLM style: each RMSNorm adds the pending sublayer output into 
 residual before normalising, so layer i receives (hidden, residual) whose sum is HF's
 hidden_states[i] (the input to layer i; for i = 0 the embeddings, residual None).
 
-Where kernels.use_triton holds (CUDA) each layer runs the fused kernels: add+RMSNorm, QKV
+Where the runner's KernelSettings.use_triton holds (CUDA) each layer runs the fused kernels: add+RMSNorm, QKV
 projection then one epilogue (bias + rotary + paged KV write), paged attention, SwiGLU;
 nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CPU) the
 same math in torch (rotary cos/sin gathered once per step for all layers).
@@ -18,9 +18,9 @@ from typing import Iterable, NamedTuple
 import torch
 from torch import nn
 
-from lightspeed import kernels
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 from lightspeed.layers.activation import silu_and_mul
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear, linear
@@ -80,6 +80,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         i = config.intermediate_size
@@ -87,7 +89,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.kernel_settings))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -113,16 +115,18 @@ class LlamaDecoderLayer(nn.Module):
         return self.feed_forward_out(hidden), residual
 
 
-def rope_inputs(rotary_emb, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
+def rope_inputs(rotary_emb, hidden: torch.Tensor, positions: torch.Tensor, ks: KernelSettings) -> RopeInputs:
     """The table for the fused QKV epilogue (Triton path: K/V written at slot_mapping, -1
     skipped), else cos/sin for the torch path."""
-    if kernels.use_triton(hidden):
+    if ks.use_triton(hidden):
         return RopeInputs(positions, cache=rotary_emb.cos_sin_cache)  # [max_pos, D] float32
     cos, sin = rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
     return RopeInputs(positions, cos, sin)
 
 
 class LlamaModel(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         # NOTE: uninitialised like every other parameter here; load_weights fills it.
@@ -137,7 +141,7 @@ class LlamaModel(nn.Module):
         return LlamaDecoderLayer(config)
 
     def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
-        return rope_inputs(self.rotary_emb, hidden, positions)
+        return rope_inputs(self.rotary_emb, hidden, positions, self.kernel_settings)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]
@@ -154,6 +158,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Serves LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints."""
+
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
 
     model_cls = LlamaModel  # subclasses swap the decoder stack (Llama 4)
 
@@ -189,7 +195,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> [n, vocab] float32."""
-        return linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight, ks=self.kernel_settings).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters, casting to their dtype.

@@ -55,7 +55,7 @@ def kv_num_blocks(runner, bytes_per_block: int) -> int:
 class DraftModelProposer(ModelDrafter):
     def __init__(self, config, engine):
         super().__init__(config, engine)
-        from lightspeed.engine.engine import load_model
+        from lightspeed.loader.model import load_model
         self.model, tokenizer = load_model(config.model, engine.device, engine.dtype)
         mc = self.model.config
         check_vocabularies(engine.tokenizer, tokenizer, mc.vocab_size, engine.model_config.vocab_size,

@@ -20,6 +20,7 @@ import torch
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.input_prep import HostInputs
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
+from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.speculative.draft_graph import DraftGraphRunner
 from lightspeed.speculative.proposer import DraftJob, Proposer
@@ -115,6 +116,12 @@ class ModelDrafter(Proposer):
         output hidden states [R, H] (None when the drafter does not feed hidden states back)."""
         raise NotImplementedError
 
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        """The drafter runs with the runner's settings; graphs captured before are dropped."""
+        super().set_kernel_settings(settings)
+        bind_kernel_settings(self._module, settings)
+        self.graphs = None
+
     def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> _step's outputs for every seq's logit_rows."""
         ids, pos, meta, rows = self.kv.prepare(seqs)
@@ -176,7 +183,7 @@ class ModelDrafter(Proposer):
         if self.graphs is None:
             self._ensure_kv(runner)
             self.graphs = DraftGraphRunner(self._module, self._step, self.kv.kv_caches, runner.block_size,
-                                           self.max_num_seqs, self.device)
+                                           self.max_num_seqs, self.device, self.kernel_settings)
         return k
 
     def _chain_in_graph(self, roots: list[Root], k: int, out) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Proposer:
     """Base class: tracks each request's committed tokens and caps the number of drafts."""
 
     aux_layer_ids: tuple[int, ...] = ()  # target layers whose input hidden states the proposer reads
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (set_kernel_settings)
 
     def __init__(self, config, engine):
         self.config = config
@@ -75,6 +77,9 @@ class Proposer:
               aux_hidden: torch.Tensor | None, jobs: list[DraftJob], out: RunnerOutput) -> None:
         """Fill out.draft_token_ids / out.draft_parents (and draft_probs) for `jobs`."""
         raise NotImplementedError
+
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        self.kernel_settings = settings
 
     def drop(self, request_id: str) -> None:
         self.contexts.pop(request_id, None)

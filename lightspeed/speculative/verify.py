@@ -28,6 +28,7 @@ import torch
 from lightspeed import kernels
 from lightspeed.config import SamplingParams
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits, top_logprobs
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 def children_of(parents: list[int]) -> dict[int, list[int]]:
@@ -113,9 +114,14 @@ class Verifier:
     on the device; one copy of the small results (accepted counts + tokens, or argmax
     ids) reaches the host per step. Sampled trees are walked on the host (verify_sampled)."""
 
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (set_kernel_settings)
+
     def __init__(self, proposer):
         self.proposer = proposer
         self.accepted_nodes: dict[str, list[int]] = {}  # this step: request id -> accepted draft indices
+
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        self.kernel_settings = settings
 
     def verify(self, runner, sched, inputs, logits: torch.Tensor, out) -> None:
         self.accepted_nodes = {}
@@ -169,7 +175,7 @@ class Verifier:
         if walks:
             lo = min(inputs.logits_rows[i][0] for i, _ in walks)
             hi = max(sum(inputs.logits_rows[i]) for i, _ in walks)
-            parts.append(kernels.argmax(logits[lo:hi]))  # NOTE: a view: rows between them are cheap to include
+            parts.append(kernels.argmax(logits[lo:hi], self.kernel_settings))  # NOTE: a view: rows between them are cheap to include
         if not parts:
             return {}
         flat = torch.cat([p.reshape(-1).long() for p in parts]).tolist()  # NOTE: the step's one device -> host copy
@@ -200,7 +206,8 @@ class Verifier:
         qs = [self.proposer.draft_probs.pop(s.request_id, None) for _, s in chains]
         greedy = [s.sampling_params.is_greedy for _, s in chains]
         if all(greedy):
-            return list(kernels.rejection_verify(target, draft_ids, None, None, None, True, num_drafts))
+            return list(kernels.rejection_verify(target, draft_ids, None, None, None, True, num_drafts,
+                                                  self.kernel_settings))
         sampled = [j for j, g in enumerate(greedy) if not g]
         params = [chains[j][1].sampling_params for j in sampled for _ in range(k + 1)]
         target = target.clone()
@@ -219,7 +226,8 @@ class Verifier:
                 q_all[j, :n] = qs[j][:n] if qs[j] is not None else \
                     torch.nn.functional.one_hot(draft_ids[j, :n], vocab).float()
         is_greedy = torch.tensor(greedy, dtype=torch.bool).to(dev, non_blocking=True)
-        return list(kernels.rejection_verify(target, draft_ids, q_all, uniforms, exps, is_greedy, num_drafts))
+        return list(kernels.rejection_verify(target, draft_ids, q_all, uniforms, exps, is_greedy, num_drafts,
+                                              self.kernel_settings))
 
 
 def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -20,7 +20,6 @@ import sys, torch
 import lightspeed.kernels as K
 from lightspeed import LLM, SamplingParams
 from lightspeed.layers.attention import AttentionMetadata
-from lightspeed.layers.linear import set_gemv_mode
 from tests.tiny import make_tiny_checkpoint
 
 device, archs, tmp = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
@@ -35,9 +34,9 @@ for arch in archs:
     llm = LLM(path, device=device, dtype="float32", block_size=4, max_num_batched_tokens=16, enable_cuda_graph=False)
     runs = {}
     for triton in (False, True):
-        K.force_triton(triton and device == "cpu")
-        K._DISABLED = not triton  # NOTE: the reference path on CUDA too
-        set_gemv_mode("always" if triton else "never")
+        # NOTE: triton=False: the reference path on CUDA too
+        llm.engine.runner.set_kernel_settings(K.KernelSettings(triton=triton, triton_on_cpu=triton and device == "cpu",
+                                                               gemv_mode="always" if triton else "never"))
         runs[triton] = [o.token_ids for o in llm.generate(prompts, params)]
         # a tree verify: 3 cached tokens, then root + 3 drafts (root -> a, root -> b -> c)
         # NOTE: a fresh cache: the engine's blocks may hold prefix-cached KV of the prompts
@@ -51,8 +50,6 @@ for arch in archs:
                                                         torch.cat([torch.zeros(3, 4, dtype=torch.bool), tree])], 1)])
         with torch.inference_mode():
             runs[(triton, "tree")] = model.compute_logits(model(ids, pos, kv, meta)).cpu()
-    K.force_triton(False)
-    K._DISABLED = False
     assert runs[True] == runs[False], (arch, runs)
     torch.testing.assert_close(runs[(True, "tree")], runs[(False, "tree")], rtol=1e-4, atol=1e-4)
     print("ok", arch)

@@ -203,10 +203,7 @@ def test_verifier_on_device_equals_host_verifiers(seed, uniform, mode):
     proposer = _Proposer()
     proposer.draft_probs = dict(q)
     verifier, out = Verifier(proposer), RunnerOutput()
-    K.force_triton(mode == "interpreter")
-    try:
-        verifier.verify(_Runner(seed, dev), SchedulerOutput(sched), SimpleNamespace(logits_rows=rows_of), logits, out)
-    finally:
-        K.force_triton(False)
+    verifier.set_kernel_settings(K.KernelSettings(triton_on_cpu=mode == "interpreter"))
+    verifier.verify(_Runner(seed, dev), SchedulerOutput(sched), SimpleNamespace(logits_rows=rows_of), logits, out)
     assert {rid: (verifier.accepted_nodes[rid], out.sampled_token_ids[rid]) for rid in want} == want
     assert not proposer.draft_probs
