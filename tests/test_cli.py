@@ -42,7 +42,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_batch_invariant_flag_reaches_the_engine_config():
-    from lightspeed.cli import build_parser, engine_options
+    from lightspeed.cli import build_parser
+    from lightspeed.options import engine_options
     from lightspeed.config import EngineConfig
     p = build_parser()
     for argv, want in (([], None), (["--batch-invariant"], True), (["--no-batch-invariant"], False)):

@@ -210,11 +210,10 @@ def run_latency_bench(args) -> list[dict]:
 
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
-    from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
-    from lightspeed.speculative import SpeculativeConfig
+    from lightspeed.options import engine_options, speculative_config
 
     if args.num_layers is not None and not args.shape:
         raise InvalidRequestError("--num-layers needs --shape (random weights of a real shape)")
@@ -226,14 +225,16 @@ def run_latency_bench(args) -> list[dict]:
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     results, baseline = [], {}
     bandwidth = None
-    if args.batch_invariant is None and args.speculative:
-        args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
+    options = engine_options(args)
+    if options["batch_invariant"] is None and args.speculative:
+        # NOTE: this comparison's choice, per row: plain rows in the arithmetic of the speculative
+        # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
+        options["batch_invariant"] = True
     for spec, k, switches in _configs(args):
-        speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
-                                                 tree_num_nodes=args.spec_tree_nodes) if spec else None
+        speculative = speculative_config(args, spec, k) if spec else None
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
                   max_num_seqs=max(batch_sizes), enable_prefix_caching=False,  # NOTE: as eval_spec.py
-                  **dict(engine_options(args), **switches))
+                  **dict(options, **switches))
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
