@@ -67,15 +67,21 @@ class Engine:
         proposer = verifier = None
         if speculative is not None:
             from lightspeed.speculative import build_speculation
-            proposer, verifier = build_speculation(speculative, self)
+            from lightspeed.speculative.proposer import TargetInfo
+            embed = getattr(getattr(model, "model", model), "embed_tokens", None)
+            target = TargetInfo(model_name=config.model, model_config=mc, tokenizer=self.tokenizer, embed_tokens=embed,
+                                device=self.device, dtype=self.dtype, block_size=config.block_size,
+                                num_kv_blocks=num_blocks, max_model_len=self.max_model_len,
+                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_num_seqs=config.max_num_seqs)
+            proposer, verifier = build_speculation(speculative, target)
         self.speculative = speculative
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
                                   seed=config.seed, proposer=proposer, verifier=verifier,
                                   enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs,
                                   kernel_settings=kernel_settings)
-        # NOTE: an EAGLE-3 head needs the target's hidden states of every position, which a
-        # prefix-cache hit skips; prefix caching is off with it
-        caching = config.enable_prefix_caching and getattr(speculative, "method", None) != "eagle3"
+        # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off
+        caching = config.enable_prefix_caching and (proposer is None or proposer.supports_prefix_cache)
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_caching=caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    spec_thresholds=getattr(speculative, "load_thresholds", None))

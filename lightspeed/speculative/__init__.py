@@ -17,18 +17,18 @@ from lightspeed.config import METHODS, SpeculativeConfig, parse_load_thresholds 
 
 __all__ = ["SpeculativeConfig", "build_speculation", "parse_load_thresholds"]
 
-def build_speculation(config: SpeculativeConfig, engine):
-    """-> (proposer, verifier) for the Engine; loads the drafter (weights, vocabulary checks)."""
+def build_speculation(config: SpeculativeConfig, target):
+    """-> (proposer, verifier) for the engine described by `target` (proposer.TargetInfo);
+    loads the drafter (weights, vocabulary checks). The two never reference each other: the
+    runner passes the verifier's results to the proposer and the drafts back."""
     from lightspeed.speculative.verify import Verifier
     if config.method == "ngram":
         from lightspeed.speculative.ngram import NgramProposer
-        proposer = NgramProposer(config, engine)
+        proposer = NgramProposer(config, target)
     elif config.method == "draft":
         from lightspeed.speculative.draft_model import DraftModelProposer
-        proposer = DraftModelProposer(config, engine)
+        proposer = DraftModelProposer(config, target)
     else:
         from lightspeed.speculative.eagle3 import Eagle3Proposer
-        proposer = Eagle3Proposer(config, engine)
-    verifier = Verifier(proposer)
-    proposer.verifier = verifier
-    return proposer, verifier
+        proposer = Eagle3Proposer(config, target)
+    return proposer, Verifier()
