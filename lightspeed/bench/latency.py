@@ -134,7 +134,7 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
     NOTE: writes K/V into blocks 0..; call it while no request runs."""
     import torch
 
-    from lightspeed.engine.input_prep import HostInputs, prepare_inputs
+    from lightspeed.engine.input_prep import HostInputs, inputs_from_host
     from lightspeed.layers.linear import ensure_gemv_tuned
     runner, bs, q, n = eng.runner, eng.config.block_size, num_tokens, context_len + num_tokens
     ids = torch.randint(0, eng.model_config.vocab_size, (q,), generator=torch.Generator().manual_seed(q)).tolist()
@@ -144,7 +144,7 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> float:
     def step():
         if runner.graphs is not None:
             return runner.graphs.run((1, q), host)
-        inputs = prepare_inputs(None, bs, eng.device, host)
+        inputs = inputs_from_host(host, eng.device)
         return runner.model.compute_logits(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
                                                         inputs.attn_meta))
 

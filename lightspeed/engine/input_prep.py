@@ -95,7 +95,21 @@ def host_inputs(seqs: list[SeqInput], block_size: int) -> HostInputs:
     return h
 
 
-def scheduled_seq(s: ScheduledRequest) -> SeqInput:
+class BlockTables(dict):
+    """The runner's block table of every request (request id -> block ids), kept up to date
+    from each step's changes (ScheduledRequest.new_block_ids), as vLLM v1's runner does."""
+
+    def update(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_request_ids:
+            self.pop(rid, None)
+        for s in sched.scheduled:
+            if s.resets_block_table:
+                self[s.request_id] = list(s.new_block_ids)
+            else:
+                self[s.request_id] += s.new_block_ids
+
+
+def scheduled_seq(s: ScheduledRequest, block_table: list[int]) -> SeqInput:
     """A scheduled request as a SeqInput: logits of its last 1 + num_draft_tokens tokens when
     the chunk reaches its newest token; a draft tree at its nodes' depths."""
     n = len(s.token_ids)
@@ -110,16 +124,11 @@ def scheduled_seq(s: ScheduledRequest) -> SeqInput:
     else:
         positions = list(range(s.start_pos, s.start_pos + n))
     rows = list(range(n - 1 - s.num_draft_tokens, n)) if s.is_last_chunk else []
-    return SeqInput(s.token_ids, positions, s.block_table, s.start_pos, rows, tree_mask)
+    return SeqInput(s.token_ids, positions, block_table, s.start_pos, rows, tree_mask)
 
 
-def build_host_inputs(sched: SchedulerOutput, block_size: int) -> HostInputs:
-    return host_inputs([scheduled_seq(s) for s in sched.scheduled], block_size)
-
-
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
-                   host: HostInputs | None = None) -> ModelInputs:
-    return inputs_from_host(host if host is not None else build_host_inputs(sched, block_size), device)
+def build_host_inputs(sched: SchedulerOutput, block_size: int, block_tables: BlockTables) -> HostInputs:
+    return host_inputs([scheduled_seq(s, block_tables[s.request_id]) for s in sched.scheduled], block_size)
 
 
 def inputs_from_host(h: HostInputs, device: torch.device) -> ModelInputs:

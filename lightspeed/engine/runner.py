@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
+from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
 from lightspeed.engine.sampler import Sampler
 from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
@@ -30,6 +30,7 @@ class ModelRunner:
         self.set_kernel_settings(kernel_settings if kernel_settings is not None else KernelSettings())
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
@@ -61,10 +62,11 @@ class ModelRunner:
             self.draft_probs.pop(rid, None)
             if self.proposer is not None:
                 self.proposer.drop(rid)
+        self.block_tables.update(sched)
         out = RunnerOutput()
         if sched.is_empty:
             return out
-        host = build_host_inputs(sched, self.block_size)
+        host = build_host_inputs(sched, self.block_size, self.block_tables)
         p = self.proposer
         aux_ids = tuple(p.aux_layer_ids) if p is not None and p.needs_hidden_states else ()
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
@@ -75,7 +77,7 @@ class ModelRunner:
         if ran is not None:  # replayed: views of the graph's static outputs, valid this step
             inputs, hidden, aux_hidden, logits = ran
         else:
-            inputs = prepare_inputs(sched, self.block_size, self.device, host)
+            inputs = inputs_from_host(host, self.device)
             aux_hidden = None
             if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
                 hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
@@ -119,11 +121,11 @@ class ModelRunner:
                 out.logprobs[s.request_id] = r.logprobs
             # Tree: node c's KV sits at storage slot root + 1 + c; the accepted path's KV must
             # end up at the slots of its positions root + 1, root + 2, ... (chains already do).
-            root = s.start_pos + len(s.token_ids) - s.num_draft_tokens - 1
+            root, table = s.start_pos + len(s.token_ids) - s.num_draft_tokens - 1, self.block_tables[s.request_id]
             for d, c in enumerate(r.path, start=1):
                 if c != d - 1:
-                    src_slots.append(_slot(s.block_table, root + 1 + c, self.block_size))
-                    dst_slots.append(_slot(s.block_table, root + d, self.block_size))
+                    src_slots.append(_slot(table, root + 1 + c, self.block_size))
+                    dst_slots.append(_slot(table, root + d, self.block_size))
         if src_slots:
             copy_kv_slots(self.kv_caches, src_slots, dst_slots)
         return {rid: r.path for rid, r in results.items()}
