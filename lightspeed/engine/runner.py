@@ -67,8 +67,8 @@ class ModelRunner:
         if sched.is_empty:
             return out
         host = build_host_inputs(sched, self.block_size, self.block_tables)
-        p = self.proposer
-        aux_ids = tuple(p.aux_layer_ids) if p is not None and p.needs_hidden_states else ()
+        proposer = self.proposer
+        aux_ids = tuple(proposer.aux_layer_ids) if proposer is not None and proposer.needs_hidden_states else ()
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
         # NOTE: the GEMV-vs-cuBLAS choice is per token count; measure it outside any capture
         ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device,
