@@ -1,5 +1,5 @@
 """lightspeed: a latency-first LLM inference engine."""
-from lightspeed.config import EngineConfig, ModelConfig, SamplingParams
+from lightspeed.config import EngineConfig, ModelConfig, SamplingParams, SpeculativeConfig
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "ModelConfig", "SpeculativeConfig"]
 __version__ = "0.1.0"
@@ -9,7 +9,4 @@ def __getattr__(name):  # keep `import lightspeed` light: torch loads on first u
     if name == "LLM":
         from lightspeed.engine.llm import LLM
         return LLM
-    if name == "SpeculativeConfig":
-        from lightspeed.speculative import SpeculativeConfig
-        return SpeculativeConfig
     raise AttributeError(name)

@@ -6,77 +6,16 @@ import json
 import sys
 
 from lightspeed.errors import LightspeedError
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf), HF hub id, or shape:NAME "
-                   "(random weights of a real shape, token-id prompts only)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
-    p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
-                   help="run every step eagerly (no CUDA graphs)")
-    p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
-                   help="launch Triton kernels without Programmatic Dependent Launch")
-    p.add_argument("--no-fused-layers", dest="enable_fused_layers", action="store_false",
-                   help="run small steps through the per-op kernels (10 launches per layer) instead of the fused "
-                        "8-launch layers")
-    p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
-                   help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
-                        "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")
-    if not speculative:
-        return
-    p.add_argument("--speculative", default=None,
-                   help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
-    p.add_argument("--spec-tree-topk", type=int, default=None,
-                   help="draft a tree: branches per expanded node (EAGLE-2 style; 1 = chain)")
-    p.add_argument("--spec-tree-depth", type=int, default=None, help="tree depth (default: --num-speculative-tokens)")
-    p.add_argument("--spec-tree-nodes", type=int, default=None, help="draft tokens verified per step (default: topk * depth)")
-
-
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def _sampling(args):
-    from lightspeed.config import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
-
-
-def _speculative(args):
-    if not args.speculative:
-        return None
-    from lightspeed.speculative import SpeculativeConfig
-    return SpeculativeConfig.from_cli(args.speculative, args.num_speculative_tokens, tree_topk=args.spec_tree_topk,
-                                      tree_depth=args.spec_tree_depth, tree_num_nodes=args.spec_tree_nodes)
-
+from lightspeed.options import add_model_args, add_sampling_args, engine_options, sampling_params, speculative_config
 
 def _llm(args):
     from lightspeed.engine.llm import LLM
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative=_speculative(args), **engine_options(args))
-
-
-def engine_options(args) -> dict:
-    """EngineConfig options from the model arguments (quantization, graphs, PDL)."""
-    return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
-                enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant)
+               speculative=speculative_config(args), **engine_options(args))
 
 
 def cmd_generate(args) -> None:
-    params = _sampling(args)  # validate before loading the model
+    params = sampling_params(args)  # validate before loading the model
     llm = _llm(args)
     prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat_template else args.prompt
     if args.json:
@@ -110,7 +49,7 @@ def _print_metrics(m) -> None:
 
 
 def cmd_chat(args) -> None:
-    params = _sampling(args)
+    params = sampling_params(args)
     llm = _llm(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("lightspeed chat: type a message, /exit or Ctrl-D to leave.", file=sys.stderr)
@@ -183,20 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate a completion for one prompt")
     p.add_argument("prompt")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
     p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat turn")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive streaming chat")
-    _add_model_args(p)
-    _add_sampling_args(p)
+    add_model_args(p)
+    add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
-    _add_model_args(p)
+    add_model_args(p)
     from lightspeed.server.launch import add_serve_args
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
@@ -207,23 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("latency", help="batch decode latency and tokens/s, against HF transformers")
-    _add_model_args(p)
+    add_model_args(p)
     from lightspeed.bench.latency import add_latency_args
     add_latency_args(p)
     p.set_defaults(func=cmd_bench_latency)
     p = bench.add_parser("serve", help="tokens/s/user vs tokens/s/server over HTTP at several concurrencies")
-    _add_model_args(p)
+    add_model_args(p)
     from lightspeed.bench.serve import add_serve_bench_args
     add_serve_bench_args(p)
     p.set_defaults(func=cmd_bench_serve)
     p = bench.add_parser("fp8-accuracy", help="greedy agreement, KL and perplexity of --quantization fp8 vs unquantized")
-    _add_model_args(p)
+    add_model_args(p)
     from lightspeed.bench.fp8_accuracy import add_fp8_accuracy_args
     add_fp8_accuracy_args(p)
     p.set_defaults(func=cmd_bench_fp8_accuracy)
 
     p = sub.add_parser("eval-spec", help="speculative methods side by side: AL, per-position acceptance, tok/s/user")
-    _add_model_args(p, speculative=False)
+    add_model_args(p, speculative=False)
     from lightspeed.bench.eval_spec import add_eval_spec_args
     add_eval_spec_args(p)
     p.set_defaults(func=cmd_eval_spec)

@@ -81,17 +81,6 @@ class Tokenizer:
         return cls(backend, **specials, eos_token_ids=eos_ids, chat_template=_hf_chat_template(path, cfg),
                    clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)))
 
-    @classmethod
-    def from_gguf(cls, source: Any) -> "Tokenizer":
-        """Build from GGUF metadata: a path, a `gguf.GGUFReader`, or a metadata dict."""
-        from lightspeed.loader.gguf_tokenizer import read_gguf_metadata, tokenizer_kwargs_from_gguf
-
-        if isinstance(source, (str, Path)):
-            from lightspeed.loader.gguf import open_gguf_reader
-            source = open_gguf_reader(Path(source))
-        meta = source if isinstance(source, dict) else read_gguf_metadata(source)
-        return cls(**tokenizer_kwargs_from_gguf(meta))
-
     # ---- encode / decode ----------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

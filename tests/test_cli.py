@@ -42,7 +42,8 @@ def test_errors_are_one_line_without_traceback(tmp_path):
 
 
 def test_batch_invariant_flag_reaches_the_engine_config():
-    from lightspeed.cli import build_parser, engine_options
+    from lightspeed.cli import build_parser
+    from lightspeed.options import engine_options
     from lightspeed.config import EngineConfig
     p = build_parser()
     for argv, want in (([], None), (["--batch-invariant"], True), (["--no-batch-invariant"], False)):
@@ -54,12 +55,9 @@ def test_batch_invariant_flag_reaches_the_engine_config():
 def test_batch_invariant_default_follows_speculation_on_cuda(tmp_path):
     """None: on only with speculation on CUDA; on CPU it stays off (the CPU path has no GEMV)."""
     from lightspeed import LLM, SpeculativeConfig
-    from lightspeed.layers.linear import batch_invariant
     from tests.tiny import make_tiny_checkpoint
     make_tiny_checkpoint(tmp_path, "llama")
-    LLM(str(tmp_path), device="cpu", speculative=SpeculativeConfig("ngram"))
-    assert batch_invariant() is False
-    LLM(str(tmp_path), device="cpu", batch_invariant=True)
-    assert batch_invariant() is True
-    LLM(str(tmp_path), device="cpu")
-    assert batch_invariant() is False
+    assert LLM(str(tmp_path), device="cpu", speculative=SpeculativeConfig("ngram")).engine.kernel_settings \
+        .batch_invariant is False
+    assert LLM(str(tmp_path), device="cpu", batch_invariant=True).engine.kernel_settings.batch_invariant is True
+    assert LLM(str(tmp_path), device="cpu").engine.kernel_settings.batch_invariant is False

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lightspeed.errors import CheckpointError, InvalidRequestError, NetworkError
+from lightspeed.loader.gguf import tokenizer_from_gguf
 from lightspeed.tokenizer import IncrementalDetokenizer, Tokenizer
 
 STREAM_TEXTS = [
@@ -28,7 +29,7 @@ def smollm2_path():
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_path)
+    return tokenizer_from_gguf(smollm2_path)
 
 
 @pytest.fixture(scope="module")

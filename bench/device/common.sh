@@ -1,4 +1,4 @@
-# Sourced by the device scripts (bench/device/issue*.sh, attn.sh): go to the repo root; with
+# Sourced by every device script (bench/device/*.sh): go to the repo root; with
 # carried wheels (.whl) install them and assemble the GGUFs (setup.sh); then the paths, the
 # commit the results record, the results folder, the start time T0, `copy FILE` (to $OUT) and
 # `bench NAME TIMEOUT ARGS...` (`lightspeed bench latency ARGS` into $RES/NAME.json, copied).

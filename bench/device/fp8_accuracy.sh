@@ -3,7 +3,7 @@
 # --quantization fp8: greedy agreement and KL over 32 HumanEval prompts x 128 tokens, and
 # perplexity on 16k tokens of the Python language reference. JSON to bench/results + $OUT.
 set -uo pipefail
-source bench/device/setup.sh
+source "$(dirname "$0")/common.sh"  # the shared setup (setup.sh when wheels are carried)
 out=${OUT:-/tmp}
 for m in qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct; do
     timeout ${LIMIT:-200} python3 -m lightspeed.cli bench fp8-accuracy --model $m --dtype bfloat16 --num-prompts 32 \

@@ -48,7 +48,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def parse_configs(specs: list[str], default_ks: str):
     """--speculative values -> [(label, SpeculativeConfig | None)], validated before any model loads."""
-    from lightspeed.speculative import SpeculativeConfig
+    from lightspeed.config import SpeculativeConfig
     if not specs:
         raise InvalidRequestError("eval-spec needs at least one --speculative (none = plain decoding; repeat the "
                                   "option to compare methods)")
@@ -88,8 +88,8 @@ def run_eval_spec(args) -> list[dict]:
     from lightspeed.bench.latency import time_lightspeed
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
-    from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
+    from lightspeed.options import engine_options
 
     configs = parse_configs(args.speculative, args.num_speculative_tokens)
     if args.num_prompts < 1 or args.output_len < 1 or args.batch_size < 1 or args.num_iters < 1:
@@ -97,13 +97,16 @@ def run_eval_spec(args) -> list[dict]:
     rows, plain, prompts = [], None, None
     name = Path(args.model).name.removesuffix(".gguf")
     out = args.out or f"bench/results/eval-spec-{name}-cpu.json"
-    if args.batch_invariant is None and any(spec is not None for _, spec in configs):
-        args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
+    options = engine_options(args)
+    if options["batch_invariant"] is None and any(spec is not None for _, spec in configs):
+        # NOTE: this comparison's choice, per row: the plain row in the arithmetic of the speculative
+        # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
+        options["batch_invariant"] = True
     for label, spec in configs:
         # NOTE: no prefix caching: a prompt's KV computed by an earlier prefill (the warm-up, a shared
         # prefix) is not bitwise that of its own prefill, and EAGLE-3 engines never reuse it
         llm = LLM(args.model, device=args.device, dtype=args.dtype, speculative=spec, max_num_seqs=args.batch_size,
-                  max_model_len=args.max_model_len, enable_prefix_caching=False, **engine_options(args))
+                  max_model_len=args.max_model_len, enable_prefix_caching=False, **options)
         eng = llm.engine
         device = eng.device
         if prompts is None:

@@ -60,9 +60,9 @@ def run_fp8_accuracy(args) -> dict:
     from lightspeed import SamplingParams
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
-    from lightspeed.cli import engine_options
     from lightspeed.engine.forward import sequence_logits
     from lightspeed.engine.llm import LLM
+    from lightspeed.options import engine_options
 
     def engine(quantization):  # NOTE: a fixed KV size, as two engines share the GPU
         return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=4.0,

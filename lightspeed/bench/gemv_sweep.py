@@ -57,6 +57,8 @@ def moe_candidates(weight_bytes: int) -> list[dict]:
 def sweep_gemv(args, dev, bw, bench, t0) -> tuple[list[dict], list[dict]]:
     from lightspeed.kernels.fp8_gemv import quantize_fp8_per_channel
     from lightspeed.kernels.gemv import MAX_M, default_config, gemv_ref, gemv_triton
+    from lightspeed.kernels.settings import KernelState
+    state = KernelState()  # split-K counters, allocated once
     rows, best_rows = [], []
     shapes = [(model, *s) for model in args.models.split(",") for s in SHAPES[model]]
     for (model, lname, n, k), dname in itertools.product(shapes, args.dtype.split(",")):
@@ -72,7 +74,7 @@ def sweep_gemv(args, dev, bw, bench, t0) -> tuple[list[dict], list[dict]]:
             configs = [dict(c, split_k=s) for c in candidates(w.element_size(), m)
                        for s in sorted({1, auto, 2 * auto, 4 * auto})]  # split_k: a runtime argument, no compile
             best = _best(rows, f"{dname} {model} {lname} {n}x{k} M={m}", configs, ref, bench,
-                         lambda cfg: gemv_triton(x, w, None, scale, config=cfg),
+                         lambda cfg: gemv_triton(x, w, None, scale, config=cfg, state=state),
                          n * k * w.element_size() + 2 * m * (n + k), bw)
             if best is not None:
                 best_rows.append(dict(op="gemv", m=1 if m == 1 else MAX_M, n=n, k=k, dtype=_dtype_name(w), **best))

@@ -154,6 +154,8 @@ def linear_shapes(cfg):
 def bench_linears(model, cfg, dev, bw, ms=(1, 4, 16)):
     from lightspeed.kernels.fp8_gemv import fp8_gemv_triton, quantize_fp8_per_channel
     from lightspeed.kernels.gemv import gemv_ref, gemv_triton
+    from lightspeed.kernels.settings import KernelState
+    state = KernelState()  # split-K counters, allocated once
     for lname, n, k in linear_shapes(cfg):
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / math.sqrt(k)
         w8, s8 = quantize_fp8_per_channel(w)
@@ -161,11 +163,12 @@ def bench_linears(model, cfg, dev, bw, ms=(1, 4, 16)):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             act = 2 * m * (k + n)
             t_cublas = bench(lambda: F.linear(x, w))
-            y = gemv_triton(x, w)
-            record(f"gemv bf16 {lname} {n}x{k} M={m}", model, bench(lambda: gemv_triton(x, w)), 2 * n * k + act, bw,
+            y = gemv_triton(x, w, state=state)
+            record(f"gemv bf16 {lname} {n}x{k} M={m}", model, bench(lambda: gemv_triton(x, w, state=state)),
+                   2 * n * k + act, bw,
                    rel(y, gemv_ref(x, w)), "cublas-bf16", t_cublas)
-            y = fp8_gemv_triton(x, w8, s8)
-            t_fp8 = bench(lambda: fp8_gemv_triton(x, w8, s8))
+            y = fp8_gemv_triton(x, w8, s8, state=state)
+            t_fp8 = bench(lambda: fp8_gemv_triton(x, w8, s8, state=state))
             extra = {}
             try:  # torch._scaled_mm, fp8 row-wise; M padded to 16 (its minimum); activation quantization not timed
                 mp = max(16, m)
@@ -185,7 +188,7 @@ def bench_linears(model, cfg, dev, bw, ms=(1, 4, 16)):
 def bench_step(model, cfg, dev, bw, linear="gemv", pdl=True, graph=True, t=1):
     """One whole step: layers x (norm, qkv, rope+cache, attention, o, norm, gate_up, silu, down),
     final norm, lm_head (bf16), argmax. linear: cublas | gemv | fp8."""
-    import lightspeed.kernels as K
+    from lightspeed.kernels.settings import KernelState
     from lightspeed.kernels.add_rmsnorm import add_rmsnorm_triton
     from lightspeed.kernels.argmax import argmax_triton
     from lightspeed.kernels.fp8_gemv import fp8_gemv_triton
@@ -204,48 +207,46 @@ def bench_step(model, cfg, dev, bw, linear="gemv", pdl=True, graph=True, t=1):
     slots = bt[0, pos // BS].long() * BS + pos % BS
     cs = torch.randn(4096, d, device=dev)
     x0 = torch.randn(t, h, device=dev, dtype=torch.bfloat16)
+    state = KernelState()  # split-K counters
 
     def lin(x, name, layer):
         if linear == "fp8":
-            return fp8_gemv_triton(x, *W[name][layer])
-        return F.linear(x, W[name][layer]) if linear == "cublas" else gemv_triton(x, W[name][layer])
+            return fp8_gemv_triton(x, *W[name][layer], pdl=pdl, state=state)
+        return F.linear(x, W[name][layer]) if linear == "cublas" else gemv_triton(x, W[name][layer], pdl=pdl,
+                                                                                          state=state)
 
     def step():
         hs, res = x0, None
         for i in range(nl):
-            normed, res = add_rmsnorm_triton(hs, res, W["ln"][i], 1e-6)
+            normed, res = add_rmsnorm_triton(hs, res, W["ln"][i], 1e-6, pdl=pdl)
             qkv = lin(normed, "qkv", i)
-            q = qkv_rope_cache_triton(qkv, W["qkv_b"][i], pos, cs, slots, kv[i], hq, hkv, d)
+            q = qkv_rope_cache_triton(qkv, W["qkv_b"][i], pos, cs, slots, kv[i], hq, hkv, d, pdl=pdl)
             if t == 1:
-                a = paged_decode_attention_triton(q, kv[i], bt, sl, d ** -0.5, CTX)
+                a = paged_decode_attention_triton(q, kv[i], bt, sl, d ** -0.5, CTX, pdl=pdl)
             else:
-                a = paged_verify_attention_triton(q, kv[i], qsl, sl, bt, d ** -0.5, CTX, t)
+                a = paged_verify_attention_triton(q, kv[i], qsl, sl, bt, d ** -0.5, CTX, t, pdl=pdl)
             o = lin(a.view(t, hq * d), "o", i)
-            normed, res = add_rmsnorm_triton(o, res, W["ln"][i], 1e-6)
-            hs = lin(silu_mul_triton(lin(normed, "gate_up", i)), "down", i)
-        normed, _ = add_rmsnorm_triton(hs, res, W["ln"][0], 1e-6)
-        logits = F.linear(normed, W["lm_head"]) if linear == "cublas" else gemv_triton(normed, W["lm_head"])
-        return argmax_triton(logits)
+            normed, res = add_rmsnorm_triton(o, res, W["ln"][i], 1e-6, pdl=pdl)
+            hs = lin(silu_mul_triton(lin(normed, "gate_up", i), pdl=pdl), "down", i)
+        normed, _ = add_rmsnorm_triton(hs, res, W["ln"][0], 1e-6, pdl=pdl)
+        logits = F.linear(normed, W["lm_head"]) if linear == "cublas" else gemv_triton(normed, W["lm_head"], pdl=pdl,
+                                                                                         state=state)
+        return argmax_triton(logits, pdl=pdl)
 
-    was = K.pdl_requested()
-    K.set_pdl(pdl)
-    try:
-        if dev.type == "cuda":  # warm up (compile, allocate split-K counters) off the capture stream
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step()
-            torch.cuda.current_stream().wait_stream(stream)
-        if graph and dev.type == "cuda":
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+    if dev.type == "cuda":  # warm up (compile, allocate split-K counters) off the capture stream
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
                 step()
-            us = bench(g.replay, rep=200)
-        else:
-            us = bench(step, rep=200)
-    finally:
-        K.set_pdl(was)
+        torch.cuda.current_stream().wait_stream(stream)
+    if graph and dev.type == "cuda":
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            step()
+        us = bench(g.replay, rep=200)
+    else:
+        us = bench(step, rep=200)
     wbytes = sum(_nbytes(v) for key, v in W.items() if key not in ("lm_head",)) + 2 * W["lm_head"].numel()
     nbytes = wbytes + nl * 2 * CTX * hkv * d * 2
     tag = f"step {linear} pdl={'on' if pdl else 'off'} graph={'on' if graph else 'off'} T={t}"
@@ -298,7 +299,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("lightspeed.bench.kernels needs a CUDA GPU")
     from lightspeed.bench.results import save_results
-    from lightspeed.kernels import HAS_TRITON, use_pdl
+    from lightspeed.kernels import HAS_TRITON, pdl_supported
     if not HAS_TRITON:
         sys.exit("triton is not installed: pip install triton==3.6.0")
     dev = torch.device("cuda")
@@ -311,7 +312,7 @@ def main(argv=None) -> None:
     tflops = 2 * 8192 ** 3 / (bench(lambda: a @ b) * 1e-6) / 1e12
     del a, b
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s (read + write), bf16 matmul {tflops:.0f} TFLOP/s,"
-          f" PDL {'on' if use_pdl(dev) else 'off'}", flush=True)
+          f" PDL {'on' if pdl_supported(dev) else 'off'}", flush=True)
     RESULTS.append(dict(name="copy bandwidth", bytes_per_s=bw, bf16_tflops=round(tflops, 1)))
     models = args.models.split(",")
     t0 = time.perf_counter()

@@ -145,7 +145,7 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> tuple[f
     NOTE: writes K/V into blocks 0..; call it while no request runs."""
     import torch
 
-    from lightspeed.engine.input_prep import HostInputs, prepare_inputs
+    from lightspeed.engine.input_prep import HostInputs, inputs_from_host
     from lightspeed.layers.linear import ensure_gemv_tuned
     runner, bs, q, n = eng.runner, eng.config.block_size, num_tokens, context_len + num_tokens
     ids = torch.randint(0, eng.model_config.vocab_size, (q,), generator=torch.Generator().manual_seed(q)).tolist()
@@ -155,13 +155,13 @@ def time_step(eng, num_tokens: int, context_len: int, reps: int = 20) -> tuple[f
     def step():
         if runner.graphs is not None:
             return runner.graphs.run((1, q), host)
-        inputs = prepare_inputs(None, bs, eng.device, host)
+        inputs = inputs_from_host(host, eng.device)
         return runner.model.compute_logits(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches,
                                                         inputs.attn_meta))
 
     times = []
     with torch.inference_mode():
-        ensure_gemv_tuned(runner.model, q, eng.device)
+        ensure_gemv_tuned(runner.model, q, eng.device, runner.kernel_settings)
         for i in range(reps + 3):
             _sync(eng.device)
             t = time.perf_counter()
@@ -215,8 +215,8 @@ def _configs(args) -> list[tuple[str | None, int, dict]]:
 
 def _switches(eng) -> tuple[bool, bool]:
     """(CUDA graphs, PDL) as the engine really runs (both off on CPU)."""
-    from lightspeed import kernels
-    return eng.runner.graphs is not None, kernels.use_pdl(eng.device) and kernels.use_triton(eng.runner.kv_caches[0])
+    ks = eng.runner.kernel_settings
+    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_caches[0])
 
 
 def run_latency_bench(args) -> list[dict]:
@@ -224,12 +224,10 @@ def run_latency_bench(args) -> list[dict]:
 
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
-    from lightspeed.cli import engine_options
     from lightspeed.engine.llm import LLM
-    from lightspeed.layers.linear import batch_invariant
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
-    from lightspeed.speculative import SpeculativeConfig
+    from lightspeed.options import engine_options, speculative_config
 
     if args.num_layers is not None and not args.shape:
         raise InvalidRequestError("--num-layers needs --shape (random weights of a real shape)")
@@ -241,14 +239,16 @@ def run_latency_bench(args) -> list[dict]:
     batch_sizes = [int(b) for b in str(args.batch_size).split(",")]
     results, baseline = [], {}
     bandwidth = None
-    if args.batch_invariant is None and args.speculative:
-        args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
+    options = engine_options(args)
+    if options["batch_invariant"] is None and args.speculative:
+        # NOTE: this comparison's choice, per row: plain rows in the arithmetic of the speculative
+        # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
+        options["batch_invariant"] = True
     for spec, k, switches in _configs(args):
-        speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
-                                                 tree_num_nodes=args.spec_tree_nodes) if spec else None
+        speculative = speculative_config(args, spec, k) if spec else None
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
                   max_num_seqs=max(batch_sizes), enable_prefix_caching=False,  # NOTE: as eval_spec.py
-                  **dict(engine_options(args), **switches))
+                  **dict(options, **switches))
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
@@ -262,7 +262,7 @@ def run_latency_bench(args) -> list[dict]:
             floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
             quant = eng.config.quantization or "none"
             graph_on, pdl_on = _switches(eng)
-            fused_on = eng.config.enable_fused_layers and eng.device.type == "cuda"
+            fused_on = eng.kernel_settings.fused_layers and eng.device.type == "cuda"
             name = f"{label} {quant} bs{b} {source}{input_len if source == 'random' else ''} out{args.output_len}"
             row = {"name": name + (f" spec={spec} k={k}" if spec else
                                    f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"
@@ -271,7 +271,7 @@ def run_latency_bench(args) -> list[dict]:
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
                    "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
                    "cuda_graph": graph_on, "pdl": pdl_on, "fused_layers": fused_on,
-                   "batch_invariant": batch_invariant(),
+                   "batch_invariant": eng.kernel_settings.batch_invariant,
                    "num_hidden_layers": mc.num_hidden_layers,
                    "ms_per_token": 1000 / ls["tokens_per_s_user"], "tokens_per_s_user": ls["tokens_per_s_user"],
                    "tokens_per_s_server": len(prompts) * args.output_len / (ls["e2e_s"] * -(-len(prompts) // b)),
@@ -288,10 +288,11 @@ def run_latency_bench(args) -> list[dict]:
                            fraction_of_floor=floor_s * ls["tokens_per_s_user"])
                 if is_baseline:
                     baseline[b] = ls
-                    from lightspeed.layers.linear import GEMV_TIMINGS, gemv_mode
-                    if GEMV_TIMINGS:  # what "tuned" measured: M x N x K -> [cuBLAS us, Triton GEMV us]
-                        row.update(gemv_mode=gemv_mode(), gemv_vs_cublas_us={
-                            f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(GEMV_TIMINGS.items(), key=str)})
+                    ks = eng.kernel_settings
+                    if ks.state.gemv_timings:  # what "tuned" measured: M x N x K -> [cuBLAS us, Triton GEMV us]
+                        row.update(gemv_mode=ks.gemv_mode, gemv_vs_cublas_us={
+                            f"{m}x{n}x{k}": list(v) for (m, n, k, _), v in sorted(ks.state.gemv_timings.items(),
+                                                                                  key=str)})
                 else:  # an ablation: same math, so the same tokens
                     row.update(speedup_vs_plain=ls["tokens_per_s_user"] / baseline[b]["tokens_per_s_user"],
                                **compare_outputs(ls["token_ids"], baseline[b]["token_ids"]))

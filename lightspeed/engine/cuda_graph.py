@@ -2,7 +2,7 @@
 
 A graph serves one bucket (B sequences, Q query tokens per sequence, L attention bound):
 decode is Q = 1, verify Q = k + 1 (<= 64, always with a tree mask: a chain's is causal);
-L = attention_bound(longest sequence), the bound eager steps use too (layers/attention.py),
+L = attention_bound(longest sequence), the bound eager steps use too (kernels.paged_attention),
 so graph and eager steps compute the same bits. Graphs are captured lazily, on the first
 step of their bucket, after a warm-up run (Triton compiles, GEMV split-K counters), all in
 one shared memory pool; prefill and mixed steps run eagerly.

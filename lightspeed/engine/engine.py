@@ -2,7 +2,6 @@
 detokenize (stop strings) -> outputs."""
 from __future__ import annotations
 
-import functools
 import itertools
 import time
 
@@ -15,10 +14,8 @@ from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
-from lightspeed.layers.linear import quantize_model_, set_batch_invariant
-from lightspeed.loader import open_checkpoint, resolve_model
-from lightspeed.models import get_model_class
-from lightspeed.models.random import SHAPE_PREFIX, random_model
+from lightspeed.kernels.settings import KernelSettings
+from lightspeed.loader.model import load_model
 from lightspeed.tokenizer import IncrementalDetokenizer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,43 +26,6 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidRequestError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return dev, _DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
-
-
-def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str | None = None):
-    """Resolve, open and load a checkpoint -> (model, tokenizer); `shape:NAME` builds a model
-    of a real shape with random weights and no tokenizer (None: prompts are token ids).
-
-    NOTE: cached by (path, modification time, device, dtype, quantization): engines in one
-    process share loaded weights (a model holds no per-request state; KV caches belong to
-    runners), so a benchmark sweep loads each checkpoint once.
-    """
-    if model.startswith(SHAPE_PREFIX):
-        return _random_model(model[len(SHAPE_PREFIX):], device, dtype, quantization)
-    path = resolve_model(model)
-    stamp = max((f.stat().st_mtime_ns for f in ([path] + sorted(path.glob("*")) if path.is_dir() else [path]))
-                if path.exists() else [0])
-    return _load_model(path, stamp, device, dtype, quantization)
-
-
-@functools.lru_cache(maxsize=2)
-def _random_model(shape: str, device: torch.device, dtype: torch.dtype, quantization: str | None):
-    return random_model(shape, device, dtype, quantization=quantization), None
-
-
-@functools.lru_cache(maxsize=4)
-def _load_model(path, mtime_ns: int, device: torch.device, dtype: torch.dtype, quantization: str | None = None):
-    ckpt = open_checkpoint(path)
-    tokenizer = ckpt.tokenizer()
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            net = get_model_class(ckpt.config)(ckpt.config)
-    finally:
-        torch.set_default_dtype(prev)
-    net.load_weights(ckpt.weights())
-    quantize_model_(net, quantization)  # NOTE: every Linear but lm_head (embeddings are not Linear)
-    return net.eval(), tokenizer
 
 
 def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
@@ -83,18 +43,23 @@ def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: 
     return max(1, min(wanted, int(budget // per_block)))
 
 
+def engine_kernel_settings(config: EngineConfig, speculative: bool, device: torch.device) -> KernelSettings:
+    """The engine's KernelSettings: PDL per config.enable_pdl (and LIGHTSPEED_DISABLE_PDL), the
+    fused layers per config.enable_fused_layers; batch invariance per config.batch_invariant,
+    None meaning on with speculation on CUDA."""
+    invariant = config.batch_invariant
+    invariant = speculative and device.type == "cuda" if invariant is None else invariant
+    base = KernelSettings(batch_invariant=invariant, fused_layers=config.enable_fused_layers)
+    return base if config.enable_pdl else base.replace(pdl=False)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, speculative=None):
         self.config = config
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
-        from lightspeed import kernels
-        kernels.set_pdl(config.enable_pdl)  # NOTE: process-wide, read at each kernel launch
-        invariant = config.batch_invariant
-        set_batch_invariant(speculative is not None and self.device.type == "cuda" if invariant is None else invariant)
+        kernel_settings = engine_kernel_settings(config, speculative is not None, self.device)
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
-        if hasattr(getattr(model, "model", None), "fused_layers"):
-            model.model.fused_layers = config.enable_fused_layers
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
         max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
@@ -103,20 +68,32 @@ class Engine:
         proposer = verifier = None
         if speculative is not None:
             from lightspeed.speculative import build_speculation
-            proposer, verifier = build_speculation(speculative, self)
+            from lightspeed.speculative.proposer import TargetInfo
+            embed = getattr(getattr(model, "model", model), "embed_tokens", None)
+            target = TargetInfo(model_name=config.model, model_config=mc, tokenizer=self.tokenizer, embed_tokens=embed,
+                                device=self.device, dtype=self.dtype, block_size=config.block_size,
+                                num_kv_blocks=num_blocks, max_model_len=self.max_model_len,
+                                max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_num_seqs=config.max_num_seqs)
+            proposer, verifier = build_speculation(speculative, target)
         self.speculative = speculative
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
                                   seed=config.seed, proposer=proposer, verifier=verifier,
-                                  enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs)
-        # NOTE: an EAGLE-3 head needs the target's hidden states of every position, which a
-        # prefix-cache hit skips; prefix caching is off with it
-        caching = config.enable_prefix_caching and getattr(speculative, "method", None) != "eagle3"
+                                  enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs,
+                                  kernel_settings=kernel_settings)
+        # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off
+        caching = config.enable_prefix_caching and (proposer is None or proposer.supports_prefix_cache)
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_caching=caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    spec_thresholds=getattr(speculative, "load_thresholds", None))
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
+
+    @property
+    def kernel_settings(self) -> KernelSettings:
+        """The settings the runner runs its model (and drafter) with."""
+        return self.runner.kernel_settings
 
     # -- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:

@@ -1,12 +1,13 @@
-"""Turn a SchedulerOutput into the model's input tensors and attention metadata: host lists
-first (build_host_inputs, shared with the CUDA-graph path), then tensors (prepare_inputs)."""
+"""Turn a SchedulerOutput (or a drafter's sequences) into the model's input tensors and
+attention metadata: host lists first (host_inputs, shared with the CUDA-graph paths), then
+tensors (inputs_from_host)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from lightspeed.engine.outputs import SchedulerOutput
+from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
 from lightspeed.kernels import pack_tree_masks
 from lightspeed.layers.attention import AttentionMetadata
 
@@ -60,48 +61,78 @@ class HostInputs:
         return any(m is not None for m in self.tree_masks)
 
 
-def build_host_inputs(sched: SchedulerOutput, block_size: int) -> HostInputs:
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    qsl = [0]
-    seq_lens: list[int] = []
-    logits_idx: list[int] = []
-    logits_rows: list[tuple[int, int]] = []
-    tree_masks: list[torch.Tensor | None] = []
-    for s in sched.scheduled:
-        n = len(s.token_ids)
-        ids += s.token_ids
-        tree_mask = None
-        if s.draft_parents is not None and s.num_draft_tokens:
-            # [computed prefix of the chunk][root token][tree drafts]
-            prefix = n - s.num_draft_tokens - 1
-            depth, node_mask = tree_positions_and_mask(s.draft_parents)
-            p_list = list(range(s.start_pos, s.start_pos + prefix + 1)) + [s.start_pos + prefix + d for d in depth[1:]]
-            tree_mask = torch.ones(n, n, dtype=torch.bool).tril()
-            tree_mask[prefix:, prefix:] = node_mask
-        else:
-            p_list = list(range(s.start_pos, s.start_pos + n))
-        pos += p_list
-        # KV slots are by storage index, not position: node j of the chunk is stored at start_pos + j
-        table = s.block_table
-        slots += [table[j // block_size] * block_size + j % block_size for j in range(s.start_pos, s.start_pos + n)]
-        qsl.append(qsl[-1] + n)
-        seq_lens.append(s.start_pos + n)
-        tree_masks.append(tree_mask)
-        if s.is_last_chunk:
-            k = 1 + s.num_draft_tokens
-            logits_rows.append((len(logits_idx), k))
-            logits_idx += range(qsl[-1] - k, qsl[-1])
-        else:
-            logits_rows.append((len(logits_idx), 0))
-    return HostInputs(ids, pos, slots, qsl, seq_lens, [s.block_table for s in sched.scheduled], logits_idx,
-                      logits_rows, tree_masks)
+@dataclass
+class SeqInput:
+    """One sequence's new tokens in a pass: a scheduled request of the target, or a drafter's
+    sequence (speculative/drafting.py).
+
+        KV slots: token j is stored at block_table index storage_start + j (not by position:
+        a tree's nodes sit at depth positions but consecutive slots)
+    """
+    token_ids: list[int]
+    positions: list[int]
+    block_table: list[int]
+    storage_start: int
+    logit_rows: list[int]  # local indices of the tokens whose logits are wanted
+    tree_mask: torch.Tensor | None = None  # [n, n] bool among these tokens; None = causal
 
 
-def prepare_inputs(sched: SchedulerOutput, block_size: int, device: torch.device,
-                   host: HostInputs | None = None) -> ModelInputs:
-    h = host if host is not None else build_host_inputs(sched, block_size)
+def host_inputs(seqs: list[SeqInput], block_size: int) -> HostInputs:
+    """The index lists of a pass over `seqs`; logits_indices: every seq's logit_rows, in order."""
+    h = HostInputs([], [], [], [0], [], [], [], [], [])
+    for s in seqs:
+        n, start, table = len(s.token_ids), h.query_start_loc[-1], s.block_table
+        h.input_ids += s.token_ids
+        h.positions += s.positions
+        h.slot_mapping += [table[j // block_size] * block_size + j % block_size
+                           for j in range(s.storage_start, s.storage_start + n)]
+        h.logits_rows.append((len(h.logits_indices), len(s.logit_rows)))
+        h.logits_indices += [start + r for r in s.logit_rows]
+        h.query_start_loc.append(start + n)
+        h.seq_lens.append(s.storage_start + n)
+        h.block_tables.append(table)
+        h.tree_masks.append(s.tree_mask)
+    return h
+
+
+class BlockTables(dict):
+    """The runner's block table of every request (request id -> block ids), kept up to date
+    from each step's changes (ScheduledRequest.new_block_ids), as vLLM v1's runner does."""
+
+    def update(self, sched: SchedulerOutput) -> None:
+        for rid in sched.finished_request_ids:
+            self.pop(rid, None)
+        for s in sched.scheduled:
+            if s.resets_block_table:
+                self[s.request_id] = list(s.new_block_ids)
+            else:
+                self[s.request_id] += s.new_block_ids
+
+
+def scheduled_seq(s: ScheduledRequest, block_table: list[int]) -> SeqInput:
+    """A scheduled request as a SeqInput: logits of its last 1 + num_draft_tokens tokens when
+    the chunk reaches its newest token; a draft tree at its nodes' depths."""
+    n = len(s.token_ids)
+    tree_mask = None
+    if s.draft_parents is not None and s.num_draft_tokens:
+        # [computed prefix of the chunk][root token][tree drafts]
+        prefix = n - s.num_draft_tokens - 1
+        depth, node_mask = tree_positions_and_mask(s.draft_parents)
+        positions = list(range(s.start_pos, s.start_pos + prefix + 1)) + [s.start_pos + prefix + d for d in depth[1:]]
+        tree_mask = torch.ones(n, n, dtype=torch.bool).tril()
+        tree_mask[prefix:, prefix:] = node_mask
+    else:
+        positions = list(range(s.start_pos, s.start_pos + n))
+    rows = list(range(n - 1 - s.num_draft_tokens, n)) if s.is_last_chunk else []
+    return SeqInput(s.token_ids, positions, block_table, s.start_pos, rows, tree_mask)
+
+
+def build_host_inputs(sched: SchedulerOutput, block_size: int, block_tables: BlockTables) -> HostInputs:
+    return host_inputs([scheduled_seq(s, block_tables[s.request_id]) for s in sched.scheduled], block_size)
+
+
+def inputs_from_host(h: HostInputs, device: torch.device) -> ModelInputs:
+    """HostInputs -> the pass's tensors on `device` (one host -> device copy each)."""
     max_blocks = max(len(b) for b in h.block_tables)
     tables = torch.zeros(len(h.block_tables), max_blocks, dtype=torch.int32)
     for i, b in enumerate(h.block_tables):

@@ -19,7 +19,9 @@ class ScheduledRequest:
     request_id: str
     token_ids: list[int]
     start_pos: int
-    block_table: list[int]
+    # block ids appended to the request's block table since it was last scheduled (vLLM v1:
+    # the runner keeps the tables); the whole table when resets_block_table
+    new_block_ids: list[int]
     num_draft_tokens: int
     is_last_chunk: bool  # the chunk reaches the newest token: sample (verify) at its end
     sampling_params: SamplingParams
@@ -30,6 +32,8 @@ class ScheduledRequest:
     # the tokens before start_pos, on the first chunk after a prefix-cache hit (whose KV was
     # computed by another request): proposers track every request's whole context
     prefix_token_ids: list[int] | None = None
+    # the table starts over with new_block_ids: the request's first scheduling (or after a preemption)
+    resets_block_table: bool = True
 
 
 @dataclass

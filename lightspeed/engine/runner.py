@@ -1,20 +1,23 @@
 """ModelRunner: the only place that builds tensors. Owns the model, the KV cache and the
-per-request sampling state; turns a SchedulerOutput into a RunnerOutput."""
+per-request sampling state and the KernelSettings its model runs with; turns a
+SchedulerOutput into a RunnerOutput."""
 from __future__ import annotations
 
 import torch
 
-from lightspeed import kernels
-from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
+from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
 from lightspeed.engine.sampler import Sampler
+from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.linear import ensure_gemv_tuned
+from lightspeed.speculative.proposer import ProposeInputs
+from lightspeed.speculative.verify import VerifyRequest
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None, enable_cuda_graph: bool = False,
-                 max_num_seqs: int = 64):
+                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None):
         self.model = model
         self.config = model.config
         self.device, self.dtype = device, dtype
@@ -24,13 +27,24 @@ class ModelRunner:
         self.sampler = Sampler()
         self.proposer = proposer
         self.verifier = verifier
+        self.set_kernel_settings(kernel_settings if kernel_settings is not None else KernelSettings())
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
+        self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
-        if enable_cuda_graph and device.type == "cuda" and kernels.use_triton(self.kv_caches[0]):
+        if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
             from lightspeed.engine.cuda_graph import CudaGraphRunner
             self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_num_seqs, device)
+
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        """Run the model (and the drafter, the verifier) with `settings` from now on."""
+        self.kernel_settings = settings
+        bind_kernel_settings(self.model, settings)
+        for part in (self.proposer, self.verifier):
+            if part is not None:
+                part.set_kernel_settings(settings)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         g = self.generators.get(request_id)
@@ -45,21 +59,25 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+            self.draft_probs.pop(rid, None)
             if self.proposer is not None:
                 self.proposer.drop(rid)
+        self.block_tables.update(sched)
         out = RunnerOutput()
         if sched.is_empty:
             return out
-        host = build_host_inputs(sched, self.block_size)
-        aux_ids = tuple(getattr(self.proposer, "aux_layer_ids", ()))
+        host = build_host_inputs(sched, self.block_size, self.block_tables)
+        proposer = self.proposer
+        aux_ids = tuple(proposer.aux_layer_ids) if proposer is not None and proposer.needs_hidden_states else ()
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
         # NOTE: the GEMV-vs-cuBLAS choice is per token count; measure it outside any capture
-        ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device)
+        ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device,
+                          self.kernel_settings)
         ran = self.graphs.run(shape, host, aux_ids) if shape is not None else None
         if ran is not None:  # replayed: views of the graph's static outputs, valid this step
             inputs, hidden, aux_hidden, logits = ran
         else:
-            inputs = prepare_inputs(sched, self.block_size, self.device, host)
+            inputs = inputs_from_host(host, self.device)
             aux_hidden = None
             if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
                 hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
@@ -77,8 +95,63 @@ class ModelRunner:
                 out.sampled_token_ids[s.request_id] = [t]
                 if lp is not None:
                     out.logprobs[s.request_id] = [lp]
-        if self.verifier is not None:
-            self.verifier.verify(self, sched, inputs, logits, out)
+        accepted = self._verify(sched, inputs, logits, out) if self.verifier is not None else {}
         if self.proposer is not None:
-            self.proposer.propose(self, sched, inputs, hidden, aux_hidden, out)
+            self._propose(sched, inputs, aux_hidden, accepted, out)
         return out
+
+    # -- speculation: the verifier and the proposer see plain inputs; KV, generators and graphs stay here
+    def _verify(self, sched: SchedulerOutput, inputs, logits: torch.Tensor, out: RunnerOutput) -> dict[str, list[int]]:
+        """Verify every request with drafts; emit its tokens; move a tree's accepted KV into place
+        -> request id -> accepted draft indices."""
+        todo = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and s.num_draft_tokens]
+        requests = []
+        for i, s in todo:
+            p = s.sampling_params
+            requests.append(VerifyRequest(s.request_id, inputs.logits_rows[i][0], s.token_ids[-s.num_draft_tokens:],
+                                          s.draft_parents, p, self.draft_probs.pop(s.request_id, None),
+                                          None if p.is_greedy else self._generator(s.request_id, p.seed)))
+        results = self.verifier.verify(logits, requests)
+        src_slots: list[int] = []
+        dst_slots: list[int] = []
+        for _, s in todo:
+            r = results[s.request_id]
+            out.sampled_token_ids[s.request_id] = r.token_ids
+            if r.logprobs is not None:
+                out.logprobs[s.request_id] = r.logprobs
+            # Tree: node c's KV sits at storage slot root + 1 + c; the accepted path's KV must
+            # end up at the slots of its positions root + 1, root + 2, ... (chains already do).
+            root, table = s.start_pos + len(s.token_ids) - s.num_draft_tokens - 1, self.block_tables[s.request_id]
+            for d, c in enumerate(r.path, start=1):
+                if c != d - 1:
+                    src_slots.append(_slot(table, root + 1 + c, self.block_size))
+                    dst_slots.append(_slot(table, root + d, self.block_size))
+        if src_slots:
+            copy_kv_slots(self.kv_caches, src_slots, dst_slots)
+        return {rid: r.path for rid, r in results.items()}
+
+    def _propose(self, sched: SchedulerOutput, inputs, aux_hidden: torch.Tensor | None,
+                 accepted: dict[str, list[int]], out: RunnerOutput) -> None:
+        emitted = out.sampled_token_ids
+        gens = {s.request_id: self._generator(s.request_id, s.sampling_params.seed) for s in sched.scheduled
+                if s.request_id in emitted and not s.sampling_params.is_greedy}
+        drafts = self.proposer.propose(ProposeInputs(sched, emitted, accepted, inputs.attn_meta.query_start_loc_cpu,
+                                                     aux_hidden, gens, self.graphs is not None))
+        for s in sched.scheduled:
+            self.draft_probs.pop(s.request_id, None)
+        self.draft_probs.update(drafts.probs)
+        out.draft_token_ids.update(drafts.token_ids)
+        out.draft_parents.update(drafts.parents)
+
+
+def _slot(block_table: list[int], index: int, block_size: int) -> int:
+    return block_table[index // block_size] * block_size + index % block_size
+
+
+def copy_kv_slots(kv_caches: list[torch.Tensor], src: list[int], dst: list[int]) -> None:
+    """Copy K and V of slots `src` to slots `dst` in every layer ([2, blocks, block_size, Hkv, D])."""
+    dev = kv_caches[0].device
+    src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+    for kv in kv_caches:
+        flat = kv.view(2, -1, *kv.shape[3:])  # [2, slots, Hkv, D]
+        flat[:, dst_t] = flat[:, src_t]  # NOTE: the gather copies first, so overlapping slots are safe

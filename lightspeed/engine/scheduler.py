@@ -24,6 +24,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._finished_ids: list[str] = []
+        self._num_sent_blocks: dict[str, int] = {}  # request id -> block ids the runner has of its table
         # counters for metrics and tests
         self.num_prefix_query_tokens = 0  # tokens of admitted requests looked up in the prefix cache
         self.num_prefix_hit_tokens = 0  # of those, tokens whose KV was found
@@ -46,6 +47,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.block_manager.free(request_id)
+        self._num_sent_blocks.pop(request_id, None)
         self._finished_ids.append(request_id)
 
     def has_unfinished_requests(self) -> bool:
@@ -127,6 +129,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.block_manager.free(req.request_id)
+        self._num_sent_blocks.pop(req.request_id, None)  # rescheduled with a whole new table
         req.num_computed_tokens = 0
         req.draft_token_ids, req.draft_parents = [], None
         req.status = RequestStatus.PREEMPTED
@@ -138,11 +141,15 @@ class Scheduler:
         start = req.num_computed_tokens
         end = start + num_new
         num_drafts = len(req.draft_token_ids)
+        table = self.block_manager.get_block_table(req.request_id)
+        sent = self._num_sent_blocks.get(req.request_id)
+        self._num_sent_blocks[req.request_id] = len(table)
         return ScheduledRequest(
             request_id=req.request_id,
             token_ids=all_ids[start:end],
             start_pos=start,
-            block_table=list(self.block_manager.get_block_table(req.request_id)),
+            new_block_ids=table[sent or 0:],
+            resets_block_table=sent is None,
             num_draft_tokens=num_drafts if end == len(all_ids) else 0,
             is_last_chunk=end == len(all_ids),
             sampling_params=req.sampling_params,

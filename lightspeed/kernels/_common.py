@@ -1,5 +1,6 @@
 """Shared by every kernel file: the optional Triton import, interpreter detection, the
-Programmatic Dependent Launch (PDL) switch and a few launch helpers.
+Programmatic Dependent Launch (PDL) support check and a few launch helpers (whether PDL is
+wanted is a KernelSettings field, kernels/settings.py).
 
 NOTE: triton is optional. Without it, `triton.jit` is an inert decorator and `tl` a stub
 with `constexpr`, so the kernel files still import and their `<op>_ref` functions work;
@@ -8,7 +9,6 @@ only the Triton launchers refuse to run.
 from __future__ import annotations
 
 import functools
-import os
 import types
 
 import torch
@@ -114,20 +114,6 @@ def check_shape(name: str, t: torch.Tensor, shape: tuple) -> None:
 # Both sit under `if USE_PDL:` (a constexpr), so they are compiled only when PDL is on and
 # never reach the interpreter.
 # ---------------------------------------------------------------------------------------------
-_pdl_on = os.environ.get("LIGHTSPEED_DISABLE_PDL", "") in ("", "0")
-
-
-def set_pdl(enabled: bool) -> None:
-    """Turn Programmatic Dependent Launch on or off for every later launch (default: on
-    where the GPU supports it, sm_90+; LIGHTSPEED_DISABLE_PDL=1 turns it off)."""
-    global _pdl_on
-    _pdl_on = bool(enabled)
-
-
-def pdl_requested() -> bool:
-    return _pdl_on
-
-
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
@@ -138,10 +124,16 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def use_pdl(device: torch.device) -> bool:
-    if not (_pdl_on and HAS_TRITON and device.type == "cuda") or interpreter_active():
+def pdl_supported(device: torch.device) -> bool:
+    """The GPU of `device` runs PDL launches (sm_90+; never under the interpreter)."""
+    if not (HAS_TRITON and device.type == "cuda") or interpreter_active():
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def use_pdl(device: torch.device, enabled: bool = True) -> bool:
+    """A launcher's PDL flag: `enabled` (KernelSettings.pdl, passed down) and supported here."""
+    return enabled and pdl_supported(device)
 
 
 def num_sms(device: torch.device) -> int:

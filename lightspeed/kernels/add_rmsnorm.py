@@ -45,7 +45,7 @@ def _add_rmsnorm_kernel(
 
 def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
                        out: torch.Tensor | None = None,
-                       residual_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       residual_out: torch.Tensor | None = None, pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [T, H]; weight: [H] -> (normed [T, H], new residual [T, H]), both x.dtype.
 
     Without a residual the new residual is `x` itself (no copy)."""
@@ -74,7 +74,7 @@ def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: t
         return out, (residual_out if residual is not None else x)
     block = next_pow2(h)
     num_warps = 16 if block >= 16384 else 8 if block >= 4096 else 4
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     res = residual if residual is not None else x
     res_out = residual_out if residual is not None else out
     _add_rmsnorm_kernel[(t,)](

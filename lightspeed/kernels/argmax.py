@@ -71,7 +71,8 @@ def _argmax_reduce_kernel(
     tl.store(out_ptr + row, bi.to(tl.int64))
 
 
-def argmax_triton(x: torch.Tensor, *, out: torch.Tensor | None = None, chunk: int | None = None) -> torch.Tensor:
+def argmax_triton(x: torch.Tensor, *, out: torch.Tensor | None = None, chunk: int | None = None,
+                  pdl: bool = True) -> torch.Tensor:
     """x: [n, V] -> [n] int64, the first index of each row's maximum. NaN is not handled."""
     require_triton(x)
     if x.dim() != 2:
@@ -90,7 +91,7 @@ def argmax_triton(x: torch.Tensor, *, out: torch.Tensor | None = None, chunk: in
         chunk = max(block * 4, cdiv(v, max(1, cdiv(2 * num_sms(x.device), n))))
     chunk = cdiv(chunk, block) * block
     num_chunks = cdiv(v, chunk)
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     if num_chunks == 1:
         _argmax_partial_kernel[(n, 1)](x, out, out, v, chunk, 1, x.stride(0), BLOCK=block, SINGLE=True,
                                        USE_PDL=pdl, num_warps=4, launch_pdl=pdl)

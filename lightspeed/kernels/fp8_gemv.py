@@ -29,11 +29,12 @@ def quantize_fp8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def fp8_gemv_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
                     *, out: torch.Tensor | None = None, config: dict | None = None,
-                    batch_invariant: bool = False) -> torch.Tensor:
+                    batch_invariant: bool = False, pdl: bool = True, state=None) -> torch.Tensor:
     """x: [M, K] bf16/fp16 (M <= 16), weight: [N, K] float8_e4m3fn, scale: [N] float32 -> [M, N]."""
     if weight.dtype != FP8_DTYPE:
         raise ValueError(f"fp8_gemv: weight must be {FP8_DTYPE}, got {weight.dtype}")
-    return gemv_triton(x, weight, bias, scale, out=out, config=config, batch_invariant=batch_invariant)
+    return gemv_triton(x, weight, bias, scale, out=out, config=config, batch_invariant=batch_invariant,
+                       pdl=pdl, state=state)
 
 
 def fp8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -35,14 +35,13 @@ import torch.nn.functional as F
 
 from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
-from lightspeed.kernels.gemv import tuned_config
+from lightspeed.kernels.gemv import _split_counters, tuned_config
+from lightspeed.kernels.settings import KernelState
 from lightspeed.kernels.qkv_rope_cache import qkv_rope_cache_ref
 
 PLAIN, RESIDUAL, SWIGLU, ROPE_KV = 0, 1, 2, 3
 ROW_PIECE = 16
 MAX_ROWS = 64
-_MAX_COUNTERS = 16384
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -206,24 +205,13 @@ class RopeKV(NamedTuple):
     head_dim: int
 
 
-def _counters_for(device: torch.device, n: int) -> torch.Tensor:
-    """Per-device (tile, piece) counters, zeroed once; every launch leaves them at zero.
-    NOTE: allocated on first use, so run one launch before CUDA-graph capture."""
-    if n > _MAX_COUNTERS:
-        raise ValueError(f"fused_gemv: {n} split tiles > {_MAX_COUNTERS}")
-    c = _counters.get(device)
-    if c is None:
-        c = _counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-    return c
-
-
 def fused_config(n: int, k: int, weight_dtype: torch.dtype, device: torch.device, epilogue: int,
-                 block_n: int | None = None) -> dict:
+                 block_n: int | None = None, state: KernelState | None = None) -> dict:
     """Tile config from (N, K) only (batch invariance): the GEMV's tuned one for this shape
     when there is one, then K split until about two programs per SM."""
     cfg = dict(block_n=32, block_k=256 if weight_dtype.itemsize == 1 else 128, split_k=None, num_warps=4,
                num_stages=4)
-    cfg.update({key: v for key, v in tuned_config(1, n, k, weight_dtype, device).items() if key in cfg})
+    cfg.update({key: v for key, v in tuned_config(1, n, k, weight_dtype, device, state=state).items() if key in cfg})
     if block_n is not None:
         cfg["block_n"] = block_n
     cfg["block_k"] = min(cfg["block_k"], max(16, next_pow2(k)))
@@ -237,10 +225,12 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
                       scale: torch.Tensor | None = None,
                       bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                       rope: RopeKV | None = None, out: torch.Tensor | None = None,
-                      config: dict | None = None) -> torch.Tensor:
+                      config: dict | None = None, pdl: bool = True, state: KernelState | None = None) -> torch.Tensor:
     """x [M, K] (M <= 64), weight [N, K] (fp8 with scale [N]) -> the epilogue's output:
     PLAIN / RESIDUAL [M, N] (residual [M, N]); SWIGLU [M, N / 2] (weight rows |gate|up|);
-    ROPE_KV q [M, Hq, D] (weight rows |q|k|v| heads; K, V written to rope.kv_cache)."""
+    ROPE_KV q [M, Hq, D] (weight rows |q|k|v| heads; K, V written to rope.kv_cache).
+    pdl, state: KernelSettings.pdl and its KernelState (tuned configs, split-K tile counters,
+    shared with gemv.py: launches are stream-ordered and leave them at zero)."""
     require_triton(x)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"fused_gemv: x [M, K] and weight [N, K] expected, got {tuple(x.shape)}, "
@@ -292,7 +282,7 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         raise ValueError(f"fused_gemv: RESIDUAL needs residual [{m}, {n}] with contiguous rows")
     if m == 0:
         return out
-    cfg = fused_config(n, k, weight.dtype, x.device, epilogue, block_n)
+    cfg = fused_config(n, k, weight.dtype, x.device, epilogue, block_n, state)
     cfg.update(config or {})
     block_n = cfg["block_n"]
     if tiles is None:
@@ -302,11 +292,11 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
     pieces = cdiv(m, ROW_PIECE)
     if split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = _counters_for(x.device, pieces * tiles)
+        counters = _split_counters(x.device, pieces * tiles, state)
     else:
         ws = counters = out
     res = residual if residual is not None else x
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     pos, cs, slots, kv, stride_oh, stride_cs, s_kv, s_slot, s_h = extra
     _fused_gemv_kernel[(tiles, split_k, pieces)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, res, out, ws, counters, pos,

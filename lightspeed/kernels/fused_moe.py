@@ -221,8 +221,9 @@ def _check(x, routed: ExpertWeights, shared: ExpertWeights | None, topk_weights,
 
 def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                      shared: ExpertWeights | None = None, weight_on_input: bool = True,
-                     config: dict | None = None) -> torch.Tensor:
-    """x [T, H] -> sum_k expert_{ids[t,k]}(x[t] (* w[t,k])) (+ shared(x[t])) : [T, H] x.dtype."""
+                     config: dict | None = None, pdl: bool = True, state=None) -> torch.Tensor:
+    """x [T, H] -> sum_k expert_{ids[t,k]}(x[t] (* w[t,k])) (+ shared(x[t])) : [T, H] x.dtype.
+    pdl, state: KernelSettings.pdl and its KernelState (tile-config overrides)."""
     require_triton(x)
     _check(x, routed, shared, topk_weights, topk_ids)
     t, top_k = topk_ids.shape
@@ -231,7 +232,7 @@ def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch
     if t == 0:
         return torch.empty_like(x)
     cfg = default_config(routed.gate_up.element_size())
-    cfg.update(tuned_config(t, inter, h, routed.gate_up.dtype, x.device, op="moe"))
+    cfg.update(tuned_config(t, inter, h, routed.gate_up.dtype, x.device, op="moe", state=state))
     cfg.update(config or {})
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     sorted_ = tk > FAST_MAX_CHOICES
@@ -250,7 +251,7 @@ def fused_moe_triton(x: torch.Tensor, routed: ExpertWeights, topk_weights: torch
     out = torch.zeros((t, h), dtype=torch.float32, device=x.device)
     sh = shared if shared is not None else routed  # unused pointers when there is no shared expert
     rs, ss = routed.gate_up_scale, sh.gate_up_scale
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SORTED=sorted_, ON_INPUT=weight_on_input, DOT_F32=dot_in_f32(),
                   USE_PDL=pdl, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
     gu, sgu = routed.gate_up, sh.gate_up

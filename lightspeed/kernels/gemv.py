@@ -22,6 +22,7 @@ compute each token's logits identically.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -31,37 +32,39 @@ import torch.nn.functional as F
 from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, interpreter_active,
                                         next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
+from lightspeed.kernels.settings import KernelState
 
 MAX_M = 16
 _MAX_COUNTERS = 4096
-_counters: dict[torch.device, torch.Tensor] = {}
+# {device name: [{"op", "m", "n", "k", "dtype", "config"}]}, written by `python -m lightspeed.bench.gemv_sweep`;
 # (op, M, N, K, weight dtype) -> config overrides; op "gemv" or "moe" (fused_moe.py: M tokens,
 # N = I, K = H); M 1 or 16 in TUNED_FILE stands for M = 1 / 2..16
-_TUNED: dict[tuple, dict] = {}
-# {device name: [{"op", "m", "n", "k", "dtype", "config"}]}, written by `python -m lightspeed.bench.gemv_sweep`
 TUNED_FILE = Path(__file__).with_name("gemv_tuned.json")
-_loaded_devices: set[str] = set()
 
 
-def set_tuned_config(m: int, n: int, k: int, weight_dtype: torch.dtype, config: dict, op: str = "gemv") -> None:
-    _TUNED[(op, m, n, k, weight_dtype)] = dict(config)
-
-
-def load_tuned_configs(device_name: str, path: Path = TUNED_FILE) -> None:
-    """Add `path`'s configs for this GPU (set_tuned_config's own stay first)."""
+def load_tuned_configs(device_name: str, path: Path = TUNED_FILE) -> dict[tuple, dict]:
+    """`path`'s configs for this GPU: (op, M, N, K, weight dtype) -> config overrides."""
     entries = json.loads(path.read_text()).get(device_name, []) if path.exists() else []
-    for e in entries:
-        _TUNED.setdefault((e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"])), e["config"])
+    return {(e.get("op", "gemv"), e["m"], e["n"], e["k"], getattr(torch, e["dtype"])): e["config"] for e in entries}
 
 
-def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, op: str = "gemv") -> dict:
-    """The overrides for this shape: set_tuned_config's, else TUNED_FILE's for this GPU."""
+@functools.lru_cache(maxsize=None)
+def _file_configs(device_name: str) -> dict[tuple, dict]:
+    return load_tuned_configs(device_name)  # NOTE: the file's contents, read once: constant data
+
+
+def tuned_config(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, op: str = "gemv",
+                 state: KernelState | None = None) -> dict:
+    """The overrides for this shape: the state's own (KernelState.set_tuned_config), else
+    TUNED_FILE's for this GPU."""
+    tables = [state.tuned_configs] if state is not None else []
     if device.type == "cuda" and not interpreter_active():
-        name = torch.cuda.get_device_name(device)
-        if name not in _loaded_devices:
-            _loaded_devices.add(name)
-            load_tuned_configs(name)
-    return _TUNED.get((op, m, n, k, dtype)) or _TUNED.get((op, 1 if m == 1 else MAX_M, n, k, dtype)) or {}
+        tables.append(_file_configs(torch.cuda.get_device_name(device)))
+    for key in ((op, m, n, k, dtype), (op, 1 if m == 1 else MAX_M, n, k, dtype)):
+        for table in tables:
+            if key in table:
+                return table[key]
+    return {}
 
 
 @triton.jit
@@ -156,16 +159,19 @@ def _gemv_kernel(
         _store_out(acc, scale_ptr, bias_ptr, out_ptr, offs_m, offs_n, n_ok, out_mask, stride_om, HAS_SCALE, HAS_BIAS)
 
 
-def _split_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """Per-device tile counters, zeroed once; every launch leaves them at zero.
+def _split_counters(device: torch.device, num_tiles: int, state: KernelState | None) -> torch.Tensor:
+    """The state's tile counters on `device`, zeroed once; every launch leaves them at zero.
+    Without a state, fresh ones (a memset per launch: tests and one-off calls).
 
     NOTE: allocate them (run one split launch) before CUDA-graph capture; launches on
     different streams must not overlap."""
     if num_tiles > _MAX_COUNTERS:
         raise ValueError(f"gemv: {num_tiles} split tiles > {_MAX_COUNTERS}")
-    c = _counters.get(device)
+    if state is None:
+        return torch.zeros(num_tiles, dtype=torch.int32, device=device)
+    c = state.counters.get(device)
     if c is None:
-        c = _counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+        c = state.counters[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
     return c
 
 
@@ -187,9 +193,11 @@ def default_config(m: int, n: int, k: int, weight_bytes: int, device: torch.devi
 
 def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 scale: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                config: dict | None = None, batch_invariant: bool = False) -> torch.Tensor:
+                config: dict | None = None, batch_invariant: bool = False, pdl: bool = True,
+                state: KernelState | None = None) -> torch.Tensor:
     """x: [M, K] (M <= 16), weight: [N, K], scale: [N] float32 per output channel or None,
-    bias: [N] or None -> [M, N] of x.dtype. batch_invariant: see the module docstring."""
+    bias: [N] or None -> [M, N] of x.dtype. batch_invariant: see the module docstring.
+    pdl, state: KernelSettings.pdl and its KernelState (config overrides, tile counters)."""
     require_triton(x)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x [M, K] and weight [N, K] expected, got {tuple(x.shape)}, {tuple(weight.shape)}")
@@ -212,7 +220,7 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if m == 0 or n == 0:
         return out
     cfg = default_config(m, n, k, weight.element_size(), x.device)
-    cfg.update(tuned_config(1 if batch_invariant else m, n, k, weight.dtype, x.device))
+    cfg.update(tuned_config(1 if batch_invariant else m, n, k, weight.dtype, x.device, state=state))
     cfg.update(config or {})
     use_dot = cfg["dot"] or m > 1 or batch_invariant
     block_m = 16 if use_dot else 1
@@ -222,10 +230,10 @@ def gemv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     tiles = cdiv(n, block_n)
     if split_k > 1:
         ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        counters = _split_counters(x.device, tiles)
+        counters = _split_counters(x.device, tiles, state)
     else:
         ws = counters = out
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     _gemv_kernel[(tiles, split_k)](
         x, weight, scale if scale is not None else out, bias if bias is not None else out, out, ws, counters,
         m, n, k, k_split, split_k, x.stride(0), weight.stride(0), out.stride(0),

@@ -265,17 +265,18 @@ def choose_num_parts(num_seqs: int, num_kv_heads: int, device: torch.device) -> 
     return max(1, cdiv(2 * num_sms(device), max(num_seqs * num_kv_heads, 1)))
 
 
-def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+def launch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
                            max_seq_len: int, max_q_len: int, *, q_tile: int, tree_mask: torch.Tensor | None = None,
                            sliding_window: int | None = None, chunk_size: int | None = None,
                            num_parts: int | None = None, block_n: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """The common launcher: q [T, Hq, D] -> [T, Hq, D]. query_start_loc None means decode
     (token s is sequence s). max_seq_len / max_q_len: host-side upper bounds of seq_lens and
     of the query lengths; they fix the grid (a CUDA graph captures them). chunk_size: Llama 4
     chunked attention (keys of the query's chunk only). num_parts: the split-KV partitions of
-    a row (None: choose_num_parts); more than one needs q_tile 1, and so does a tree mask."""
+    a row (None: choose_num_parts); more than one needs q_tile 1, and so does a tree mask.
+    pdl: KernelSettings.pdl (used where the GPU supports it)."""
     require_triton(q)
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(f"paged attention: q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -334,7 +335,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         part_ml = torch.empty((t, hq, grid_parts, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc, part_ml = out, out
-    pdl = use_pdl(q.device)
+    pdl = use_pdl(q.device, pdl)
     window = int(sliding_window) if sliding_window else 0
     chunk = int(chunk_size) if chunk_size else 0
     qsl = query_start_loc if query_start_loc is not None else seq_lens
@@ -390,7 +391,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
                         tree_mask: torch.Tensor | None = None, sliding_window: int | None = None,
                         chunk_size: int | None = None) -> torch.Tensor:
-    """Plain torch (float32 softmax), the semantics of layers/attention.paged_attention_ref;
+    """Plain torch (float32 softmax), the semantics of paged_attention_meta_ref;
     query_start_loc None means one query token per sequence. Syncs with the host."""
     _, _, bs, hkv, d = kv_cache.shape
     hq = q.shape[1]
@@ -411,6 +412,40 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         mask = visible_mask(nq, n, tm, sliding_window, chunk_size, q.device)
         o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1).float(), k, v, attn_mask=mask, scale=scale)
         out[s:e] = o.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def attention_bound(max_seq_len: int) -> int:
+    """The max_seq_len the Triton attention grid is built for: the next power of two, at
+    least 256. NOTE: eager steps and CUDA graphs (one per bound) use the same rule, so both
+    split the keys into the same partitions and give bit-identical outputs."""
+    return max(256, 1 << max(int(max_seq_len) - 1, 0).bit_length())
+
+
+def paged_attention_meta_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
+                             sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """q: [T, Hq, D] -> [T, Hq, D] over an AttentionMetadata (layers/attention.py), reading K/V
+    of every sequence through its block table; loops over the host lists (the CPU path).
+
+    NOTE: with a tree mask the positions of new tokens are not consecutive; the mask, not
+    the position, decides visibility among them.
+    """
+    _, _, bs, hkv, d = kv_cache.shape
+    out = torch.empty_like(q)
+    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
+    for i in range(meta.num_seqs):
+        s, e, n = qsl[i], qsl[i + 1], lens[i]
+        if e == s:
+            continue
+        blocks = meta.block_tables[i, : (n + bs - 1) // bs].long()
+        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
+        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n]
+        tm = meta.tree_masks[i] if meta.tree_masks is not None else None
+        mask = visible_mask(e - s, n, tm, sliding_window, chunk_size, q.device)
+        qi = q[s:e].transpose(0, 1)  # [Hq, q, D]
+        ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, n, D]
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=hkv != q.shape[1])
+        out[s:e] = o.transpose(0, 1)
     return out
 
 

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from lightspeed.kernels.paged_attention import launch_paged_attention, paged_attention_ref
 
 
 def paged_decode_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                                   seq_lens: torch.Tensor, scale: float, max_seq_len: int,
                                   sliding_window: int | None = None, chunk_size: int | None = None, *,
                                   num_parts: int | None = None, block_n: int | None = None,
-                                  out: torch.Tensor | None = None) -> torch.Tensor:
+                                  out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """max_seq_len: a host-side upper bound of seq_lens (fixes the grid)."""
-    return paged_attention_triton(q, kv_cache, block_tables, seq_lens, None, scale, max_seq_len, 1, q_tile=1,
+    return launch_paged_attention(q, kv_cache, block_tables, seq_lens, None, scale, max_seq_len, 1, q_tile=1,
                                   sliding_window=sliding_window, chunk_size=chunk_size,
-                                  num_parts=num_parts, block_n=block_n, out=out)
+                                  num_parts=num_parts, block_n=block_n, out=out, pdl=pdl)
 
 
 def paged_decode_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from lightspeed.kernels.paged_attention import launch_paged_attention, paged_attention_ref
 
 
 def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                                    seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                    max_q_len: int, sliding_window: int | None = None,
                                    chunk_size: int | None = None, *, q_tile: int | None = None,
-                                   block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                                   block_n: int | None = None, out: torch.Tensor | None = None,
+                                   pdl: bool = True) -> torch.Tensor:
     """max_q_len: a host-side upper bound of the query lengths (fixes the grid)."""
     g = q.shape[1] // kv_cache.shape[3]
     q_tile = q_tile or max(1, 64 // g)
-    return paged_attention_triton(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, 1, max(max_q_len, 1),
+    return launch_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, 1, max(max_q_len, 1),
                                   q_tile=q_tile, sliding_window=sliding_window, chunk_size=chunk_size,
                                   num_parts=1,
-                                  block_n=block_n, out=out)
+                                  block_n=block_n, out=out, pdl=pdl)
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,

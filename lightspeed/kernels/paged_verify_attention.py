@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.kernels.paged_attention import paged_attention_ref, paged_attention_triton
+from lightspeed.kernels.paged_attention import launch_paged_attention, paged_attention_ref
 
 MAX_VERIFY_Q = 64
 
@@ -33,14 +33,14 @@ def paged_verify_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query
                                   max_seq_len: int, max_q_len: int, tree_mask: torch.Tensor | None = None,
                                   sliding_window: int | None = None, chunk_size: int | None = None, *,
                                   num_parts: int | None = None, block_n: int | None = None,
-                                  out: torch.Tensor | None = None) -> torch.Tensor:
+                                  out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """max_seq_len, max_q_len: host-side upper bounds (they fix the grid)."""
     if not 1 <= max_q_len <= MAX_VERIFY_Q:
         raise ValueError(f"paged verify: max_q_len {max_q_len} must be in 1..{MAX_VERIFY_Q} "
                          "(longer queries: paged_prefill_attention)")
-    return paged_attention_triton(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
+    return launch_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
                                   max_q_len, q_tile=1, tree_mask=tree_mask, sliding_window=sliding_window,
-                                  chunk_size=chunk_size, num_parts=num_parts, block_n=block_n, out=out)
+                                  chunk_size=chunk_size, num_parts=num_parts, block_n=block_n, out=out, pdl=pdl)
 
 
 def paged_verify_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,

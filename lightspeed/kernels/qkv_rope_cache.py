@@ -82,7 +82,7 @@ def _qkv_rope_cache_kernel(
 def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                           cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
                           num_heads: int, num_kv_heads: int, head_dim: int, *,
-                          q_out: torch.Tensor | None = None) -> torch.Tensor:
+                          q_out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D] rotated; K (rotated) and V written to kv_cache."""
     require_triton(qkv)
     hq, hkv, d = num_heads, num_kv_heads, head_dim
@@ -109,7 +109,7 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
         raise ValueError(f"qkv_rope_cache: q_out must be [T, {hq}, {d}] with contiguous D")
     if t == 0:
         return q_out
-    pdl = use_pdl(qkv.device)
+    pdl = use_pdl(qkv.device, pdl)
     _qkv_rope_cache_kernel[(t, hq + hkv)](
         qkv, bias if bias is not None else qkv, positions, cos_sin_cache, slot_mapping, kv_cache, q_out,
         qkv.stride(0), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),

@@ -202,7 +202,8 @@ def rejection_verify_triton(target_probs: torch.Tensor, draft_token_ids: torch.T
                             draft_probs: torch.Tensor | None, uniforms: torch.Tensor | None,
                             exponentials: torch.Tensor | None, is_greedy: torch.Tensor | bool = False,
                             num_draft_tokens: torch.Tensor | None = None, *, chunk: int | None = None,
-                            out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                            pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """target_probs [S, k+1, V] float32; draft_token_ids [S, k]; draft_probs [S, k, V] float32
     or None (one-hot drafts); uniforms [S, k] float32; exponentials [S, V] float32 Exp(1);
     is_greedy: True (all rows), False (none) or [S] bool; num_draft_tokens [S] int32 or None
@@ -241,7 +242,7 @@ def rejection_verify_triton(target_probs: torch.Tensor, draft_token_ids: torch.T
         common["HAS_NUM_DRAFT"] = True
         uniforms = uniforms if uniforms is not None and uniforms.numel() else torch.zeros((s, 1), device=dev)
     greedy_u8 = flags.view(torch.uint8) if flags is not None and flags.dtype == torch.bool else flags
-    pdl = use_pdl(dev)
+    pdl = use_pdl(dev, pdl)
     _verify_partial_kernel[(s, num_chunks)](
         target_probs, drafts, draft_probs if draft_probs is not None else dummy,
         uniforms if uniforms is not None else dummy, exponentials if exponentials is not None else dummy,

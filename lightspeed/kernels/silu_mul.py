@@ -29,7 +29,7 @@ def _silu_mul_kernel(
     tl.store(out_ptr + row * stride_o + offs, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
     """x: [T, 2I] -> [T, I] of x.dtype."""
     require_triton(x)
     if x.dim() != 2 or x.shape[1] % 2:
@@ -43,7 +43,7 @@ def silu_mul_triton(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torc
     if t == 0:
         return out
     block = 1024 if i >= 4096 else 512
-    pdl = use_pdl(x.device)
+    pdl = use_pdl(x.device, pdl)
     _silu_mul_kernel[(t, cdiv(i, block))](x, out, i, x.stride(0), out.stride(0), BLOCK=block, USE_PDL=pdl,
                                           num_warps=4, launch_pdl=pdl)
     return out

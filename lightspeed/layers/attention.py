@@ -10,20 +10,21 @@ Token regions of a batch of 3 sequences, each with cached context c_i and q_i ne
     query_start_loc = [0, q0, q0+q1, q0+q1+q2]
     seq_lens[i]     = c_i + q_i   (keys visible to the last new token of seq i)
 
-Two paths: the Triton kernels (kernels.use_triton: CUDA) read only the metadata tensors and
+Two paths, chosen by kernels.paged_attention (the Triton kernels on CUDA) read only the metadata tensors and
 the host bounds max_seq_len / max_q_len, so a step can be CUDA-graph captured (padding
-entries: slot -1, never written); the torch reference (CPU) loops over the host lists.
+entries: slot -1, never written); the torch reference (CPU, kernels/paged_attention.paged_attention_meta_ref) loops over
+the host lists.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightspeed import kernels
-from lightspeed.kernels.paged_attention import visible_mask
+from lightspeed.kernels.paged_attention import attention_bound  # noqa: F401  (the grid bound; cuda_graph.py)
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 @dataclass
@@ -60,32 +61,6 @@ class AttentionMetadata:
         return self.tree_mask
 
 
-def attention_bound(max_seq_len: int) -> int:
-    """The max_seq_len the Triton attention grid is built for: the next power of two, at
-    least 256. NOTE: eager steps and CUDA graphs (one per bound) use the same rule, so both
-    split the keys into the same partitions and give bit-identical outputs."""
-    return max(256, 1 << max(int(max_seq_len) - 1, 0).bit_length())
-
-
-def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                           sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D] through the kernels: decode (one token per sequence),
-    verify (<= 64 tokens, causal or tree) or prefill. No host sync, no host lists (except
-    the reference fallback for a tree longer than 64 tokens, never in a CUDA graph)."""
-    bound = attention_bound(meta.max_seq_len)
-    tree = meta.packed_tree_mask(q.device)
-    if tree is None and meta.max_q_len == 1 and q.shape[0] == meta.block_tables.shape[0]:
-        return kernels.paged_decode_attention(q, kv_cache, meta.block_tables, meta.seq_lens, scale, bound,
-                                              sliding_window, chunk_size)
-    if meta.max_q_len <= kernels.MAX_VERIFY_Q:
-        return kernels.paged_verify_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                              scale, bound, meta.max_q_len, tree, sliding_window, chunk_size)
-    if tree is not None:
-        return paged_attention_ref(q, kv_cache, meta, scale, sliding_window, chunk_size)
-    return kernels.paged_prefill_attention(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                           scale, meta.max_q_len, sliding_window, chunk_size)
-
-
 def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T],
     -1 for rows that write nothing (CUDA-graph padding), without a host sync.
@@ -99,37 +74,13 @@ def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
         flat[i].index_copy_(0, slots, torch.where(valid, x.to(kv_cache.dtype), flat[i].index_select(0, slots)))
 
 
-def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                        sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
-    """q: [T, Hq, D] -> [T, Hq, D], reading K/V of every sequence through its block table.
-
-    NOTE: with a tree mask the positions of new tokens are not consecutive; the mask, not
-    the position, decides visibility among them.
-    """
-    _, _, bs, hkv, d = kv_cache.shape
-    out = torch.empty_like(q)
-    qsl, lens = meta.query_start_loc_cpu, meta.seq_lens_cpu
-    for i in range(meta.num_seqs):
-        s, e, n = qsl[i], qsl[i + 1], lens[i]
-        if e == s:
-            continue
-        blocks = meta.block_tables[i, : (n + bs - 1) // bs].long()
-        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
-        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n]
-        tm = meta.tree_masks[i] if meta.tree_masks is not None else None
-        mask = visible_mask(e - s, n, tm, sliding_window, chunk_size, q.device)
-        qi = q[s:e].transpose(0, 1)  # [Hq, q, D]
-        ki, vi = k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)  # [Hkv, n, D]
-        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=hkv != q.shape[1])
-        out[s:e] = o.transpose(0, 1)
-    return out
-
-
 class Attention(nn.Module):
     """Writes the new tokens' K/V into the paged cache, then attends over the cache.
 
     forward: q, k (rotated), v given separately. forward_qkv: the fused QKV epilogue (bias +
     rotary + cache write in one kernel), the Triton path only."""
+
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
                  attention_chunk_size: int | None = None):
@@ -146,11 +97,8 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         write_kv_ref(kv_cache, k.view(t, self.num_kv_heads, self.head_dim),
                      v.view(t, self.num_kv_heads, self.head_dim), meta.slot_mapping)
-        if kernels.use_triton(q):
-            o = paged_attention_triton(q.contiguous(), kv_cache, meta, self.scale, self.sliding_window,
-                                       self.attention_chunk_size)
-        else:
-            o = paged_attention_ref(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size)
+        o = kernels.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size,
+                                    self.kernel_settings)
         return o.reshape(t, self.num_heads * self.head_dim)
 
     def forward_qkv(self, qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
@@ -159,10 +107,11 @@ class Attention(nn.Module):
         float32 = |cos|sin| -> [T, Hq * D]. K/V land at meta.slot_mapping (-1: skipped)."""
         t = qkv.shape[0]
         q = kernels.qkv_rope_cache(qkv, bias, positions, cos_sin_cache, meta.slot_mapping, kv_cache,
-                                   self.num_heads, self.num_kv_heads, self.head_dim)  # [T, Hq, D]
+                                   self.num_heads, self.num_kv_heads, self.head_dim, self.kernel_settings)  # [T, Hq, D]
         return self.attend(q, kv_cache, meta)
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, Hq, D] rotated, the new K/V already in kv_cache -> [T, Hq * D] (Triton path)."""
-        o = paged_attention_triton(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size)
+        """q: [T, Hq, D] rotated, the new K/V already in kv_cache -> [T, Hq * D]."""
+        o = kernels.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size,
+                                    self.kernel_settings)
         return o.view(q.shape[0], self.num_heads * self.head_dim)

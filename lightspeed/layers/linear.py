@@ -11,7 +11,7 @@ W ~= weight * weight_scale[:, None] (per output channel); `linear()` then runs f
 """
 from __future__ import annotations
 
-import os
+import functools
 import warnings
 
 import torch
@@ -19,73 +19,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightspeed import kernels
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
-# bf16/fp16 GEMV policy for M <= 16 tokens: "never" (cuBLAS), "always" (Triton gemv), or
-# "tuned" (the (M, N, K, dtype) shapes that ensure_gemv_tuned measured faster than cuBLAS;
-# the default). Env LIGHTSPEED_BF16_GEMV sets the starting mode.
-_GEMV_MODE = os.environ.get("LIGHTSPEED_BF16_GEMV", "tuned")
-_GEMV_FASTER: set[tuple[int, int, int, torch.dtype]] = set()
-
-
-def set_gemv_mode(mode: str) -> None:
-    if mode not in ("never", "always", "tuned"):
-        raise ValueError(f"gemv mode must be never, always or tuned, got {mode!r}")
-    global _GEMV_MODE
-    _GEMV_MODE = mode
-
-
-def gemv_mode() -> str:
-    return _GEMV_MODE
-
-
-def set_gemv_faster(m: int, n: int, k: int, dtype: torch.dtype, faster: bool) -> None:
-    (_GEMV_FASTER.add if faster else _GEMV_FASTER.discard)((m, n, k, dtype))
-
-
-# Batch invariance: every projection (lm_head included) with M <= 64 rows runs the Triton
-# GEMV in its batch-invariant form (kernels/gemv.py; 16-row pieces past 16), whatever the
-# mode above, so a verify step (M = k + 1, or a tree's nodes + 1) computes each row's bits
-# as a decode step (M = 1) does. Process-wide, set by the Engine (EngineConfig.batch_invariant).
-_BATCH_INVARIANT = False
 INVARIANT_MAX_ROWS = 64  # = kernels.MAX_VERIFY_Q
 
 
-def set_batch_invariant(enabled: bool) -> None:
-    global _BATCH_INVARIANT
-    _BATCH_INVARIANT = bool(enabled)
-
-
-def batch_invariant() -> bool:
-    return _BATCH_INVARIANT
-
-
-def _use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _use_gemv(x: torch.Tensor, weight: torch.Tensor, ks: KernelSettings) -> bool:
+    """The bf16/fp16 GEMV policy for M <= 16 tokens (KernelSettings.gemv_mode): "never"
+    (cuBLAS), "always" (Triton gemv), or "tuned" (the (M, N, K, dtype) shapes that
+    ensure_gemv_tuned measured faster than cuBLAS; the default); always in batch-invariant mode."""
     m = x.shape[0]
-    if x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 or not kernels.use_triton(x) \
+    if x.dim() != 2 or m > kernels.MAX_M or weight.stride(-1) != 1 or not ks.use_triton(x) \
             or kernels.needs_grad(x, weight):
         return False  # NOTE: CPU float32 weights are column-major (pack_weight): not for the GEMV
-    if _BATCH_INVARIANT:
+    if ks.batch_invariant:
         return True
-    if _GEMV_MODE == "never":
+    if ks.gemv_mode == "never":
         return False
-    return _GEMV_MODE == "always" or (m, weight.shape[0], weight.shape[1], weight.dtype) in _GEMV_FASTER
+    return ks.gemv_mode == "always" or (m, weight.shape[0], weight.shape[1], weight.dtype) in ks.state.gemv_faster
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None) -> torch.Tensor:
+           scale: torch.Tensor | None = None, ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
     """x: [num_tokens, in], weight: [out, in] (fp8 with scale [out]), bias: [out] -> [num_tokens, out].
 
     NOTE: the single place every projection's matmul runs: fp8_linear when the weight is
     FP8; the Triton GEMV for small M where the policy says it beats cuBLAS; else F.linear
-    (cuBLAS on CUDA, MKL on CPU).
+    (cuBLAS on CUDA, MKL on CPU). Batch invariance (ks.batch_invariant): every projection
+    (lm_head included) with M <= 64 rows runs the Triton GEMV in its batch-invariant form
+    (kernels/gemv.py; 16-row pieces past 16), so a verify step (M = k + 1, or a tree's
+    nodes + 1) computes each row's bits as a decode step (M = 1) does.
     """
-    if _BATCH_INVARIANT and kernels.MAX_M < x.shape[0] <= INVARIANT_MAX_ROWS and x.dim() == 2 \
-            and kernels.use_triton(x) and not kernels.needs_grad(x, weight):
-        return torch.cat([linear(part, weight, bias, scale) for part in x.split(kernels.MAX_M)])
+    if ks.batch_invariant and kernels.MAX_M < x.shape[0] <= INVARIANT_MAX_ROWS and x.dim() == 2 \
+            and ks.use_triton(x) and not kernels.needs_grad(x, weight):
+        return torch.cat([linear(part, weight, bias, scale, ks) for part in x.split(kernels.MAX_M)])
     if scale is not None:
-        return kernels.fp8_linear(x, weight, scale, bias, batch_invariant=_BATCH_INVARIANT)
-    if _use_gemv(x, weight):
-        return kernels.gemv(x, weight, bias, batch_invariant=_BATCH_INVARIANT)
+        return kernels.fp8_linear(x, weight, scale, bias, batch_invariant=ks.batch_invariant, ks=ks)
+    if _use_gemv(x, weight, ks):
+        return kernels.gemv(x, weight, bias, batch_invariant=ks.batch_invariant, ks=ks)
     return F.linear(x, weight, bias)
 
 
@@ -105,6 +76,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x W^T + b, with W stored [out_features, in_features] as in HF checkpoints."""
+
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
 
     def __init__(self, in_features: int, output_sizes: int | list[int], bias: bool = False):
         super().__init__()
@@ -144,7 +117,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor, skip_bias: bool = False) -> torch.Tensor:
         """skip_bias: the caller adds the bias in a fused epilogue (qkv_rope_cache)."""
-        return linear(x, self.weight, None if skip_bias else self.bias, self.weight_scale)
+        return linear(x, self.weight, None if skip_bias else self.bias, self.weight_scale, self.kernel_settings)
 
     def extra_repr(self) -> str:
         q = ", fp8" if self.weight_scale is not None else ""
@@ -171,13 +144,13 @@ def quantize_model_(model: nn.Module, method: str | None, skip: tuple[str, ...] 
     return n
 
 
-def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device) -> None:
+def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device, ks: KernelSettings) -> None:
     """In "tuned" mode on CUDA with Triton: for each bf16/fp16 Linear shape of `model` (lm_head
     included) not yet measured at this M (<= 16), time cuBLAS and the Triton GEMV under a
-    CUDA graph, cycling through enough weight copies to miss L2, and remember where the GEMV
-    is faster. Call it outside graph capture, before the first step of M tokens.
-    NOTE: measured once per process and shape; GEMV_TIMINGS keeps the figures."""
-    if _GEMV_MODE != "tuned" or _BATCH_INVARIANT or m > kernels.MAX_M or device.type != "cuda":
+    CUDA graph, cycling through enough weight copies to miss L2, and remember in ks.state
+    where the GEMV is faster. Call it outside graph capture, before the first step of M tokens.
+    NOTE: measured once per settings object and shape; ks.state.gemv_timings keeps the figures."""
+    if ks.gemv_mode != "tuned" or ks.batch_invariant or m > kernels.MAX_M or device.type != "cuda":
         return
     shapes = getattr(model, "_linear_shapes", None)
     if shapes is None:
@@ -185,9 +158,11 @@ def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device) -> None:
                          if isinstance(mod, Linear) and mod.weight_scale is None
                          and mod.weight.dtype in (torch.bfloat16, torch.float16)}, key=str)
         model._linear_shapes = shapes
-    todo = [(n, k, dtype) for n, k, dtype in shapes if (m, n, k, dtype) not in GEMV_TIMINGS]
-    if not todo or not kernels.use_triton(torch.empty(0, device=device)):
+    state = ks.state
+    todo = [(n, k, dtype) for n, k, dtype in shapes if (m, n, k, dtype) not in state.gemv_timings]
+    if not todo or not ks.use_triton(torch.empty(0, device=device)):
         return
+    gemv = functools.partial(kernels.gemv, ks=ks)
     for n, k, dtype in todo:
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         copies = max(1, min(32, -(-4 * l2 // (n * k * 2))))
@@ -195,16 +170,13 @@ def ensure_gemv_tuned(model: nn.Module, m: int, device: torch.device) -> None:
         x = torch.randn(m, k, device=device, dtype=dtype)
         try:
             t = {name: _graph_time(lambda f=f: [f(x, w) for w in ws], 20) / copies
-                 for name, f in (("cublas", F.linear), ("gemv", kernels.gemv))}
+                 for name, f in (("cublas", F.linear), ("gemv", gemv))}
         except Exception as e:  # noqa: BLE001 - a GEMV that cannot run here just stays on cuBLAS
             warnings.warn(f"GEMV tuning of {m}x{n}x{k} failed, using cuBLAS: {type(e).__name__}: {e}")
             t = {"cublas": 0.0, "gemv": float("inf")}
-        set_gemv_faster(m, n, k, dtype, t["gemv"] < t["cublas"])
-        GEMV_TIMINGS[(m, n, k, dtype)] = (round(t["cublas"], 2), round(t["gemv"], 2))
+        (state.gemv_faster.add if t["gemv"] < t["cublas"] else state.gemv_faster.discard)((m, n, k, dtype))
+        state.gemv_timings[(m, n, k, dtype)] = (round(t["cublas"], 2), round(t["gemv"], 2))
         del ws
-
-
-GEMV_TIMINGS: dict[tuple, tuple[float, float]] = {}  # (m, n, k, dtype) -> (cuBLAS us, GEMV us)
 
 
 def _graph_time(fn, reps: int) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 from lightspeed import kernels
 from lightspeed.kernels.fp8_gemv import FP8_DTYPE, quantize_fp8_per_channel
 from lightspeed.kernels.fused_moe import ExpertWeights, moe_ref  # noqa: F401  (moe_ref: the reference)
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 def route_topk_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,6 +30,8 @@ def route_topk_sigmoid(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, 
 
 class Experts(nn.Module):
     """E SwiGLU experts in HF's layout; parameters `gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]."""
+
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -45,7 +48,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                 weight_on_input: bool = True, shared: ExpertWeights | None = None) -> torch.Tensor:
         """x [T, H], topk_* [T, K] -> [T, H] (+ the shared SwiGLU expert's output)."""
-        return kernels.fused_moe(x, self.weights(), topk_weights, topk_ids, shared, weight_on_input)
+        return kernels.fused_moe(x, self.weights(), topk_weights, topk_ids, shared, weight_on_input,
+                                 self.kernel_settings)
 
     def quantize_fp8_(self, make=None, device: torch.device | None = None) -> None:
         """Weights -> e4m3 in the same layout, scales per output channel (the last dim), one

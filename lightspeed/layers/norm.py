@@ -1,5 +1,5 @@
 """RMSNorm with an optional fused residual add (vLLM convention); the Triton add+RMSNorm
-kernel where kernels.use_triton holds (CUDA), this file's torch code elsewhere (CPU)."""
+kernel where the layer's KernelSettings.use_triton holds (CUDA), this file's torch code elsewhere (CPU)."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightspeed import kernels
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,6 +24,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
@@ -35,8 +38,9 @@ class RMSNorm(nn.Module):
         otherwise:        returns (rms_norm(x + residual), x + residual); the sum, in x's dtype,
                           is the residual stream carried to the next sublayer (as in HF).
         """
-        if kernels.use_triton(x) and not kernels.needs_grad(x, residual, self.weight):
-            normed, summed = kernels.add_rmsnorm(x, residual, self.weight, self.eps)
+        ks = self.kernel_settings
+        if ks.use_triton(x) and not kernels.needs_grad(x, residual, self.weight):
+            normed, summed = kernels.add_rmsnorm(x, residual, self.weight, self.eps, ks)
             return normed if residual is None else (normed, summed)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)

@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
-from lightspeed.loader.gguf_tokenizer import read_gguf_metadata
+from lightspeed.loader.gguf_tokenizer import read_gguf_metadata, tokenizer_kwargs_from_gguf
+from lightspeed.tokenizer import Tokenizer
 
 SUPPORTED_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0,
                              QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
@@ -194,10 +195,16 @@ class GGUFCheckpoint:
                 w = unpermute_qk(w, cfg.num_attention_heads if ".attn_q." in t.name else cfg.num_key_value_heads)
             yield hf_name(t.name), w
 
-    def tokenizer(self):
-        from lightspeed.tokenizer import Tokenizer
-
-        return Tokenizer.from_gguf(self.metadata)
+    def tokenizer(self) -> Tokenizer:
+        return tokenizer_from_gguf(self.metadata)
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, {self.config.architecture})"
+
+
+def tokenizer_from_gguf(source: Any) -> Tokenizer:
+    """A Tokenizer from GGUF metadata: a path, a `gguf.GGUFReader`, or a metadata dict."""
+    if isinstance(source, (str, Path)):
+        source = open_gguf_reader(Path(source))
+    meta = source if isinstance(source, dict) else read_gguf_metadata(source)
+    return Tokenizer(**tokenizer_kwargs_from_gguf(meta))

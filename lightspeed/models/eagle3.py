@@ -33,6 +33,7 @@ from torch import nn
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError, ModelNotFoundError, UnsupportedModelError
 from lightspeed.layers.attention import AttentionMetadata
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.layers.rotary import RotaryEmbedding, rope_table_size
@@ -90,6 +91,8 @@ class Eagle3DecoderLayer(nn.Module):
 
 
 class Eagle3Head(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: Eagle3Config, num_aux: int, has_embedding: bool):
         super().__init__()
         c = config.layer
@@ -118,7 +121,7 @@ class Eagle3Head(nn.Module):
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, positions: [T]; hidden: [T, H] -> (normed [T, H], pre-norm [T, H])."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
-        rope = rope_inputs(self.rotary_emb, hidden, positions)
+        rope = rope_inputs(self.rotary_emb, hidden, positions, self.kernel_settings)
         out, residual = self.midlayer(embeds, hidden, kv_caches[0], meta, rope)
         return self.norm(out, residual)
 

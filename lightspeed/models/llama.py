@@ -6,7 +6,7 @@ Residual stream, vLLM style: each RMSNorm adds the pending sublayer output into 
 residual before normalising, so layer i receives (hidden, residual) whose sum is HF's
 hidden_states[i] (the input to layer i; for i = 0 the embeddings, residual None).
 
-Where kernels.use_triton holds (CUDA) each layer runs the fused kernels: add+RMSNorm, QKV
+Where the runner's KernelSettings.use_triton holds (CUDA) each layer runs the fused kernels: add+RMSNorm, QKV
 projection then one epilogue (bias + rotary + paged KV write), paged attention, SwiGLU;
 nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CPU) the
 same math in torch (rotary cos/sin gathered once per step for all layers).
@@ -14,7 +14,7 @@ same math in torch (rotary cos/sin gathered once per step for all layers).
 Small steps (decode, verify, draft: <= 16 rows, <= 64 in batch-invariant mode) carry the
 residual stream s itself (HF's hidden_states[i]) through 8 launches per layer
 (kernels/fused_gemv.py): norm, QKV+rope+KV write, attention (split + reduce), o_proj + s,
-norm, gate_up+SwiGLU, down_proj + s (LlamaModel.fused_layers; off: the per-op kernels above).
+norm, gate_up+SwiGLU, down_proj + s (KernelSettings.fused_layers; off: the per-op kernels above).
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ from torch import nn
 from lightspeed import kernels
 from lightspeed.config import ModelConfig
 from lightspeed.errors import CheckpointError
+from lightspeed.kernels.fused_gemv import RESIDUAL, ROPE_KV, SWIGLU, RopeKV
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 from lightspeed.layers.activation import silu_and_mul
-from lightspeed.kernels.fused_gemv import PLAIN, RESIDUAL, ROPE_KV, SWIGLU, RopeKV
 from lightspeed.layers.attention import Attention, AttentionMetadata
-from lightspeed.layers.linear import Linear, batch_invariant, linear
+from lightspeed.layers.linear import Linear, linear
 from lightspeed.layers.norm import RMSNorm
 from lightspeed.layers.rotary import RotaryEmbedding, apply_rotary, rope_table_size
 
@@ -86,6 +87,8 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         i = config.intermediate_size
@@ -93,7 +96,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(i, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, H]
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), self.kernel_settings))  # [T, 2I] -> [T, I] -> [T, H]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -110,19 +113,19 @@ class LlamaDecoderLayer(nn.Module):
     def forward_fused(self, s: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                       rope: RopeInputs) -> torch.Tensor:
         """The residual stream s [T, H] entering this layer -> the one leaving it, in 8 launches."""
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, ks = self.self_attn, self.mlp, self.kernel_settings
         qkv = attn.qkv_proj
         kv = RopeKV(rope.positions, rope.cache, meta.slot_mapping, kv_cache, attn.num_heads, attn.num_kv_heads,
                     attn.head_dim)
         q = kernels.fused_gemv(self.input_layernorm(s), qkv.weight, epilogue=ROPE_KV, scale=qkv.weight_scale,
-                               bias=qkv.bias, rope=kv)  # [T, Hq, D]
+                               bias=qkv.bias, rope=kv, ks=ks)  # [T, Hq, D]
         o = attn.attn.attend(q, kv_cache, meta)  # [T, Hq * D]
         s = kernels.fused_gemv(o, attn.o_proj.weight, epilogue=RESIDUAL, scale=attn.o_proj.weight_scale,
-                               bias=attn.o_proj.bias, residual=s)
+                               bias=attn.o_proj.bias, residual=s, ks=ks)
         a = kernels.fused_gemv(self.post_attention_layernorm(s), mlp.gate_up_proj.weight, epilogue=SWIGLU,
-                               scale=mlp.gate_up_proj.weight_scale, bias=mlp.gate_up_proj.bias)  # [T, I]
+                               scale=mlp.gate_up_proj.weight_scale, bias=mlp.gate_up_proj.bias, ks=ks)  # [T, I]
         return kernels.fused_gemv(a, mlp.down_proj.weight, epilogue=RESIDUAL, scale=mlp.down_proj.weight_scale,
-                                  bias=mlp.down_proj.bias, residual=s)
+                                  bias=mlp.down_proj.bias, residual=s, ks=ks)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rope: RopeInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,16 +139,18 @@ class LlamaDecoderLayer(nn.Module):
         return self.feed_forward_out(hidden), residual
 
 
-def rope_inputs(rotary_emb, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
+def rope_inputs(rotary_emb, hidden: torch.Tensor, positions: torch.Tensor, ks: KernelSettings) -> RopeInputs:
     """The table for the fused QKV epilogue (Triton path: K/V written at slot_mapping, -1
     skipped), else cos/sin for the torch path."""
-    if kernels.use_triton(hidden):
+    if ks.use_triton(hidden):
         return RopeInputs(positions, cache=rotary_emb.cos_sin_cache)  # [max_pos, D] float32
     cos, sin = rotary_emb.cos_sin(positions)  # [T, 1, D] each, float32
     return RopeInputs(positions, cos, sin)
 
 
 class LlamaModel(nn.Module):
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         # NOTE: uninitialised like every other parameter here; load_weights fills it.
@@ -155,21 +160,21 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.max_positions = rope_table_size(config.max_position_embeddings)
         self.rotary_emb = RotaryEmbedding(config.head_dim, self.max_positions, config.rope_theta, config.rope_scaling)
-        self.fused_layers = True  # small steps through forward_fused where it applies (Engine sets it)
 
     def make_layer(self, config: ModelConfig, layer_id: int) -> nn.Module:
         return LlamaDecoderLayer(config)
 
     def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
-        return rope_inputs(self.rotary_emb, hidden, positions)
+        return rope_inputs(self.rotary_emb, hidden, positions, self.kernel_settings)
 
     def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
         """The fused layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
-        limit = kernels.fused_gemv_max_rows() if batch_invariant() else kernels.MAX_M
+        ks = self.kernel_settings
+        limit = kernels.FUSED_MAX_ROWS if ks.batch_invariant else kernels.MAX_M
         d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
         # NOTE: FP8 weights keep the per-op path: their GEMV (fp8_gemv.py) streams them 2x faster
-        # than this kernel's upcast tiles (bench/results/fused-llama3.1-8b-fp8.json)
-        return (self.fused_layers and rope.cache is not None and hidden.shape[0] <= limit
+        # than this kernel's upcast tiles (bench/results/fused-prologue-llama3.1-8b-fp8.json)
+        return (ks.fused_layers and ks.use_triton(hidden) and rope.cache is not None and hidden.shape[0] <= limit
                 and not kernels.needs_grad(hidden) and all(type(layer) is LlamaDecoderLayer for layer in self.layers)
                 and self.layers[0].self_attn.qkv_proj.weight_scale is None
                 and rope.cache.shape[1] == d and d >= 32 and d & (d - 1) == 0)
@@ -195,6 +200,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """Serves LlamaForCausalLM, Qwen2ForCausalLM and MistralForCausalLM checkpoints."""
+
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
 
     model_cls = LlamaModel  # subclasses swap the decoder stack (Llama 4)
 
@@ -230,7 +237,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, H] -> [n, vocab] float32."""
-        return linear(hidden, self.lm_head.weight).float()
+        return linear(hidden, self.lm_head.weight, ks=self.kernel_settings).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters, casting to their dtype.

@@ -29,6 +29,7 @@ from torch import nn
 from lightspeed import kernels
 from lightspeed.config import ModelConfig
 from lightspeed.kernels.fused_moe import ExpertWeights
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 from lightspeed.layers.attention import Attention, AttentionMetadata
 from lightspeed.layers.linear import Linear
 from lightspeed.layers.moe import Experts, Router
@@ -106,6 +107,8 @@ class Llama4Attention(nn.Module):
 class Llama4MoE(nn.Module):
     """shared_expert(x) + sum over the top-k routed experts of expert(x * sigmoid(router logit))."""
 
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (bind_kernel_settings)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         c = config
@@ -117,7 +120,7 @@ class Llama4MoE(nn.Module):
         """x [T, H] -> [T, H]. NOTE: on the kernel path the shared expert runs inside the
         fused MoE launches (no host sync: CUDA-graph capturable); elsewhere its own Linears."""
         topk_weights, topk_ids = self.router(x)  # [T, K] each
-        if kernels.use_triton(x) and x.shape[0] <= kernels.MOE_MAX_TOKENS:
+        if self.kernel_settings.use_triton(x) and x.shape[0] <= kernels.MOE_MAX_TOKENS:
             s = self.shared_expert
             shared = ExpertWeights(s.gate_up_proj.weight, s.down_proj.weight, s.gate_up_proj.weight_scale,
                                    s.down_proj.weight_scale)

@@ -63,7 +63,6 @@ SHAPES: dict[str, dict] = {
                         num_local_experts=5, interleave_moe_layer_step=2, use_qk_norm=True,
                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None),
 }
-SHAPE_PREFIX = "shape:"
 WEIGHT_STD = 0.02  # HF's initializer_range; norms are 1 as in HF's init
 
 

@@ -42,7 +42,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def build_server(args):
     """-> (app, AsyncEngine, served model name) from parsed `serve` arguments."""
-    from lightspeed.cli import _speculative, engine_options
+    from lightspeed.options import engine_options, speculative_config as _speculative
     from lightspeed.config import EngineConfig
     from lightspeed.engine.engine import Engine
     from lightspeed.server.async_engine import AsyncEngine

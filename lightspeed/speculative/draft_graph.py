@@ -26,6 +26,7 @@ import torch
 from lightspeed import kernels
 from lightspeed.engine.cuda_graph import MAX_GRAPHS, Layout, _Graph, batch_buckets, capture, pick_bucket
 from lightspeed.engine.input_prep import HostInputs
+from lightspeed.kernels.settings import KernelSettings
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import ensure_gemv_tuned
 
@@ -51,9 +52,10 @@ class DraftGraphRunner:
     -> (logits [R or T, V_target] float32, output hidden [R or T, H] or None): one drafter pass."""
 
     def __init__(self, module: torch.nn.Module, forward, kv_caches: list[torch.Tensor], block_size: int,
-                 max_num_seqs: int, device: torch.device):
+                 max_num_seqs: int, device: torch.device, kernel_settings: KernelSettings):
         self.module, self.forward, self.kv_caches, self.block_size, self.device = \
             module, forward, kv_caches, block_size, device
+        self.kernel_settings = kernel_settings
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs: dict[tuple[Layout, int, bool, bool], _DraftGraph] = {}
         self.is_cuda = device.type == "cuda"
@@ -76,7 +78,7 @@ class DraftGraphRunner:
             if len(self.graphs) >= MAX_GRAPHS:
                 return None
             for m in {lay.T, lay.B}:  # NOTE: the GEMV-vs-cuBLAS choice is made outside the capture
-                ensure_gemv_tuned(self.module, m, self.device)
+                ensure_gemv_tuned(self.module, m, self.device, self.kernel_settings)
             g = self.graphs[key] = _DraftGraph(lay, self.device)
             if roots is not None:
                 g.roots = tuple(None if t is None else t.new_zeros(b, t.shape[1]) for t in roots)
@@ -108,7 +110,7 @@ class DraftGraphRunner:
             logits, hidden = self.forward(x["ids"], g.hidden, x["pos"], meta, last)
         else:
             logits, hidden = g.roots
-        token = kernels.argmax(logits)  # [B]
+        token = kernels.argmax(logits, self.kernel_settings)  # [B]
         pos, live = x["pos"][last], x["slot"][last] >= 0  # [B]; padding sequences are not live
         qsl = torch.arange(lay.B + 1, dtype=torch.int32, device=self.device)
         drafts = [token]
@@ -120,6 +122,6 @@ class DraftGraphRunner:
                                      block_tables=x["tab"], query_start_loc_cpu=rows, seq_lens_cpu=[1] * lay.B,
                                      max_seq_len=lay.L, max_q_len=1)
             logits, hidden = self.forward(token, hidden, pos, meta, None)
-            token = kernels.argmax(logits)
+            token = kernels.argmax(logits, self.kernel_settings)
             drafts.append(token)
         return {"drafts": torch.stack(drafts, 1)}  # [B, k]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from lightspeed.errors import TokenizerMismatchError
+from lightspeed.loader.model import load_model
 from lightspeed.speculative.draft_graph import to_target_vocab
 from lightspeed.speculative.drafting import DraftKV, DraftSeq, ModelDrafter, Root
-from lightspeed.speculative.proposer import DraftJob
+from lightspeed.speculative.proposer import DraftJob, ProposeInputs, TargetInfo
 
 
 def check_vocabularies(target_tok, draft_tok, draft_vocab_size: int, target_vocab_size: int, target_name: str,
@@ -44,26 +45,25 @@ def common_prefix(a: list[int], b: list[int], start: int = 0) -> int:
     return i
 
 
-def kv_num_blocks(runner, bytes_per_block: int) -> int:
+def kv_num_blocks(target: TargetInfo, bytes_per_block: int) -> int:
     """As many blocks as the target has, or what fits in 90% of the free GPU memory."""
-    num = runner.kv_caches[0].shape[1]
-    if runner.device.type == "cuda":
-        num = min(num, int(torch.cuda.mem_get_info(runner.device)[0] * 0.9 // bytes_per_block))
+    num = target.num_kv_blocks
+    if target.device.type == "cuda":
+        num = min(num, int(torch.cuda.mem_get_info(target.device)[0] * 0.9 // bytes_per_block))
     return max(num, 1)
 
 
 class DraftModelProposer(ModelDrafter):
-    def __init__(self, config, engine):
-        super().__init__(config, engine)
-        from lightspeed.engine.engine import load_model
-        self.model, tokenizer = load_model(config.model, engine.device, engine.dtype)
+    def __init__(self, config, target: TargetInfo):
+        super().__init__(config, target)
+        self.model, tokenizer = load_model(config.model, target.device, target.dtype)
         mc = self.model.config
-        check_vocabularies(engine.tokenizer, tokenizer, mc.vocab_size, engine.model_config.vocab_size,
-                           engine.config.model, config.model)
-        self.target_vocab_size = engine.model_config.vocab_size
+        check_vocabularies(target.tokenizer, tokenizer, mc.vocab_size, target.model_config.vocab_size,
+                           target.model_name, config.model)
+        self.target_vocab_size = target.model_config.vocab_size
         # NOTE: the draft's rotary table ends at its own max_position_embeddings
         self.max_model_len = min(self.max_model_len, mc.max_position_embeddings)
-        self.device, self.dtype = engine.device, engine.dtype
+        self.device, self.dtype = target.device, target.dtype
         self.kv: DraftKV | None = None
         self.cached: dict[str, list[int]] = {}  # request id -> tokens with KV at positions 0..
         self.stable: dict[str, int] = {}  # request id -> context length at the last proposal
@@ -79,22 +79,21 @@ class DraftModelProposer(ModelDrafter):
     def _module(self) -> torch.nn.Module:
         return self.model
 
-    def _ensure_kv(self, runner) -> None:
+    def _ensure_kv(self) -> None:
         if self.kv is not None:
             return
-        mc = self.model.config
-        per_block = (2 * mc.num_hidden_layers * runner.block_size * mc.num_key_value_heads * mc.head_dim
+        mc, bs = self.model.config, self.target.block_size
+        per_block = (2 * mc.num_hidden_layers * bs * mc.num_key_value_heads * mc.head_dim
                      * torch.finfo(self.dtype).bits // 8)
-        self.kv = DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, kv_num_blocks(runner, per_block),
-                          runner.block_size, self.device, self.dtype)
+        self.kv = DraftKV(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim,
+                          kv_num_blocks(self.target, per_block), bs, self.device, self.dtype)
 
     def _step(self, ids, hidden, positions, meta, rows) -> tuple[torch.Tensor, None]:
         out = self.model(ids, positions, self.kv.kv_caches, meta)
         logits = self.model.compute_logits(out if rows is None else out[rows])
         return to_target_vocab(logits, self.target_vocab_size), None
 
-    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
-                       jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
+    def _catch_up_seqs(self, inputs: ProposeInputs, jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob]]:
         """Each context past the draft's valid cached prefix, rooting its job at its last token."""
         seqs, kept = [], []
         for job in jobs:

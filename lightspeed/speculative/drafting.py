@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from lightspeed.engine.block_manager import BlockManager
-from lightspeed.engine.input_prep import HostInputs
+from lightspeed.engine.input_prep import HostInputs, SeqInput, host_inputs, inputs_from_host
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
+from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.speculative.draft_graph import DraftGraphRunner
-from lightspeed.speculative.proposer import DraftJob, Proposer
+from lightspeed.speculative.proposer import DraftJob, Drafts, ProposeInputs, Proposer
 from lightspeed.speculative.tree import TreeBuilder
 
 
@@ -68,38 +69,9 @@ class DraftKV:
         self.blocks.free(request_id)
 
     def host_inputs(self, seqs: list[DraftSeq]) -> HostInputs:
-        """The pass's index lists; logits_indices: the logit_rows of every seq, in order."""
-        h = HostInputs([], [], [], [0], [], [], [], [], [])
-        bs = self.block_size
-        for s in seqs:
-            table = self.blocks.get_block_table(s.request_id)
-            n, start = len(s.token_ids), h.query_start_loc[-1]
-            h.input_ids += s.token_ids
-            h.positions += s.positions
-            h.slot_mapping += [table[j // bs] * bs + j % bs for j in range(s.storage_start, s.storage_start + n)]
-            h.logits_indices += [start + r for r in s.logit_rows]
-            h.query_start_loc.append(start + n)
-            h.seq_lens.append(s.storage_start + n)
-            h.block_tables.append(table)
-            h.tree_masks.append(s.tree_mask)
-        return h
-
-    def prepare(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """-> input_ids [T], positions [T], metadata, logits_indices [R] (rows of all seqs, in order)."""
-        h = self.host_inputs(seqs)
-        tables = torch.zeros(len(seqs), max(len(t) for t in h.block_tables), dtype=torch.int32)
-        for i, table in enumerate(h.block_tables):
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-
-        def t(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        meta = AttentionMetadata(
-            slot_mapping=t(h.slot_mapping), query_start_loc=t(h.query_start_loc, torch.int32),
-            seq_lens=t(h.seq_lens, torch.int32), block_tables=tables.to(self.device),
-            query_start_loc_cpu=h.query_start_loc, seq_lens_cpu=h.seq_lens,
-            tree_masks=h.tree_masks if h.has_tree else None)
-        return t(h.input_ids), t(h.positions), meta, t(h.logits_indices)
+        """The pass's index lists (input_prep), each seq through its block table here."""
+        return host_inputs([SeqInput(s.token_ids, s.positions, self.blocks.get_block_table(s.request_id),
+                                     s.storage_start, s.logit_rows, s.tree_mask) for s in seqs], self.block_size)
 
 
 class ModelDrafter(Proposer):
@@ -115,16 +87,22 @@ class ModelDrafter(Proposer):
         output hidden states [R, H] (None when the drafter does not feed hidden states back)."""
         raise NotImplementedError
 
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        """The drafter runs with the runner's settings; graphs captured before are dropped."""
+        super().set_kernel_settings(settings)
+        bind_kernel_settings(self._module, settings)
+        self.graphs = None
+
     def _forward(self, seqs: list[DraftSeq]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> _step's outputs for every seq's logit_rows."""
-        ids, pos, meta, rows = self.kv.prepare(seqs)
+        x = inputs_from_host(self.kv.host_inputs(seqs), self.device)
         hidden = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
-        return self._step(ids, hidden, pos, meta, rows)
+        return self._step(x.input_ids, hidden, x.positions, x.attn_meta, x.logits_indices)
 
-    def _ensure_kv(self, runner) -> None:
+    def _ensure_kv(self) -> None:
         raise NotImplementedError
 
-    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
+    def _catch_up_seqs(self, inputs: ProposeInputs,
                        jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob | None]]:
         """The catch-up pass (KV slots allocated, bookkeeping done): its sequences and, per
         sequence, the job it roots (its last row's logits start the drafts) or None (it only
@@ -142,10 +120,10 @@ class ModelDrafter(Proposer):
             return self.config.tree_topk * max(job.max_depth - 1, 0)
         return max(job.max_depth - 1, 0)
 
-    def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs, out) -> None:
-        self._ensure_kv(runner)
-        k = self._graph_depth(runner, jobs)
-        seqs, plans = self._catch_up_seqs(runner, sched, inputs, aux_hidden, jobs)
+    def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], out: Drafts) -> None:
+        self._ensure_kv()
+        k = self._graph_depth(inputs, jobs)
+        seqs, plans = self._catch_up_seqs(inputs, jobs)
         if not seqs:
             return
         rooted = [j for j in plans if j is not None]
@@ -165,18 +143,17 @@ class ModelDrafter(Proposer):
             self._draft_chains(roots, out)
 
     # -- graphs ------------------------------------------------------------------------
-    def _graph_depth(self, runner, jobs: list[DraftJob]) -> int | None:
+    def _graph_depth(self, inputs: ProposeInputs, jobs: list[DraftJob]) -> int | None:
         """k when these jobs can draft in a graph: the runner replays graphs (CUDA), chains,
         every request greedy with the same depth k; else None."""
-        if runner.graphs is None or self.config.is_tree or not jobs:
+        if not inputs.use_graphs or self.config.is_tree or not jobs:
             return None
         k = jobs[0].max_depth
         if any(j.generator is not None or j.max_depth != k for j in jobs):
             return None
         if self.graphs is None:
-            self._ensure_kv(runner)
-            self.graphs = DraftGraphRunner(self._module, self._step, self.kv.kv_caches, runner.block_size,
-                                           self.max_num_seqs, self.device)
+            self.graphs = DraftGraphRunner(self._module, self._step, self.kv.kv_caches, self.kv.block_size,
+                                           self.max_num_seqs, self.device, self.kernel_settings)
         return k
 
     def _chain_in_graph(self, roots: list[Root], k: int, out) -> bool:
@@ -223,7 +200,7 @@ class ModelDrafter(Proposer):
             rid = r.job.request_id
             self.emit(out, rid, tokens[rid], None)
             if probs[rid]:
-                self.draft_probs[rid] = torch.stack(probs[rid])
+                out.probs[rid] = torch.stack(probs[rid])
         self._after_draft(roots, tokens)
 
     def _choose(self, roots: list[Root], logits: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:

@@ -22,17 +22,23 @@ import torch
 from lightspeed.models.eagle3 import load_eagle3_head
 from lightspeed.speculative.draft_model import kv_num_blocks
 from lightspeed.speculative.drafting import DraftKV, DraftSeq, ModelDrafter, Root
-from lightspeed.speculative.proposer import DraftJob
+from lightspeed.speculative.proposer import DraftJob, ProposeInputs, TargetInfo
 
 
 class Eagle3Proposer(ModelDrafter):
-    def __init__(self, config, engine):
-        super().__init__(config, engine)
-        self.head, self.aux_layer_ids = load_eagle3_head(config.model, engine.model_config, engine.device,
-                                                         engine.dtype)
+    needs_hidden_states = True
+    # NOTE: the head needs the target's hidden states of every position, which a prefix-cache
+    # hit skips
+    supports_prefix_cache = False
+
+    def __init__(self, config, target: TargetInfo):
+        super().__init__(config, target)
+        self.head, self.aux_layer_ids = load_eagle3_head(config.model, target.model_config, target.device,
+                                                         target.dtype)
+        self.head.set_embedding(target.embed_tokens)
         c = self.head.config.layer
         self.max_model_len = min(self.max_model_len, c.max_position_embeddings)
-        self.device, self.dtype = engine.device, engine.dtype
+        self.device, self.dtype = target.device, target.dtype
         self.kv: DraftKV | None = None
         self.head_done: dict[str, int] = {}  # positions < head_done have head KV from target states
         self.pending: dict[str, torch.Tensor] = {}  # fused target hidden [m, H] of positions head_done..
@@ -50,14 +56,13 @@ class Eagle3Proposer(ModelDrafter):
     def _module(self) -> torch.nn.Module:
         return self.head
 
-    def _ensure_kv(self, runner) -> None:
+    def _ensure_kv(self) -> None:
         if self.kv is not None:
             return
-        c = self.head.config.layer
-        per_block = 2 * runner.block_size * c.num_key_value_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
-        self.kv = DraftKV(1, c.num_key_value_heads, c.head_dim, kv_num_blocks(runner, per_block),
-                          runner.block_size, self.device, self.dtype)
-        self.head.set_embedding(runner.model.model.embed_tokens)
+        c, bs = self.head.config.layer, self.target.block_size
+        per_block = 2 * bs * c.num_key_value_heads * c.head_dim * torch.finfo(self.dtype).bits // 8
+        self.kv = DraftKV(1, c.num_key_value_heads, c.head_dim, kv_num_blocks(self.target, per_block), bs,
+                          self.device, self.dtype)
 
     def _step(self, ids, hidden, positions, meta, rows) -> tuple[torch.Tensor, torch.Tensor]:
         normed, prenorm = self.head(ids, hidden, positions, self.kv.kv_caches, meta)
@@ -65,13 +70,12 @@ class Eagle3Proposer(ModelDrafter):
             normed, prenorm = normed[rows], prenorm[rows]
         return self.head.compute_logits(normed), prenorm
 
-    def _new_hidden(self, sched, inputs, aux_hidden: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    def _new_hidden(self, inputs: ProposeInputs) -> dict[str, tuple[int, torch.Tensor]]:
         """request id -> (position of the first row, fused target hidden [n, H]) for the
         tokens this step committed: the chunk's real tokens, then the accepted drafts."""
-        qsl = inputs.attn_meta.query_start_loc_cpu
-        accepted = self.verifier.accepted_nodes if self.verifier is not None else {}
+        qsl, accepted, aux_hidden = inputs.query_start_loc, inputs.accepted, inputs.aux_hidden
         rows, spans = [], []
-        for i, s in enumerate(sched.scheduled):
+        for i, s in enumerate(inputs.sched.scheduled):
             n_real = len(s.token_ids) - s.num_draft_tokens
             r = list(range(qsl[i], qsl[i] + n_real))
             r += [qsl[i] + n_real + c for c in accepted.get(s.request_id, ())]
@@ -80,11 +84,11 @@ class Eagle3Proposer(ModelDrafter):
         fused = self.head.fuse(aux_hidden[torch.tensor(rows, device=aux_hidden.device)])
         return {rid: (pos, fused[a: a + n]) for rid, pos, a, n in spans}
 
-    def _catch_up_seqs(self, runner, sched, inputs, aux_hidden,
+    def _catch_up_seqs(self, inputs: ProposeInputs,
                        jobs: list[DraftJob]) -> tuple[list[DraftSeq], list[DraftJob | None]]:
         by_id = {j.request_id: j for j in jobs}
         seqs, plans = [], []
-        for rid, (pos, new) in self._new_hidden(sched, inputs, aux_hidden).items():
+        for rid, (pos, new) in self._new_hidden(inputs).items():
             done = self.head_done.get(rid, 0)
             pend = self.pending.get(rid)
             have = done + (0 if pend is None else len(pend))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lightspeed.speculative.proposer import DraftJob, Proposer
+from lightspeed.speculative.proposer import DraftJob, Drafts, ProposeInputs, Proposer
 from lightspeed.speculative.tree import merge_paths
 
 
@@ -38,10 +38,7 @@ def find_continuations(context: list[int], min_n: int, max_n: int, length: int, 
 
 
 class NgramProposer(Proposer):
-    def __init__(self, config, engine):
-        super().__init__(config, engine)
-
-    def draft(self, runner, sched, inputs, hidden, aux_hidden, jobs: list[DraftJob], out) -> None:
+    def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], drafts: Drafts) -> None:
         cfg = self.config
         for job in jobs:
             paths = find_continuations(job.context, cfg.ngram_min, cfg.ngram_max, job.max_depth,
@@ -50,6 +47,6 @@ class NgramProposer(Proposer):
                 continue
             if cfg.is_tree:
                 tokens, parents = merge_paths(paths, job.max_nodes)
-                self.emit(out, job.request_id, tokens, parents)
+                self.emit(drafts, job.request_id, tokens, parents)
             else:
-                self.emit(out, job.request_id, paths[0][: job.max_nodes], None)
+                self.emit(drafts, job.request_id, paths[0][: job.max_nodes], None)

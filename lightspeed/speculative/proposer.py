@@ -1,23 +1,68 @@
-"""The Proposer interface and the bookkeeping every proposer shares.
+"""The Proposer interface, its inputs and outputs, and the bookkeeping every proposer shares.
 
-Each step the runner calls, after the target pass and verification,
+Each step the runner, after the target pass and verification, calls
 
-    proposer.propose(runner, sched, inputs, hidden, aux_hidden, out)
+    drafts = proposer.propose(ProposeInputs(sched, emitted, accepted, ...))
 
-which fills out.draft_token_ids[rid] (and out.draft_parents[rid] for a tree) for the
-requests that received tokens this step, and proposer.drop(rid) for finished requests.
-The drafts are verified in the next step. A proposer that sampled its drafts from a
-distribution q leaves q in `draft_probs[rid]` ([num_drafts, vocab], target vocabulary) for
-the verifier; drafts without an entry there were chosen deterministically (q one-hot).
+and sends drafts.token_ids (and drafts.parents for a tree) to the scheduler; they are
+verified in the next step, with drafts.probs: a proposer that sampled its drafts from a
+distribution q returns q ([num_drafts, vocab], target vocabulary); drafts without an entry
+were chosen deterministically (q one-hot). proposer.drop(rid) forgets a finished request.
+
+A proposer never touches the runner: it reads only its inputs (the runner's generators
+of sampled requests are passed in, drawn from in the runner's order) and keeps its own
+state (its drafter's KV cache). It declares what it needs:
+    needs_hidden_states    the runner passes the target's hidden states of aux_layer_ids
+    supports_prefix_cache  False: the engine turns prefix caching off (a hit skips positions)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from lightspeed.config import SamplingParams
-from lightspeed.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
+
+
+@dataclass
+class TargetInfo:
+    """What a proposer may know of the engine it drafts for (fixed at construction)."""
+
+    model_name: str
+    model_config: object  # the target's ModelConfig
+    tokenizer: object | None
+    embed_tokens: torch.nn.Module | None  # the target's input embedding (an EAGLE-3 head may share it)
+    device: torch.device
+    dtype: torch.dtype
+    block_size: int
+    num_kv_blocks: int  # the target's KV blocks (a drafter's cache has at most as many)
+    max_model_len: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+
+@dataclass
+class ProposeInputs:
+    """One step's results, as a proposer reads them."""
+
+    sched: SchedulerOutput
+    emitted: dict[str, list[int]]  # request id -> tokens emitted this step (sampled, or accepted + 1)
+    accepted: dict[str, list[int]]  # request id -> accepted draft indices of this step's verification
+    query_start_loc: list[int]  # [S + 1]: rows of scheduled request i are qsl[i] .. qsl[i + 1] - 1
+    aux_hidden: torch.Tensor | None  # [T, len(aux_layer_ids) * H] when needs_hidden_states
+    generators: dict[str, torch.Generator]  # request id -> generator, for sampled requests with emitted tokens
+    use_graphs: bool  # the runner replays CUDA graphs (drafters may too)
+
+
+@dataclass
+class Drafts:
+    """A proposer's output for one step."""
+
+    token_ids: dict[str, list[int]] = field(default_factory=dict)
+    parents: dict[str, list[int]] = field(default_factory=dict)  # trees only: parent index of each draft
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)  # q [num_drafts, vocab] of sampled drafts
 
 
 @dataclass
@@ -44,44 +89,48 @@ class DraftJob:
 class Proposer:
     """Base class: tracks each request's committed tokens and caps the number of drafts."""
 
+    needs_hidden_states: bool = False
+    supports_prefix_cache: bool = True
     aux_layer_ids: tuple[int, ...] = ()  # target layers whose input hidden states the proposer reads
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (set_kernel_settings)
 
-    def __init__(self, config, engine):
+    def __init__(self, config, target: TargetInfo):
         self.config = config
-        self.max_model_len: int = engine.max_model_len
-        self.max_num_batched_tokens: int = engine.config.max_num_batched_tokens
-        self.max_num_seqs: int = engine.config.max_num_seqs
-        self.verifier = None  # set by build_speculation
+        self.target = target
+        self.max_model_len: int = target.max_model_len
+        self.max_num_batched_tokens: int = target.max_num_batched_tokens
+        self.max_num_seqs: int = target.max_num_seqs
         self.contexts: dict[str, list[int]] = {}  # request id -> committed token ids
-        self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q of sampled drafts [n, vocab]
 
     # -- interface ---------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, runner, sched: SchedulerOutput, inputs, hidden: torch.Tensor,
-                aux_hidden: torch.Tensor | None, out: RunnerOutput) -> None:
+    def propose(self, inputs: ProposeInputs) -> Drafts:
         jobs = []
-        for i, s in enumerate(sched.scheduled):
-            ctx = self._track(s, out)
-            emitted = out.sampled_token_ids.get(s.request_id)
-            self.draft_probs.pop(s.request_id, None)
+        for i, s in enumerate(inputs.sched.scheduled):
+            ctx = self._track(s, inputs.emitted)
+            emitted = inputs.emitted.get(s.request_id)
             if not emitted:
                 continue
-            job = self._job(runner, i, s, ctx, len(emitted), sched.max_draft_tokens)
+            job = self._job(i, s, ctx, len(emitted), inputs.sched.max_draft_tokens,
+                            inputs.generators.get(s.request_id))
             if job is not None:
                 jobs.append(job)
-        self.draft(runner, sched, inputs, hidden, aux_hidden, jobs, out)
+        drafts = Drafts()
+        self.draft(inputs, jobs, drafts)
+        return drafts
 
-    def draft(self, runner, sched: SchedulerOutput, inputs, hidden: torch.Tensor,
-              aux_hidden: torch.Tensor | None, jobs: list[DraftJob], out: RunnerOutput) -> None:
-        """Fill out.draft_token_ids / out.draft_parents (and draft_probs) for `jobs`."""
+    def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], drafts: Drafts) -> None:
+        """Fill `drafts` for `jobs`."""
         raise NotImplementedError
+
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        self.kernel_settings = settings
 
     def drop(self, request_id: str) -> None:
         self.contexts.pop(request_id, None)
-        self.draft_probs.pop(request_id, None)
 
     # -- shared bookkeeping ------------------------------------------------------------
-    def _track(self, s: ScheduledRequest, out: RunnerOutput) -> list[int]:
+    def _track(self, s: ScheduledRequest, emitted: dict[str, list[int]]) -> list[int]:
         """Update the request's committed tokens with this step's chunk and emitted tokens.
 
             | tokens before start_pos | real tokens of the chunk | emitted (accepted + bonus) |
@@ -91,11 +140,11 @@ class Proposer:
             ctx[:] = s.prefix_token_ids
         del ctx[s.start_pos:]  # NOTE: a preempted request recomputes from 0; same tokens
         ctx += s.token_ids[: len(s.token_ids) - s.num_draft_tokens]
-        ctx += out.sampled_token_ids.get(s.request_id, ())
+        ctx += emitted.get(s.request_id, ())
         return ctx
 
-    def _job(self, runner, index: int, s: ScheduledRequest, ctx: list[int], num_emitted: int,
-             limit: int | None = None) -> DraftJob | None:
+    def _job(self, index: int, s: ScheduledRequest, ctx: list[int], num_emitted: int, limit: int | None,
+             generator: torch.Generator | None) -> DraftJob | None:
         """Cap the drafts: the last draft position stays below max_model_len, no draft past
         max_tokens (the bonus token always comes on top), no more than the token budget, and
         no deeper than the scheduler's speculation policy (`limit`; a tree keeps its
@@ -110,13 +159,12 @@ class Proposer:
         max_nodes = min(nodes, room, self.max_num_batched_tokens - 1)
         if max_depth <= 0 or max_nodes <= 0:
             return None
-        gen = None if p.is_greedy else runner._generator(s.request_id, p.seed)
-        return DraftJob(s.request_id, index, ctx, max_depth, max_nodes, p, gen)
+        return DraftJob(s.request_id, index, ctx, max_depth, max_nodes, p, None if p.is_greedy else generator)
 
     @staticmethod
-    def emit(out: RunnerOutput, request_id: str, tokens: list[int], parents: list[int] | None) -> None:
+    def emit(drafts: Drafts, request_id: str, tokens: list[int], parents: list[int] | None) -> None:
         if not tokens:
             return
-        out.draft_token_ids[request_id] = list(tokens)
+        drafts.token_ids[request_id] = list(tokens)
         if parents is not None and parents != list(range(-1, len(tokens) - 1)):  # a path is sent as a chain
-            out.draft_parents[request_id] = list(parents)
+            drafts.parents[request_id] = list(parents)

@@ -4,7 +4,7 @@ Words as in the papers: a draft token is *accepted*; at the first rejection the 
 *recovered* token replaces it; when every draft on the path is accepted the target adds a
 *bonus* token. Either way one target token comes after the accepted drafts.
 
-Logits rows of one request (runner: inputs.logits_rows[i] = (first, 1 + num_drafts)):
+Logits rows of one request (VerifyRequest.first_row onwards, 1 + num_drafts of them):
 
     row 0      the last real token (the root): distribution of the first draft position
     row 1 + c  draft node c: distribution of the token after it
@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from lightspeed import kernels
 from lightspeed.config import SamplingParams
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits, top_logprobs
+from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
 
 def children_of(parents: list[int]) -> dict[int, list[int]]:
@@ -105,121 +108,135 @@ def verify_sampled(rows: torch.Tensor, drafts: list[int], parents: list[int], q:
     return path, [drafts[c] for c in path] + [last]
 
 
+@dataclass
+class VerifyRequest:
+    """One request's drafts to verify against its rows of the step's logits."""
+
+    request_id: str
+    first_row: int  # rows first_row .. first_row + num drafts of the logits: root, then each draft node
+    draft_token_ids: list[int]
+    parents: list[int] | None  # tree: parent index of each draft (-1 = root); None: a chain
+    params: SamplingParams
+    draft_probs: torch.Tensor | None = None  # q [>= num drafts, V] of sampled drafts; None: one-hot
+    generator: torch.Generator | None = None  # the request's (sampled requests)
+
+    @property
+    def num_drafts(self) -> int:
+        return len(self.draft_token_ids)
+
+
+@dataclass
+class Accepted:
+    """The result for one request: the accepted draft indices (the path from the root) and the
+    emitted tokens (accepted drafts, then the recovered / bonus token), with their logprobs."""
+
+    path: list[int]
+    token_ids: list[int]
+    logprobs: list | None = None
+
+
 class Verifier:
-    """Verifies every scheduled request with drafts; see the module docstring.
+    """Verifies every request with drafts; see the module docstring.
 
     NOTE: chains (greedy or sampled) go through kernels.rejection_verify and greedy trees
     (and greedy chains of different lengths) through one kernels.argmax of their rows, all
     on the device; one copy of the small results (accepted counts + tokens, or argmax
     ids) reaches the host per step. Sampled trees are walked on the host (verify_sampled)."""
 
-    def __init__(self, proposer):
-        self.proposer = proposer
-        self.accepted_nodes: dict[str, list[int]] = {}  # this step: request id -> accepted draft indices
+    kernel_settings: KernelSettings = DEFAULT_SETTINGS  # the runner's (set_kernel_settings)
 
-    def verify(self, runner, sched, inputs, logits: torch.Tensor, out) -> None:
-        self.accepted_nodes = {}
-        todo = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and s.num_draft_tokens]
-        if not todo:
-            return
-        chains = [(i, s) for i, s in todo if s.draft_parents is None]
-        walks = [(i, s) for i, s in todo if s.draft_parents is not None and s.sampling_params.is_greedy]
-        spans = [inputs.logits_rows[i] for i, _ in chains]
-        if any(a[1] != b[1] or a[0] + a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    def set_kernel_settings(self, settings: KernelSettings) -> None:
+        self.kernel_settings = settings
+
+    def verify(self, logits: torch.Tensor, requests: list[VerifyRequest]) -> dict[str, Accepted]:
+        """logits [num_rows, V] float32 of the step -> request id -> Accepted."""
+        if not requests:
+            return {}
+        chains = [r for r in requests if r.parents is None]
+        walks = [r for r in requests if r.parents is not None and r.params.is_greedy]
+        if any(a.num_drafts != b.num_drafts or a.first_row + a.num_drafts + 1 != b.first_row
+               for a, b in zip(chains, chains[1:])):
             # NOTE: ragged chains would be padded into a copy of [S, k + 1, V]: greedy ones walk instead
-            walks += [(i, s) for i, s in chains if s.sampling_params.is_greedy]
-            chains = [(i, s) for i, s in chains if not s.sampling_params.is_greedy]
-        done = self._verify_on_device(runner, inputs, logits, chains, walks)
-        src_slots: list[int] = []
-        dst_slots: list[int] = []
-        for i, s in todo:
-            n = s.num_draft_tokens
-            first, count = inputs.logits_rows[i]
-            rows = logits[first: first + count]  # [1 + n, V]
-            params = s.sampling_params
-            if s.request_id in done:
-                path, emitted = done[s.request_id]
+            walks += [r for r in chains if r.params.is_greedy]
+            chains = [r for r in chains if not r.params.is_greedy]
+        done = self._verify_on_device(logits, chains, walks)
+        results = {}
+        for r in requests:
+            n, params = r.num_drafts, r.params
+            rows = logits[r.first_row: r.first_row + 1 + n]  # [1 + n, V]
+            if r.request_id in done:
+                path, emitted = done[r.request_id]
             else:  # a sampled tree
-                q = self.proposer.draft_probs.pop(s.request_id, None)
-                gen = runner._generator(s.request_id, params.seed)
-                path, emitted = verify_sampled(rows, s.token_ids[-n:], s.draft_parents, None if q is None else q[:n],
-                                               params, gen)
-            out.sampled_token_ids[s.request_id] = emitted
-            self.accepted_nodes[s.request_id] = path
+                q = None if r.draft_probs is None else r.draft_probs[:n]
+                path, emitted = verify_sampled(rows, r.draft_token_ids, r.parents, q, params, r.generator)
+            logprobs = None
             if params.logprobs is not None:
                 used = [0] + [c + 1 for c in path]  # the row each emitted token was drawn from
                 tokens = torch.tensor(emitted, device=rows.device)
-                out.logprobs[s.request_id] = top_logprobs(rows[used], tokens, [params.logprobs] * len(used))
-            # Tree: node c's KV sits at storage slot root + 1 + c; the accepted path's KV must
-            # end up at the slots of its positions root + 1, root + 2, ... (chains already do).
-            root = s.start_pos + len(s.token_ids) - n - 1
-            for d, c in enumerate(path, start=1):
-                if c != d - 1:
-                    src_slots.append(_slot(s.block_table, root + 1 + c, runner.block_size))
-                    dst_slots.append(_slot(s.block_table, root + d, runner.block_size))
-        if src_slots:
-            copy_kv_slots(runner.kv_caches, src_slots, dst_slots)
+                logprobs = top_logprobs(rows[used], tokens, [params.logprobs] * len(used))
+            results[r.request_id] = Accepted(path, emitted, logprobs)
+        return results
 
-    def _verify_on_device(self, runner, inputs, logits: torch.Tensor, chains: list, walks: list) -> dict:
+    def _verify_on_device(self, logits: torch.Tensor, chains: list[VerifyRequest],
+                          walks: list[VerifyRequest]) -> dict:
         """-> request id -> (accepted path, emitted tokens) of `chains` (rejection_verify) and
         of the greedy chains / trees in `walks` (argmax of their rows, walked on the host)."""
         parts: list[torch.Tensor] = []
         if chains:
-            parts += self._verify_chains(runner, inputs, logits, chains)
+            parts += self._verify_chains(logits, chains)
         if walks:
-            lo = min(inputs.logits_rows[i][0] for i, _ in walks)
-            hi = max(sum(inputs.logits_rows[i]) for i, _ in walks)
-            parts.append(kernels.argmax(logits[lo:hi]))  # NOTE: a view: rows between them are cheap to include
+            lo = min(r.first_row for r in walks)
+            hi = max(r.first_row + 1 + r.num_drafts for r in walks)
+            parts.append(kernels.argmax(logits[lo:hi], self.kernel_settings))  # NOTE: a view: rows between are cheap
         if not parts:
             return {}
         flat = torch.cat([p.reshape(-1).long() for p in parts]).tolist()  # NOTE: the step's one device -> host copy
         done = {}
         if chains:
-            num, k1 = len(chains), max(s.num_draft_tokens for _, s in chains) + 1
+            num, k1 = len(chains), max(r.num_drafts for r in chains) + 1
             accepted, tokens = flat[:num], flat[num: num + num * k1]
-            for j, (_, s) in enumerate(chains):
+            for j, r in enumerate(chains):
                 a = accepted[j]
-                done[s.request_id] = list(range(a)), tokens[j * k1: j * k1 + a + 1]
+                done[r.request_id] = list(range(a)), tokens[j * k1: j * k1 + a + 1]
             flat = flat[num + num * k1:]
-        for i, s in walks:
-            n, first = s.num_draft_tokens, inputs.logits_rows[i][0] - lo
-            parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
-            done[s.request_id] = greedy_walk(flat[first: first + 1 + n], s.token_ids[-n:], parents)
+        for r in walks:
+            n, first = r.num_drafts, r.first_row - lo
+            parents = r.parents if r.parents is not None else list(range(-1, n - 1))
+            done[r.request_id] = greedy_walk(flat[first: first + 1 + n], r.draft_token_ids, parents)
         return done
 
-    def _verify_chains(self, runner, inputs, logits: torch.Tensor, chains: list) -> list[torch.Tensor]:
+    def _verify_chains(self, logits: torch.Tensor, chains: list[VerifyRequest]) -> list[torch.Tensor]:
         """One kernels.rejection_verify over every chain, padded to the longest (k drafts)
         -> [num_accepted [S], output tokens [S, k + 1]] on the device."""
-        k = max(s.num_draft_tokens for _, s in chains)
+        k = max(r.num_drafts for r in chains)
         num, vocab, dev = len(chains), logits.shape[-1], logits.device
-        rows = [inputs.logits_rows[i][0] + min(j, s.num_draft_tokens) for i, s in chains for j in range(k + 1)]
+        rows = [r.first_row + min(j, r.num_drafts) for r in chains for j in range(k + 1)]
         target = take_rows(logits, rows).float().view(num, k + 1, vocab)  # padding rows repeat the last
-        drafts = [s.token_ids[-s.num_draft_tokens:] + [0] * (k - s.num_draft_tokens) for _, s in chains]
+        drafts = [r.draft_token_ids + [0] * (k - r.num_drafts) for r in chains]
         draft_ids = torch.tensor(drafts, dtype=torch.int64).to(dev, non_blocking=True)
-        num_drafts = torch.tensor([s.num_draft_tokens for _, s in chains], dtype=torch.int32).to(dev, non_blocking=True)
-        qs = [self.proposer.draft_probs.pop(s.request_id, None) for _, s in chains]
-        greedy = [s.sampling_params.is_greedy for _, s in chains]
+        num_drafts = torch.tensor([r.num_drafts for r in chains], dtype=torch.int32).to(dev, non_blocking=True)
+        greedy = [r.params.is_greedy for r in chains]
+        ks = self.kernel_settings
         if all(greedy):
-            return list(kernels.rejection_verify(target, draft_ids, None, None, None, True, num_drafts))
+            return list(kernels.rejection_verify(target, draft_ids, None, None, None, True, num_drafts, ks))
         sampled = [j for j, g in enumerate(greedy) if not g]
-        params = [chains[j][1].sampling_params for j in sampled for _ in range(k + 1)]
+        params = [chains[j].params for j in sampled for _ in range(k + 1)]
         target = target.clone()
         target[sampled] = sampling_logits(target[sampled].flatten(0, 1), params).softmax(-1).view(-1, k + 1, vocab)
         uniforms = torch.zeros(num, k, device=dev)
         exps = torch.ones(num, vocab, device=dev)
-        has_q = any(qs[j] is not None for j in sampled)
+        has_q = any(chains[j].draft_probs is not None for j in sampled)
         q_all = torch.zeros(num, k, vocab, device=dev) if has_q else None
         for j in sampled:  # NOTE: the draws of verify_sampled, in its order, from the request's generator
-            s = chains[j][1]
-            n = s.num_draft_tokens
-            gen = runner._generator(s.request_id, s.sampling_params.seed)
+            r = chains[j]
+            n, gen = r.num_drafts, r.generator
             uniforms[j, :n] = torch.rand(n, generator=gen, device=dev)
             exps[j] = torch.empty(vocab, device=dev).exponential_(generator=gen)
             if has_q:  # a deterministic draft is a one-hot q
-                q_all[j, :n] = qs[j][:n] if qs[j] is not None else \
+                q_all[j, :n] = r.draft_probs[:n] if r.draft_probs is not None else \
                     torch.nn.functional.one_hot(draft_ids[j, :n], vocab).float()
         is_greedy = torch.tensor(greedy, dtype=torch.bool).to(dev, non_blocking=True)
-        return list(kernels.rejection_verify(target, draft_ids, q_all, uniforms, exps, is_greedy, num_drafts))
+        return list(kernels.rejection_verify(target, draft_ids, q_all, uniforms, exps, is_greedy, num_drafts, ks))
 
 
 def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -227,16 +244,3 @@ def take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if rows and rows == list(range(rows[0], rows[0] + len(rows))):
         return x[rows[0]: rows[0] + len(rows)]
     return x[torch.tensor(rows, dtype=torch.int64).to(x.device, non_blocking=True)]
-
-
-def _slot(block_table: list[int], index: int, block_size: int) -> int:
-    return block_table[index // block_size] * block_size + index % block_size
-
-
-def copy_kv_slots(kv_caches: list[torch.Tensor], src: list[int], dst: list[int]) -> None:
-    """Copy K and V of slots `src` to slots `dst` in every layer ([2, blocks, block_size, Hkv, D])."""
-    dev = kv_caches[0].device
-    src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
-    for kv in kv_caches:
-        flat = kv.view(2, -1, *kv.shape[3:])  # [2, slots, Hkv, D]
-        flat[:, dst_t] = flat[:, src_t]  # NOTE: the gather copies first, so overlapping slots are safe

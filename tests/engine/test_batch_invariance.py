@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightspeed.layers.attention import AttentionMetadata
-from lightspeed.layers.linear import set_batch_invariant
+from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.models.random import random_model
 
 BS = 16
@@ -54,22 +54,19 @@ def test_verify_step_equals_decode_steps_gpu(shape, ctx, tree, quantization):
     g = torch.Generator().manual_seed(ctx)
     prompt = torch.randint(0, c.vocab_size, (ctx,), generator=g).to(device)
     new = torch.randint(0, c.vocab_size, (q,), generator=g).to(device)
-    set_batch_invariant(True)
-    try:
-        with torch.no_grad():
-            _step(model, prompt, 0, caches, table)
-            verify_caches = [x.clone() for x in caches]
-            v_logits, v_aux = _step(model, new, ctx, verify_caches, table, tree)
-            for i in range(q):
-                d_logits, d_aux = _step(model, new[i:i + 1], ctx + i, caches, table)
-                h = c.hidden_size
-                for layer in range(v_aux.shape[1] // h):
-                    a, b = v_aux[i, layer * h:(layer + 1) * h], d_aux[0, layer * h:(layer + 1) * h]
-                    assert torch.equal(a, b), (f"row {i}: residual after layer {layer + 1} differs by "
-                                               f"{(a.float() - b.float()).abs().max():.3g}")
-                assert torch.equal(v_logits[i], d_logits[0]), \
-                    f"row {i}: logits differ by {(v_logits[i] - d_logits[0]).abs().max():.3g}"
-            for x, y in zip(verify_caches, caches):
-                assert torch.equal(x, y)
-    finally:
-        set_batch_invariant(False)
+    bind_kernel_settings(model, KernelSettings(batch_invariant=True))
+    with torch.no_grad():
+        _step(model, prompt, 0, caches, table)
+        verify_caches = [x.clone() for x in caches]
+        v_logits, v_aux = _step(model, new, ctx, verify_caches, table, tree)
+        for i in range(q):
+            d_logits, d_aux = _step(model, new[i:i + 1], ctx + i, caches, table)
+            h = c.hidden_size
+            for layer in range(v_aux.shape[1] // h):
+                a, b = v_aux[i, layer * h:(layer + 1) * h], d_aux[0, layer * h:(layer + 1) * h]
+                assert torch.equal(a, b), (f"row {i}: residual after layer {layer + 1} differs by "
+                                           f"{(a.float() - b.float()).abs().max():.3g}")
+            assert torch.equal(v_logits[i], d_logits[0]), \
+                f"row {i}: logits differ by {(v_logits[i] - d_logits[0]).abs().max():.3g}"
+        for x, y in zip(verify_caches, caches):
+            assert torch.equal(x, y)

@@ -8,7 +8,8 @@ import torch
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.cuda_graph import Layout, batch_buckets, fill_static_inputs, graph_shape, pick_bucket
-from lightspeed.engine.input_prep import build_host_inputs
+from lightspeed.engine.input_prep import BlockTables
+from lightspeed.engine.input_prep import build_host_inputs as _build_host_inputs
 from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
 from lightspeed.layers.attention import attention_bound
 
@@ -16,7 +17,13 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 
 def req(rid, tokens, start, table, drafts=0, last=True, parents=None):
-    return ScheduledRequest(rid, tokens, start, table, drafts, last, GREEDY, 0, parents)
+    return ScheduledRequest(rid, tokens, start, table, drafts, last, GREEDY, 0, parents)  # the whole table
+
+
+def build_host_inputs(sched, bs):
+    tables = BlockTables()
+    tables.update(sched)
+    return _build_host_inputs(sched, bs, tables)
 
 
 def test_buckets():
@@ -101,9 +108,8 @@ for spec, want in ((None, {(4, 1)}), (tree, {(4, 3), (4, 4)})):
     ref = [o.token_ids for o in llm.generate(prompts, params)]
     r = llm.engine.runner
     r.graphs = CudaGraphRunner(r.model, r.kv_caches, r.block_size, 4, r.device)
-    K.force_triton(True)
+    r.set_kernel_settings(r.kernel_settings.replace(triton_on_cpu=True))
     got = [o.token_ids for o in llm.generate(prompts, params)]
-    K.force_triton(False)
     shapes = {(k[0].B, k[0].Q) for k in r.graphs.graphs}
     assert ref == got and want & shapes, (ref, got, shapes)
     print("ok")

@@ -96,3 +96,25 @@ def test_abort_frees_blocks_and_reports_finished_id():
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
     assert bm.num_free_blocks == 8 and not s.has_unfinished_requests()
     assert s.schedule().finished_request_ids == ["a"]
+
+
+def test_block_table_changes_rebuild_the_tables():
+    """Each step sends only the block ids appended since a request was last scheduled (its whole
+    table when it is new or was preempted); the runner's BlockTables then match the block manager's."""
+    from lightspeed.engine.input_prep import BlockTables
+    bm = BlockManager(6, 2)  # 12 slots: a and b (5 tokens each, then decode) force a preemption
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    s.add_request(make("a", 5, max_tokens=6))
+    s.add_request(make("b", 5, max_tokens=6))
+    tables, seen = BlockTables(), []
+    while s.has_unfinished_requests():
+        out = s.schedule()
+        tables.update(out)
+        for x in out.scheduled:
+            seen.append((x.request_id, x.resets_block_table, len(x.new_block_ids)))
+            assert tables[x.request_id] == bm.get_block_table(x.request_id)
+        assert not set(out.finished_request_ids) & set(tables)
+        s.update_from_output(out, fake_run(out))
+    assert seen[:2] == [("a", True, 3), ("b", True, 3)]  # whole tables first
+    assert ("a", False, 0) in seen and ("a", False, 1) in seen  # then only what is new
+    assert sum(r == "b" and reset for r, reset, _ in seen) >= 2  # b preempted: a whole new table

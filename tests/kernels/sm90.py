@@ -100,7 +100,7 @@ def compile_for_sm90(pdl: bool, sms: int = 132):
     saved = [(jit.JITFunction, "run", jit.JITFunction.run)]
     jit.JITFunction.run = _fake_run
     for m in mods:
-        for name, value in (("require_triton", lambda *a: None), ("use_pdl", lambda d: pdl),
+        for name, value in (("require_triton", lambda *a: None), ("use_pdl", lambda d, enabled=True: pdl and enabled),
                             ("num_sms", lambda d: sms), ("dot_in_f32", lambda: False)):
             if hasattr(m, name):
                 saved.append((m, name, getattr(m, name)))

@@ -1,4 +1,4 @@
-"""The dispatch rule, the PDL switch, the triton-free import, and the interpreter run in a
+"""The dispatch rule (KernelSettings), the PDL switch, the triton-free import, and the interpreter run in a
 fresh process when this one imported triton too early."""
 from __future__ import annotations
 
@@ -18,33 +18,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_cpu_uses_reference():
     x = torch.randn(2, 8)
-    assert not K.use_triton(x)
+    assert not K.DEFAULT_SETTINGS.use_triton(x)
     normed, res = K.add_rmsnorm(x, x, torch.ones(8), 1e-6)
     assert torch.equal(res, x + x)
     assert K.argmax(x).tolist() == x.argmax(-1).tolist()
 
 
 @pytest.mark.skipif(not INTERPRETER, reason="needs the Triton interpreter in this process")
-def test_force_triton_on_cpu():
+def test_triton_on_cpu():
     x = torch.randn(3, 40)
-    try:
-        K.force_triton(True)
-        assert K.use_triton(x)
-        torch.testing.assert_close(K.silu_mul(x), torch.nn.functional.silu(x[:, :20]) * x[:, 20:])
-    finally:
-        K.force_triton(False)
-    assert not K.use_triton(x)
+    ks = K.KernelSettings(triton_on_cpu=True)
+    assert ks.use_triton(x)
+    torch.testing.assert_close(K.silu_mul(x, ks), torch.nn.functional.silu(x[:, :20]) * x[:, 20:])
+    assert not K.DEFAULT_SETTINGS.use_triton(x) and not ks.replace(triton=False).use_triton(x)
 
 
-def test_set_pdl():
-    before = K.pdl_requested()
-    try:
-        K.set_pdl(False)
-        assert not K.pdl_requested() and not K.use_pdl(torch.device("cpu"))
-        K.set_pdl(True)
-        assert K.pdl_requested()
-    finally:
-        K.set_pdl(before)
+def test_pdl_setting():
+    off = K.KernelSettings(pdl=False)
+    assert not off.pdl and not off.use_pdl(torch.device("cpu")) and off.replace(pdl=True).pdl
+    assert not K.KernelSettings(pdl=True).use_pdl(torch.device("cpu"))  # no PDL off the GPU
+    with pytest.raises(ValueError, match="gemv mode"):
+        K.KernelSettings(gemv_mode="sometimes")
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -86,9 +80,10 @@ print('ok')
 
 
 def test_disable_env():
-    code = "import torch, lightspeed.kernels as K; print(K.use_triton(torch.empty(1)), K._DISABLED)"
-    r = _run(code, {"LIGHTSPEED_DISABLE_TRITON": "1"})
-    assert r.returncode == 0 and r.stdout.split() == ["False", "True"], r.stderr[-3000:]
+    code = ("import torch, lightspeed.kernels as K; ks = K.KernelSettings(); "
+            "print(ks.use_triton(torch.empty(1)), ks.triton, K.KernelSettings(pdl=True).pdl, ks.pdl)")
+    r = _run(code, {"LIGHTSPEED_DISABLE_TRITON": "1", "LIGHTSPEED_DISABLE_PDL": "1"})
+    assert r.returncode == 0 and r.stdout.split() == ["False", "False", "True", "False"], r.stderr[-3000:]
 
 
 @pytest.mark.skipif(INTERPRETER or not K.HAS_TRITON or bool(os.environ.get("LIGHTSPEED_KERNELS_SUBPROCESS")),
@@ -106,7 +101,7 @@ def test_interpreter_in_subprocess():
 def test_cuda_dispatch_uses_triton():
     if not (HAS_CUDA and K.HAS_TRITON and not INTERPRETER):
         pytest.skip("needs CUDA and compiled Triton")
-    assert K.use_triton(torch.empty(1, device="cuda"))
+    assert K.KernelSettings().use_triton(torch.empty(1, device="cuda"))
 
 
 test_cuda_dispatch_uses_triton = pytest.mark.gpu(test_cuda_dispatch_uses_triton)
@@ -115,9 +110,9 @@ test_cuda_dispatch_uses_triton = pytest.mark.gpu(test_cuda_dispatch_uses_triton)
 @pytest.mark.parametrize("q_lens,tree", [([1, 1, 1], False), ([5, 1, 3], False), ([5, 1, 3], True), ([20, 3, 9], False)])
 def test_paged_attention_dispatch_matches_layer(q_lens, tree):
     """kernels.paged_attention(meta) (decode / verify / prefill by the query lengths, CPU
-    reference path) == layers/attention.py's reference."""
+    reference path) == the metadata reference."""
+    from lightspeed.kernels.paged_attention import paged_attention_meta_ref as layer_ref
     from lightspeed.layers.attention import AttentionMetadata
-    from lightspeed.layers.attention import paged_attention_ref as layer_ref
     from tests.kernels.test_paged_attention import make_batch, random_tree_masks
 
     seq_lens = [37, 21, 40]
@@ -129,8 +124,5 @@ def test_paged_attention_dispatch_matches_layer(q_lens, tree):
     want = layer_ref(q, kv, meta, 0.2, None)
     torch.testing.assert_close(K.paged_attention(q, kv, meta, 0.2), want, atol=1e-5, rtol=1e-5)
     if INTERPRETER:
-        try:
-            K.force_triton(True)
-            torch.testing.assert_close(K.paged_attention(q, kv, meta, 0.2), want, atol=1e-4, rtol=1e-4)
-        finally:
-            K.force_triton(False)
+        ks = K.KernelSettings(triton_on_cpu=True)
+        torch.testing.assert_close(K.paged_attention(q, kv, meta, 0.2, ks=ks), want, atol=1e-4, rtol=1e-4)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lightspeed.kernels.fp8_gemv import fp8_gemv_ref, fp8_gemv_triton, quantize_fp8_per_channel
-from lightspeed.kernels.gemv import _counters, gemv_ref, gemv_triton
+from lightspeed.kernels.gemv import gemv_ref, gemv_triton
+from lightspeed.kernels.settings import KernelState
 from tests.kernels.helpers import DEVICES, assert_all_written, gpu, poison, rel_err
 
 CASES = [  # m, n, k, bias, config (None: the default heuristic)
@@ -28,14 +29,14 @@ def test_gemv(device, case, dtype):
     x = torch.randn(m, k, device=device).to(dtype)
     w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
     b = torch.randn(n, device=device).to(dtype) if has_bias else None
+    state = KernelState()
     for _ in range(2):  # twice: split-K counters must be back at zero after a launch
         out = poison((m, n), dtype, device)
-        y = gemv_triton(x, w, b, out=out, config=cfg)
+        y = gemv_triton(x, w, b, out=out, config=cfg, state=state)
         assert_all_written(y)
         assert rel_err(y, gemv_ref(x, w, b)) < 5e-3
-    for dev, counters in _counters.items():
-        if dev.type == torch.device(device).type:
-            assert int(counters.abs().sum()) == 0
+    for counters in state.counters.values():
+        assert int(counters.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -69,39 +70,37 @@ def test_limits():
         gemv_triton(x, torch.randn(8, 32).bfloat16())
 
 
-def test_tuned_configs_apply_per_token_bucket(monkeypatch):
+def test_tuned_configs_apply_per_token_bucket():
     """A config tuned at M = 16 serves M = 2..16, one at M = 1 only M = 1; exact M wins."""
     import importlib
     g = importlib.import_module("lightspeed.kernels.gemv")  # the module (kernels.gemv is the dispatch function)
-    monkeypatch.setattr(g, "_TUNED", {})
-    g.set_tuned_config(16, 64, 96, torch.float8_e4m3fn, dict(block_n=16))
-    g.set_tuned_config(1, 64, 96, torch.float8_e4m3fn, dict(block_n=8))
-    g.set_tuned_config(4, 64, 96, torch.float8_e4m3fn, dict(block_n=64))
+    state = KernelState()
+    state.set_tuned_config(16, 64, 96, torch.float8_e4m3fn, dict(block_n=16))
+    state.set_tuned_config(1, 64, 96, torch.float8_e4m3fn, dict(block_n=8))
+    state.set_tuned_config(4, 64, 96, torch.float8_e4m3fn, dict(block_n=64))
     cpu = torch.device("cpu")
-    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=8)
-    assert g.tuned_config(7, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=16)
-    assert g.tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu) == dict(block_n=64)
-    assert g.tuned_config(7, 64, 96, torch.bfloat16, cpu) == {}
-    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, op="moe") == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, state=state) == dict(block_n=8)
+    assert g.tuned_config(7, 64, 96, torch.float8_e4m3fn, cpu, state=state) == dict(block_n=16)
+    assert g.tuned_config(4, 64, 96, torch.float8_e4m3fn, cpu, state=state) == dict(block_n=64)
+    assert g.tuned_config(7, 64, 96, torch.bfloat16, cpu, state=state) == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu, op="moe", state=state) == {}
+    assert g.tuned_config(1, 64, 96, torch.float8_e4m3fn, cpu) == {}  # another runner's state is not read
 
 
 def _rows_invariant(device, n, k, ms, dtype, bias=True, config=None):
     """batch_invariant=True: each row's bits do not depend on M nor on the other rows."""
-    from lightspeed.kernels.gemv import _TUNED, set_tuned_config
     x = torch.randn(16, k, device=device).to(dtype)
     w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
     b = torch.randn(n, device=device).to(dtype) if bias else None
-    set_tuned_config(3, n, k, w.dtype, dict(split_k=1, block_k=32, dot=False))  # an M-specific override: ignored
-    try:
-        full = gemv_triton(x, w, b, config=config, batch_invariant=True)
-        for m in ms:
-            y = gemv_triton(x[:m], w, b, config=config, batch_invariant=True)
-            assert torch.equal(y, full[:m]), f"M={m}: rows differ from the M=16 product"
-        other = x.clone()
-        other[1:] = torch.randn(15, k, device=device).to(dtype) * 100  # row 0 among very different rows
-        assert torch.equal(gemv_triton(other[:5], w, b, config=config, batch_invariant=True)[0], full[0])
-    finally:
-        _TUNED.pop(("gemv", 3, n, k, w.dtype), None)
+    state = KernelState()
+    state.set_tuned_config(3, n, k, w.dtype, dict(split_k=1, block_k=32, dot=False))  # an M-specific override: ignored
+    full = gemv_triton(x, w, b, config=config, batch_invariant=True, state=state)
+    for m in ms:
+        y = gemv_triton(x[:m], w, b, config=config, batch_invariant=True, state=state)
+        assert torch.equal(y, full[:m]), f"M={m}: rows differ from the M=16 product"
+    other = x.clone()
+    other[1:] = torch.randn(15, k, device=device).to(dtype) * 100  # row 0 among very different rows
+    assert torch.equal(gemv_triton(other[:5], w, b, config=config, batch_invariant=True, state=state)[0], full[0])
     assert rel_err(full, gemv_ref(x, w, b)) < 5e-3
 
 

@@ -43,20 +43,21 @@ def test_sweep_picks_a_checked_config(monkeypatch):
     assert got["config"] == dict(a=1) and "error" in rows[1]
 
 
-def test_tuned_file_round_trip(tmp_path, monkeypatch):
+def test_tuned_file_round_trip(tmp_path):
     """What the sweep writes is what gemv.py / fused_moe.py look up (per GPU name, M bucket, op)."""
     import importlib
+
+    from lightspeed.kernels.settings import KernelState
     g = importlib.import_module("lightspeed.kernels.gemv")
-    monkeypatch.setattr(g, "_TUNED", {})
     path = tmp_path / "tuned.json"
     cfg = dict(dot=True, block_n=64, block_k=512, num_warps=8, num_stages=3, split_k=2)
     sw.write_tuned([dict(op="gemv", m=16, n=4096, k=4096, dtype="float8_e4m3fn", config=cfg, us=1.0)], "GPU A", path)
     sw.write_tuned([dict(op="moe", m=1, n=8192, k=5120, dtype="bfloat16", config=dict(block_n=32), us=2.0)], "GPU A",
                    path)
     sw.write_tuned([dict(op="gemv", m=1, n=1, k=1, dtype="bfloat16", config={}, us=1.0)], "GPU B", path)
-    g.load_tuned_configs("GPU A", path)
+    state = KernelState(tuned_configs=g.load_tuned_configs("GPU A", path))
     cpu = torch.device("cpu")
-    assert g.tuned_config(4, 4096, 4096, torch.float8_e4m3fn, cpu) == cfg
-    assert g.tuned_config(1, 4096, 4096, torch.float8_e4m3fn, cpu) == {}
-    assert g.tuned_config(1, 8192, 5120, torch.bfloat16, cpu, op="moe") == dict(block_n=32)
-    assert g.tuned_config(1, 1, 1, torch.bfloat16, cpu) == {}  # GPU B's
+    assert g.tuned_config(4, 4096, 4096, torch.float8_e4m3fn, cpu, state=state) == cfg
+    assert g.tuned_config(1, 4096, 4096, torch.float8_e4m3fn, cpu, state=state) == {}
+    assert g.tuned_config(1, 8192, 5120, torch.bfloat16, cpu, op="moe", state=state) == dict(block_n=32)
+    assert g.tuned_config(1, 1, 1, torch.bfloat16, cpu, state=state) == {}  # GPU B's

@@ -175,7 +175,7 @@ def test_graph_bounds(device):
 def test_ref_matches_layer_ref():
     """kernels' reference == layers/attention.py's, on the metadata the runner builds."""
     from lightspeed.layers.attention import AttentionMetadata
-    from lightspeed.layers.attention import paged_attention_ref as layer_ref
+    from lightspeed.kernels.paged_attention import paged_attention_meta_ref as layer_ref
 
     seq_lens, q_lens = [37, 21, 9], [5, 1, 3]
     q, kv, bt, sl, qsl = make_batch(seq_lens, q_lens, 6, 2, 32, 8, torch.float32, "cpu")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lightspeed import LLM, SamplingParams
 from lightspeed.bench.latency import step_weight_bytes
-from lightspeed.engine.engine import load_model
+from lightspeed.loader.model import load_model
 from lightspeed.kernels import FP8_DTYPE
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import Linear, quantize_model_

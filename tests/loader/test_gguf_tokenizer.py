@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lightspeed.loader.pull import model_path
+from lightspeed.loader.gguf import tokenizer_from_gguf
 from lightspeed.tokenizer import Tokenizer
 
 TEXTS = [
@@ -44,7 +45,7 @@ def hf_tokenizer(path):
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(smollm2_path) -> Tokenizer:
-    return Tokenizer.from_gguf(smollm2_path)
+    return tokenizer_from_gguf(smollm2_path)
 
 
 def test_smollm2_matches_transformers(smollm2_path, smollm2_tokenizer):
@@ -68,7 +69,7 @@ def test_qwen_matches_transformers_when_cached():
     path = model_path("qwen2.5-coder-0.5b-instruct")
     if not path.is_file():
         pytest.skip("qwen2.5-coder-0.5b-instruct not pulled (lightspeed.loader.pull.pull)")
-    ours = Tokenizer.from_gguf(path)
+    ours = tokenizer_from_gguf(path)
     assert_same_as_hf(ours, hf_tokenizer(path))
     assert ours.eos_token_ids == [151645] and not ours.add_bos_token
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
@@ -101,7 +102,7 @@ SPM_TEXTS = ["hello world", "the quick brown fox", " hello", "hello  world!", "n
 
 def test_sentencepiece_gguf_matches_transformers(tmp_path, gguf_writer, gguf_llama_kv):
     path = write_spm_gguf(tmp_path / "spm.gguf", gguf_writer, gguf_llama_kv)
-    ours, hf = Tokenizer.from_gguf(path), hf_tokenizer(path)
+    ours, hf = tokenizer_from_gguf(path), hf_tokenizer(path)
     assert ours.add_bos_token and ours.vocab_size == len(hf)
     for text in SPM_TEXTS:
         ids = ours.encode(text)
@@ -117,7 +118,7 @@ def test_sentencepiece_gguf_matches_transformers(tmp_path, gguf_writer, gguf_lla
 def test_sentencepiece_without_space_prefix(tmp_path, gguf_writer, gguf_llama_kv):
     # NOTE: transformers ignores tokenizer.ggml.add_space_prefix = false; llama.cpp honours it, as we do.
     path = write_spm_gguf(tmp_path / "spm.gguf", gguf_writer, gguf_llama_kv, **{"tokenizer.ggml.add_space_prefix": False})
-    ours = Tokenizer.from_gguf(path)
+    ours = tokenizer_from_gguf(path)
     assert ours.id_to_token(ours.encode("hello world", add_special_tokens=False)[0]) != "▁"
     for text in SPM_TEXTS:
         assert ours.decode(ours.encode(text)) == text.replace("<s>", "").replace("</s>", ""), text
@@ -125,5 +126,5 @@ def test_sentencepiece_without_space_prefix(tmp_path, gguf_writer, gguf_llama_kv
 
 def test_add_bos_flag_from_gguf(tmp_path, gguf_writer, gguf_llama_kv):
     path = write_spm_gguf(tmp_path / "spm.gguf", gguf_writer, gguf_llama_kv, **{"tokenizer.ggml.add_bos_token": False})
-    ours = Tokenizer.from_gguf(path)
+    ours = tokenizer_from_gguf(path)
     assert not ours.add_bos_token and ours.encode("hello") == ours.encode("hello", add_special_tokens=False)

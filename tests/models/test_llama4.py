@@ -108,12 +108,13 @@ def test_kernel_path_logits_match_hf(tmp_path, case):
     the interpreter: prefill (grouped MoE path) and decode (fast path for top-1) logits match
     HF. Sequences stay within one attention chunk, the kernel path's limit."""
     from lightspeed import kernels
+    from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings, bind_kernel_settings
     if not kernels.interpreter_active():
         pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1 before triton is imported)")
     hf = make_llama4(tmp_path, case, attention_chunk_size=32)
     model, config = load_ours(tmp_path)
     prompts = prompts_of([9, 1, 5], seed=2)
-    kernels.force_triton(True)
+    bind_kernel_settings(model, KernelSettings(triton_on_cpu=True))
     try:
         batch = PagedBatch(model, config, len(prompts))
         logits, _ = batch.step(prompts)
@@ -127,7 +128,7 @@ def test_kernel_path_logits_match_hf(tmp_path, case):
                 seq += new[i]
                 torch.testing.assert_close(logits[i], hf_logits(hf, seq)[-1], atol=TOL, rtol=0)
     finally:
-        kernels.force_triton(False)
+        bind_kernel_settings(model, DEFAULT_SETTINGS)
 
 
 @pytest.mark.gpu
@@ -245,14 +246,22 @@ TRITON_SCRIPT = r"""
 import sys
 from pathlib import Path
 import lightspeed.kernels as K
-from lightspeed import LLM, SamplingParams, SpeculativeConfig
+from lightspeed import LLM as _LLM, SamplingParams, SpeculativeConfig
 from tests.models.test_llama4 import make_llama4, prompts_of
 from tests.tiny import hf_greedy
 
 device, tmp, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 if device == "cpu":
     assert K.interpreter_active()
-    K.force_triton(True)
+
+
+def LLM(*args, **kwargs):  # NOTE: on CPU, every engine runs the Triton path under the interpreter
+    llm = _LLM(*args, **kwargs)
+    r = llm.engine.runner
+    r.set_kernel_settings(r.kernel_settings.replace(triton_on_cpu=device == "cpu"))
+    return llm
+
+
 hf = make_llama4(tmp, "scout")
 prompts = prompts_of([5, 19], seed=2)
 params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)

@@ -14,23 +14,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 # Greedy tokens of a mixed batch (chunked prefill + decode) with the Triton path (fused
-# 5-launch layers, and per-op kernels) equal the torch path's, and one tree-verify forward
+# 8-launch layers, and per-op kernels) equal the torch path's, and one tree-verify forward
 # gives the same logits.
 SCRIPT = r"""
 import sys, torch
 import lightspeed.kernels as K
 from lightspeed import LLM, SamplingParams
 from lightspeed.layers.attention import AttentionMetadata
-from lightspeed.layers.linear import set_gemv_mode
 from tests.tiny import make_tiny_checkpoint
 
 device, archs, tmp = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 fused_calls, fused_gemv = [0], K.fused_gemv
 
 
-def counting_fused_gemv(*a, **k):
-    fused_calls[0] += K.use_triton(a[0])
-    return fused_gemv(*a, **k)
+def counting_fused_gemv(x, weight, ks=K.DEFAULT_SETTINGS, **k):
+    fused_calls[0] += ks.use_triton(x)
+    return fused_gemv(x, weight, ks, **k)
 
 
 K.fused_gemv = counting_fused_gemv
@@ -45,10 +44,10 @@ for arch in archs:
     llm = LLM(path, device=device, dtype="float32", block_size=4, max_num_batched_tokens=16, enable_cuda_graph=False)
     runs = {}
     for triton in (False, True, "unfused"):
-        K.force_triton(bool(triton) and device == "cpu")
-        K._DISABLED = not triton  # NOTE: the reference path on CUDA too
-        set_gemv_mode("always" if triton else "never")
-        llm.engine.runner.model.model.fused_layers = triton is True  # the 5-launch layers, or per-op kernels
+        # NOTE: triton=False: the reference path on CUDA too; "unfused": the per-op kernels
+        llm.engine.runner.set_kernel_settings(K.KernelSettings(
+            triton=bool(triton), triton_on_cpu=bool(triton) and device == "cpu",
+            gemv_mode="always" if triton else "never", fused_layers=triton is True))
         runs[triton] = [o.token_ids for o in llm.generate(prompts, params)]
         # a tree verify: 3 cached tokens, then root + 3 drafts (root -> a, root -> b -> c)
         # NOTE: a fresh cache: the engine's blocks may hold prefix-cached KV of the prompts
@@ -62,8 +61,6 @@ for arch in archs:
                                                         torch.cat([torch.zeros(3, 4, dtype=torch.bool), tree])], 1)])
         with torch.inference_mode():
             runs[(triton, "tree")] = model.compute_logits(model(ids, pos, kv, meta)).cpu()
-    K.force_triton(False)
-    K._DISABLED = False
     if arch == "qwen2-d32":
         assert fused_calls[0] > 0, "the fused layers never ran"
     for triton in (True, "unfused"):

@@ -76,7 +76,6 @@ def make_eagle3_head(path: Path, target_hidden: int = 64, vocab: int = VOCAB, dr
 def _generate_logging_drafts(target, spec, prompts, params, graphs: bool, dtype: str | None):
     """-> (token ids, every (request id, drafts) the proposer emitted, its DraftGraphRunner).
     graphs on CPU: the runner's graphs emulated under the Triton interpreter."""
-    import lightspeed.kernels as K
     from lightspeed import LLM
     from lightspeed.engine.cuda_graph import CudaGraphRunner
     cuda = dtype is not None
@@ -92,11 +91,8 @@ def _generate_logging_drafts(target, spec, prompts, params, graphs: bool, dtype:
     r = llm.engine.runner
     if graphs and not cuda:
         r.graphs = CudaGraphRunner(r.model, r.kv_caches, r.block_size, 4, r.device)
-        K.force_triton(True)
-    try:
-        tokens = [o.token_ids for o in llm.generate(prompts, params)]
-    finally:
-        K.force_triton(False)
+        r.set_kernel_settings(r.kernel_settings.replace(triton_on_cpu=True))
+    tokens = [o.token_ids for o in llm.generate(prompts, params)]
     return tokens, log, proposer.graphs
 
 

@@ -9,7 +9,8 @@ import torch
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.sampler import sample_from_probs, sampling_logits
-from lightspeed.speculative.verify import copy_kv_slots, verify_greedy, verify_sampled
+from lightspeed.engine.runner import copy_kv_slots
+from lightspeed.speculative.verify import verify_greedy, verify_sampled
 from tests.speculative.stats import chi_square_pvalue, total_variation
 
 V = 4
@@ -127,31 +128,15 @@ def test_copy_kv_slots_moves_the_accepted_path():
         assert torch.equal(flat[:, 6:], rflat[:, 6:]) and torch.equal(flat[:, :4], rflat[:, :4])
 
 
-class _Runner:
-    """What Verifier.verify reads of a ModelRunner: seeded generators per request."""
-
-    block_size = 4
-    kv_caches = [torch.zeros(2, 8, 4, 1, 2)]
-
-    def __init__(self, seed: int, device: str = "cpu"):
-        self.seed, self.device, self.generators = seed, device, {}
-
-    def _generator(self, rid, seed):
-        g = self.generators.get(rid)
-        if g is None:
-            g = self.generators[rid] = torch.Generator(self.device).manual_seed(hash((self.seed, rid)) % 2**31)
-        return g
-
-
-class _Proposer:
-    def __init__(self):
-        self.draft_probs = {}
+def _generators(seed: int, device: str) -> dict:
+    """Seeded generators per request (as the runner keeps them)."""
+    return {rid: torch.Generator(device).manual_seed(hash((seed, rid)) % 2**31) for rid in ("g", "q", "o", "t", "s", "g2")}
 
 
 def _batch(seed: int, uniform: bool, vocab: int = 50):
     """Random chains (greedy, sampled with q, sampled one-hot, short) and trees of one step;
-    uniform: chains only, all of 3 drafts (one block of rows: rejection_verify for all)."""
-    from lightspeed.engine.outputs import ScheduledRequest
+    uniform: chains only, all of 3 drafts (one block of rows: rejection_verify for all).
+    -> ([(request id, params, first row, drafts, parents)], logits, q)."""
     g = torch.Generator().manual_seed(seed)
     hot = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1)
     greedy = SamplingParams(temperature=0.0)
@@ -159,7 +144,7 @@ def _batch(seed: int, uniform: bool, vocab: int = 50):
              ("s", hot, 3, [-1, -1, 1]), ("g2", greedy, 2, None)]
     if uniform:
         cases = [(rid, params, 3, None) for rid, params, _, parents in cases if parents is None]
-    sched, rows_of, logits, q = [], [], [], {}
+    batch, logits, q = [], [], {}
     for rid, params, n, parents in cases:
         lg = torch.randn(1 + n, vocab, generator=g) * 3
         best = lg.argmax(-1).tolist()
@@ -167,10 +152,9 @@ def _batch(seed: int, uniform: bool, vocab: int = 50):
                   for r in range(n)]  # mostly the argmax of the row before: long accepted runs
         if rid == "q":
             q[rid] = torch.softmax(torch.randn(n, vocab, generator=g), -1)
-        rows_of.append((sum(len(x) for x in logits), 1 + n))
+        batch.append((rid, params, sum(len(x) for x in logits), drafts, parents))
         logits.append(lg)
-        sched.append(ScheduledRequest(rid, [7] + drafts, 10, [0, 1, 2, 3], n, True, params, 0, parents))
-    return sched, rows_of, torch.cat(logits), q
+    return batch, torch.cat(logits), q
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -179,34 +163,27 @@ def _batch(seed: int, uniform: bool, vocab: int = 50):
 def test_verifier_on_device_equals_host_verifiers(seed, uniform, mode):
     """The batched device verification (kernels.rejection_verify / argmax; the Triton path
     under the interpreter) emits what verify_greedy / verify_sampled emit with the same draws."""
-    from types import SimpleNamespace
-
     import lightspeed.kernels as K
-    from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
-    from lightspeed.speculative.verify import Verifier
+    from lightspeed.speculative.verify import Verifier, VerifyRequest
     if mode == "interpreter" and not K.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
     dev = "cuda" if mode == "cuda" else "cpu"
-    sched, rows_of, logits, q = _batch(seed, uniform)
+    batch, logits, q = _batch(seed, uniform)
     logits, q = logits.to(dev), {rid: x.to(dev) for rid, x in q.items()}
     want = {}
-    runner = _Runner(seed, dev)
-    for s, (first, count) in zip(sched, rows_of):
-        rows, n = logits[first: first + count], s.num_draft_tokens
-        parents = s.draft_parents or list(range(-1, n - 1))
-        if s.sampling_params.is_greedy:
-            want[s.request_id] = verify_greedy(rows, s.token_ids[1:], parents)
+    gens = _generators(seed, dev)
+    for rid, params, first, drafts, parents in batch:
+        n = len(drafts)
+        rows = logits[first: first + 1 + n]
+        path_parents = parents or list(range(-1, n - 1))
+        if params.is_greedy:
+            want[rid] = verify_greedy(rows, drafts, path_parents)
         else:
-            gen = runner._generator(s.request_id, None)
-            want[s.request_id] = verify_sampled(rows, s.token_ids[1:], parents, q.get(s.request_id), s.sampling_params,
-                                                gen)
-    proposer = _Proposer()
-    proposer.draft_probs = dict(q)
-    verifier, out = Verifier(proposer), RunnerOutput()
-    K.force_triton(mode == "interpreter")
-    try:
-        verifier.verify(_Runner(seed, dev), SchedulerOutput(sched), SimpleNamespace(logits_rows=rows_of), logits, out)
-    finally:
-        K.force_triton(False)
-    assert {rid: (verifier.accepted_nodes[rid], out.sampled_token_ids[rid]) for rid in want} == want
-    assert not proposer.draft_probs
+            want[rid] = verify_sampled(rows, drafts, path_parents, q.get(rid), params, gens[rid])
+    gens = _generators(seed, dev)
+    requests = [VerifyRequest(rid, first, drafts, parents, params, q.get(rid), None if params.is_greedy else gens[rid])
+                for rid, params, first, drafts, parents in batch]
+    verifier = Verifier()
+    verifier.set_kernel_settings(K.KernelSettings(triton_on_cpu=mode == "interpreter"))
+    got = verifier.verify(logits, requests)
+    assert {rid: (got[rid].path, got[rid].token_ids) for rid in want} == want

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6 on one H200 (about 12 minutes, in two or three device calls, see below): the `gpu` tests of the MoE /
+# Llama 4 MoE latency in FP8 on one H200 (about 12 minutes, in two or three device calls, see below): the `gpu` tests of the MoE /
 # Llama 4 / FP8 code, then random weights of real Llama 4 shapes in FP8 (built directly in
 # FP8 on the GPU), batch 1 after a 1k-token context, each against its floor (ACTIVE bytes:
 # attention, shared expert, the routed top-1 expert, embedding row, lm_head, KV; over the
@@ -12,14 +12,14 @@
 #   tiny-llama4 (bf16) with HF transformers eager on the same weights (--compare-hf)
 # JSON under bench/results/issue6-*.json, copied to $OUT when set; a table last.
 #
-#   bash bench/device/issue6.sh              # everything (may pass 10 minutes: split it as below)
-#   ONLY_TESTS=1 bash bench/device/issue6.sh                       # tests only
-#   SKIP_TESTS=1 PARTS=sweep,scout bash bench/device/issue6.sh     # FP8 GEMV config sweep (~1 min), Scout
-#   SKIP_TESTS=1 PARTS=maverick,peer bash bench/device/issue6.sh   # Maverick (2 runs), tiny + HF; table
+#   bash bench/device/moe_fp8_latency.sh              # everything (may pass 10 minutes: split it as below)
+#   ONLY_TESTS=1 bash bench/device/moe_fp8_latency.sh                       # tests only
+#   SKIP_TESTS=1 PARTS=sweep,scout bash bench/device/moe_fp8_latency.sh     # FP8 GEMV config sweep (~1 min), Scout
+#   SKIP_TESTS=1 PARTS=maverick,peer bash bench/device/moe_fp8_latency.sh   # Maverick (2 runs), tiny + HF; table
 # PARTS (default sweep,scout,maverick,peer) picks the benches; the table covers whatever results exist.
 # sweep: python -m lightspeed.bench.gemv_sweep, which rewrites lightspeed/kernels/gemv_tuned.json
 # (copied to $OUT too; the later benches in this tree use it).
-#   SKIP_TESTS=1 SCOUT=tiny-llama4 MAV=tiny-llama4 EXTRA="--device cpu" bash bench/device/issue6.sh  # CPU smoke
+#   SKIP_TESTS=1 SCOUT=tiny-llama4 MAV=tiny-llama4 EXTRA="--device cpu" bash bench/device/moe_fp8_latency.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -87,7 +87,7 @@ for q in sorted(set(big) & set(small)):
 if proj_rows:
     src = json.loads((res / f"issue6-{mav}-fp8-L{n}.json").read_text())
     record = {k: src[k] for k in ("device", "git_commit", "date")}
-    record.update(command=f"bench/device/issue6.sh (from issue6-{mav}-fp8-L{n}.json and -L2.json)", results=proj_rows)
+    record.update(command=f"bench/device/moe_fp8_latency.sh (from issue6-{mav}-fp8-L{n}.json and -L2.json)", results=proj_rows)
     path = res / f"issue6-{mav}-fp8-projection.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"saved {path}")

@@ -4,7 +4,7 @@
 # transformers' batched generate on the same prompts (--compare-hf).
 # The server packages travel as wheels in .whl-serve.
 set -uo pipefail
-source bench/device/setup.sh
+source "$(dirname "$0")/common.sh"  # the shared setup (setup.sh when wheels are carried)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl-serve/*.whl >/dev/null
 out=${OUT:-/tmp}
 timeout ${LIMIT:-420} python3 -m lightspeed.cli bench serve --model qwen2.5-coder-1.5b-instruct --prompts humaneval \

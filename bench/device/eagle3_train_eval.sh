@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 on one H200 (about 14 minutes: two device calls of at most 10 minutes each, on the
+# EAGLE-3 head: training and evaluation on one H200 (about 14 minutes: two device calls of at most 10 minutes each, on the
 # same warm machine: STAGE=train, then STAGE=eval; no STAGE runs both, for a longer limit):
 #   1. train-eagle3 for Qwen2.5-Coder-1.5B-Instruct end to end within TRAIN_BUDGET seconds
 #      (model load + data generation + training; then the head is saved): the target answers
@@ -17,11 +17,11 @@
 # cached target features 12 KB/token (~40% of them fit the cache); the previous run trained
 # at 161 ms per step of 16 sequences, so ~2,000 steps (~2 epochs) fit the rest of 540 s.
 #
-#   STAGE=train bash bench/device/issue7.sh     # ~8 min: head in $HEAD_DIR (default /tmp/issue7-head)
-#   STAGE=eval bash bench/device/issue7.sh      # ~3 min: eval-spec + the summary table
-#   TRAIN_BUDGET=300 NUM_PROMPTS=10 bash bench/device/issue7.sh        # shorter
+#   STAGE=train bash bench/device/eagle3_train_eval.sh     # ~8 min: head in $HEAD_DIR (default /tmp/issue7-head)
+#   STAGE=eval bash bench/device/eagle3_train_eval.sh      # ~3 min: eval-spec + the summary table
+#   TRAIN_BUDGET=300 NUM_PROMPTS=10 bash bench/device/eagle3_train_eval.sh        # shorter
 #   TARGET=/path/tiny DRAFT=/path/tiny PROMPTS=stdlib:40 TRAIN_ARGS="--max-tokens 16 --batch-size 2" \
-#       TRAIN_BUDGET=60 NUM_PROMPTS=2 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/issue7.sh  # CPU smoke
+#       TRAIN_BUDGET=60 NUM_PROMPTS=2 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/eagle3_train_eval.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 export LIGHTSPEED_HOME=${LIGHTSPEED_HOME:-/tmp/lshome}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 on one GPU, in one device call (about 5 minutes): the `gpu` tests, then batch-1
+# Batch-1 decode step latency on one GPU, in one device call (about 5 minutes): the `gpu` tests, then batch-1
 # decode at a 1k-token context with random weights of real shapes, each as a fraction of
 # its floor ((weight bytes + KV bytes) / copy bandwidth measured in the same run):
 #   Llama-3.1-8B shape bf16: graphs + PDL on, PDL off, graphs off (--ablate)
@@ -7,9 +7,9 @@
 #   Qwen2.5-1.5B shape bf16 (+ ablations, + HF transformers eager on the same weights)
 # JSON under bench/results/issue4-*.json, copied to $OUT when set.
 #
-#   bash bench/device/issue4.sh            # everything
-#   SKIP_TESTS=1 bash bench/device/issue4.sh     # benches only;  ONLY_TESTS=1: tests only
-#   SKIP_TESTS=1 BIG=tiny-llama SMALL=tiny-qwen2 CONTEXT_LEN=128 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/issue4.sh  # CPU smoke
+#   bash bench/device/step_latency.sh            # everything
+#   SKIP_TESTS=1 bash bench/device/step_latency.sh     # benches only;  ONLY_TESTS=1: tests only
+#   SKIP_TESTS=1 BIG=tiny-llama SMALL=tiny-qwen2 CONTEXT_LEN=128 OUTPUT_LEN=16 EXTRA="--device cpu" bash bench/device/step_latency.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU run for the engine-core and speculation issues (one device call, after the chunk
+# Parity and draft-model latency on one GPU (one device call, after the chunk
 # transfers): Qwen2.5-Coder-1.5B parity vs HF, then decode speed on 8 HumanEval prompts,
-# plain vs the 0.5B draft at k=2,4,6,8 vs HF transformers. Usage: issue23.sh chain|tree
+# plain vs the 0.5B draft at k=2,4,6,8 vs HF transformers. Usage: draft_latency.sh chain|tree
 set -uo pipefail
-source bench/device/setup.sh
+source "$(dirname "$0")/common.sh"  # the shared setup (setup.sh when wheels are carried)
 out=${OUT:-/tmp}
 M=qwen2.5-coder-1.5b-instruct
 D=draft:qwen2.5-coder-0.5b-instruct

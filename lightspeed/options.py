@@ -1,0 +1,76 @@
+"""Command-line options -> configuration objects, in one place: `lightspeed` (cli.py), the
+server (server/launch.py) and the benchmarks (bench/) all build their parsers and their
+EngineConfig / SamplingParams / SpeculativeConfig here.
+
+    add_model_args(parser)                 --model, --device, ..., --speculative ...
+    engine_options(args)  -> dict          EngineConfig keyword arguments of the model options
+    speculative_config(args)               SpeculativeConfig or None
+    sampling_params(args)                  SamplingParams (add_sampling_args)
+"""
+from __future__ import annotations
+
+import argparse
+
+from lightspeed.config import SamplingParams, SpeculativeConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="catalog name, local path (HF dir or .gguf), HF hub id, or shape:NAME "
+                   "(random weights of a real shape, token-id prompts only)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=["fp8"],
+                   help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
+    p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
+                   help="run every step eagerly (no CUDA graphs)")
+    p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
+                   help="launch Triton kernels without Programmatic Dependent Launch")
+    p.add_argument("--no-fused-layers", dest="enable_fused_layers", action="store_false",
+                   help="run small steps through the per-op kernels (10 launches per layer) instead of the fused "
+                        "8-launch layers")
+    p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
+                   help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
+                        "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")
+    if not speculative:
+        return
+    p.add_argument("--speculative", default=None,
+                   help="draft:MODEL | ngram | eagle3:HEAD_PATH (lossless speculative decoding)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--spec-tree-topk", type=int, default=None,
+                   help="draft a tree: branches per expanded node (EAGLE-2 style; 1 = chain)")
+    p.add_argument("--spec-tree-depth", type=int, default=None, help="tree depth (default: --num-speculative-tokens)")
+    p.add_argument("--spec-tree-nodes", type=int, default=None, help="draft tokens verified per step (default: topk * depth)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_params(args) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+
+
+def speculative_config(args, spec: str | None = None, k: int | None = None) -> SpeculativeConfig | None:
+    """--speculative (or `spec`, with k drafts) and the tree options -> SpeculativeConfig; None: off."""
+    spec = spec if spec is not None else args.speculative
+    if not spec:
+        return None
+    return SpeculativeConfig.from_cli(spec, k if k is not None else args.num_speculative_tokens,
+                                      tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
+                                      tree_num_nodes=args.spec_tree_nodes)
+
+
+def engine_options(args) -> dict:
+    """EngineConfig options from the model arguments (quantization, graphs, PDL, batch invariance)."""
+    return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
+                enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant)
