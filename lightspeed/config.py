@@ -287,6 +287,11 @@ class SpeculativeConfig:
     # speculation policy: (num_requests, k) pairs; once that many requests are running or
     # waiting, draft at most k tokens (a tree: depth k), 0 = speculation off. None: always k.
     load_thresholds: list[tuple[int, int]] | None = None
+    # per request, draft the length its running acceptance pays for, none when it collapses
+    # (speculative/adaptive.py); draft_cost: one draft forward in plain decode steps (None:
+    # the drafter's weight bytes over the target's; 0 for n-gram)
+    adaptive: bool = False
+    draft_cost: float | None = None
 
     def __post_init__(self):
         if isinstance(self.load_thresholds, str):
@@ -306,6 +311,8 @@ class SpeculativeConfig:
             (1 <= self.ngram_min <= self.ngram_max, f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}"),
             (all(isinstance(n, int) and isinstance(k, int) and n >= 1 and k >= 0 for n, k in self.load_thresholds or ()),
              f"load_thresholds must be (num_requests >= 1, k >= 0) pairs, got {self.load_thresholds!r}"),
+            (self.draft_cost is None or (isinstance(self.draft_cost, (int, float)) and 0 <= self.draft_cost <= 10),
+             f"draft_cost must be a number in [0, 10] (plain decode steps), got {self.draft_cost!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -43,6 +43,8 @@ def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None
                    help="draft a tree: branches per expanded node (EAGLE-2 style; 1 = chain)")
     p.add_argument("--spec-tree-depth", type=int, default=None, help="tree depth (default: --num-speculative-tokens)")
     p.add_argument("--spec-tree-nodes", type=int, default=None, help="draft tokens verified per step (default: topk * depth)")
+    p.add_argument("--spec-adaptive", action="store_true",
+                   help="per request, draft the length its running acceptance pays for (0 when it collapses)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +69,8 @@ def speculative_config(args, spec: str | None = None, k: int | None = None) -> S
         return None
     return SpeculativeConfig.from_cli(spec, k if k is not None else args.num_speculative_tokens,
                                       tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
-                                      tree_num_nodes=args.spec_tree_nodes)
+                                      tree_num_nodes=args.spec_tree_nodes,
+                                      adaptive=getattr(args, "spec_adaptive", None) or None)
 
 
 def engine_options(args) -> dict:

@@ -5,9 +5,10 @@
         --speculative eagle3:heads/qwen1.5b --speculative eagle3:heads/qwen1.5b@tree=4x6x24 \
         --num-speculative-tokens 4,6
 
-Each --speculative value is `none` (plain decoding) or SPEC[@k=LIST][@tree=TOPKxDEPTH[xNODES]]
+Each --speculative value is `none` (plain decoding) or SPEC[@k=LIST][@tree=TOPKxDEPTH[xNODES]][@adaptive]
 with SPEC as for `generate` (draft:MODEL | ngram | eagle3:HEAD_DIR): a chain for each k (default
---num-speculative-tokens), or one tree. Per row: tokens/s/user, acceptance length (AL) and
+--num-speculative-tokens), or one tree; @adaptive: k (or the depth) is each request's most, and
+it drafts what its acceptance pays for (speculative/adaptive.py). Per row: tokens/s/user, acceptance length (AL) and
 per-position acceptance, measured by bench/latency.py's time_lightspeed (greedy, fixed output
 length), the speedup over plain decoding and whether the tokens equal plain decoding's.
 """
@@ -22,8 +23,8 @@ from lightspeed.errors import InvalidRequestError
 
 def add_eval_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="append", default=[], metavar="SPEC",
-                   help="none | draft:MODEL | ngram | eagle3:HEAD_DIR, each optionally @k=4,6 or @tree=4x6x24 "
-                        "(repeat to compare)")
+                   help="none | draft:MODEL | ngram | eagle3:HEAD_DIR, each optionally @k=4,6, @tree=4x6x24 and "
+                        "@adaptive (repeat to compare)")
     p.add_argument("--num-speculative-tokens", default="4", help="comma-separated chain lengths k (default 4)")
     p.add_argument("--prompts", default="humaneval",
                    help="humaneval | random | FILE.jsonl (prompts, or train-eagle3's OUT/data.jsonl: its first 10%% "
@@ -61,24 +62,28 @@ def parse_configs(specs: list[str], default_ks: str):
                 raise InvalidRequestError(f"--speculative none takes no options, got {text!r}")
             out.append(("none", None))
             continue
-        spec_ks, tree = ks, None
+        spec_ks, tree, adaptive = ks, None, None
         for opt in opts:
             key, _, val = opt.partition("=")
-            if key == "k":
+            if key == "adaptive" and not val:
+                adaptive = True
+            elif key == "k":
                 spec_ks = _ints(val, f"{text}: k")
             elif key == "tree":
                 tree = _ints(val.replace("x", ","), f"{text}: tree (TOPKxDEPTH[xNODES])")
                 if len(tree) not in (2, 3):
                     raise InvalidRequestError(f"{text}: tree must be TOPKxDEPTH or TOPKxDEPTHxNODES, got {val!r}")
             else:
-                raise InvalidRequestError(f"--speculative {text!r}: unknown option {opt!r} (use @k=4,6 or "
-                                          "@tree=TOPKxDEPTHxNODES)")
+                raise InvalidRequestError(f"--speculative {text!r}: unknown option {opt!r} (use @k=4,6, "
+                                          "@tree=TOPKxDEPTHxNODES or @adaptive)")
         if tree:
             topk, depth, nodes = (tree + [None])[:3]
-            cfg = SpeculativeConfig.from_cli(spec, depth, tree_topk=topk, tree_depth=depth, tree_num_nodes=nodes)
-            out.append((f"{spec} tree={'x'.join(map(str, tree))}", cfg))
+            cfg = SpeculativeConfig.from_cli(spec, depth, tree_topk=topk, tree_depth=depth, tree_num_nodes=nodes,
+                                             adaptive=adaptive)
+            out.append((f"{spec} tree={'x'.join(map(str, tree))}" + (" adaptive" if adaptive else ""), cfg))
         else:
-            out += [(f"{spec} k={k}", SpeculativeConfig.from_cli(spec, k)) for k in spec_ks]
+            out += [(f"{spec} k={k}" + (" adaptive" if adaptive else ""),
+                     SpeculativeConfig.from_cli(spec, k, adaptive=adaptive)) for k in spec_ks]
     return out
 
 

@@ -32,7 +32,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
                         "(decode and a verify-shaped k+1=4 step), each against its floor")
     p.add_argument("--ablate", action="store_true", help="also run with PDL off and with CUDA graphs off")
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
-    p.add_argument("--prompts", default="random", choices=["random", "humaneval"])
+    p.add_argument("--prompts", default="random", choices=["random", "humaneval", "chat"])
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per batch size (default: the batch size)")
     p.add_argument("--input-len", type=int, default=128, help="prompt length for --prompts random")
     p.add_argument("--output-len", type=int, default=256)

@@ -44,8 +44,15 @@ def file_prompts(path: Path, num: int | None, tokenizer) -> list[list[int]]:
             if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
 
 
+# general (non-code) prompts written for this repo: explanations, math word problems, how-to
+# questions, summaries; chat turns (`--prompts chat`)
+CHAT_PROMPTS = Path(__file__).resolve().parents[2] / "bench" / "prompts" / "chat.jsonl"
+
+
 def load_prompts(source: str, num: int, length: int, tokenizer, vocab_size: int) -> list[list[int]]:
-    """Token-id prompts from `source` ("humaneval" | "random" | a JSONL file)."""
+    """Token-id prompts from `source` ("humaneval" | "chat" | "random" | a JSONL file)."""
+    if source == "chat":
+        source = str(CHAT_PROMPTS)
     if source == "humaneval":
         return [tokenizer.encode(p) for p in humaneval_prompts(num)]
     if source == "random":
@@ -56,4 +63,5 @@ def load_prompts(source: str, num: int, length: int, tokenizer, vocab_size: int)
         if not prompts:
             raise InvalidRequestError(f"--prompts {source}: no prompts in the file")
         return prompts
-    raise InvalidRequestError(f"unknown prompt source {source!r}; use humaneval, random or a .jsonl file of prompts")
+    raise InvalidRequestError(f"unknown prompt source {source!r}; use humaneval, chat, random or a .jsonl file of "
+                              "prompts")

@@ -31,7 +31,7 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
                    "instead of starting one with the model arguments (--speculative then only labels the rows)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated concurrency levels")
-    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "random"])
+    p.add_argument("--prompts", default="humaneval", choices=["humaneval", "chat", "random"])
     p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default: max(8, 2 * c))")
     p.add_argument("--input-len", type=int, default=128, help="prompt length for --prompts random")
     p.add_argument("--output-len", type=int, default=256)

@@ -53,6 +53,12 @@ def engine_kernel_settings(config: EngineConfig, speculative: bool, device: torc
     return base if config.enable_pdl else base.replace(pdl=False)
 
 
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each tensor once (tied weights too)."""
+    seen = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
 class Engine:
     def __init__(self, config: EngineConfig, speculative=None):
         self.config = config
@@ -84,8 +90,16 @@ class Engine:
         # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off
         caching = config.enable_prefix_caching and (proposer is None or proposer.supports_prefix_cache)
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_caching=caching)
+        adaptive = None
+        if speculative is not None and speculative.adaptive:
+            from lightspeed.speculative.adaptive import AdaptiveDraftLength, DraftCostModel
+            cost = speculative.draft_cost
+            if cost is None:  # NOTE: bandwidth-bound forwards cost their weight bytes
+                drafter = getattr(proposer, "_module", None)
+                cost = weight_bytes(drafter) / weight_bytes(model) if drafter is not None else 0.0
+            adaptive = AdaptiveDraftLength(DraftCostModel(cost), speculative.depth)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   spec_thresholds=getattr(speculative, "load_thresholds", None))
+                                   spec_thresholds=getattr(speculative, "load_thresholds", None), adaptive=adaptive)
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate

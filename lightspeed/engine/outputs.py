@@ -34,6 +34,9 @@ class ScheduledRequest:
     prefix_token_ids: list[int] | None = None
     # the table starts over with new_block_ids: the request's first scheduling (or after a preemption)
     resets_block_table: bool = True
+    # most draft tokens (chain length / tree depth) to propose for this request's next step
+    # (adaptive speculation); None: SchedulerOutput.max_draft_tokens alone
+    max_draft_tokens: int | None = None
 
 
 @dataclass

@@ -14,12 +14,14 @@ from lightspeed.engine.request import Request, RequestStatus
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 spec_thresholds: list[tuple[int, int]] | None = None):
+                 spec_thresholds: list[tuple[int, int]] | None = None, adaptive=None):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # speculation policy: (num_requests, k) pairs; from that load on, at most k drafts (0: off)
         self.spec_thresholds = sorted(spec_thresholds or ())
+        # per-request draft limits from each request's acceptance (speculative/adaptive.py), or None
+        self.adaptive = adaptive
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -49,6 +51,8 @@ class Scheduler:
         self.block_manager.free(request_id)
         self._num_sent_blocks.pop(request_id, None)
         self._finished_ids.append(request_id)
+        if self.adaptive is not None:
+            self.adaptive.drop(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,8 +83,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.draft_token_ids and limit is not None:
-                _truncate_drafts(req, _num_within_depth(req.draft_parents, len(req.draft_token_ids), limit))
+            req_limit = limit
+            if self.adaptive is not None:  # NOTE: once per step and request (it counts plain steps)
+                own = self.adaptive.limit(req.request_id)
+                req_limit = own if limit is None else min(limit, own)
+            if req.draft_token_ids and req_limit is not None:
+                _truncate_drafts(req, _num_within_depth(req.draft_parents, len(req.draft_token_ids), req_limit))
             if req.draft_token_ids and req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens > budget:
                 # NOTE: drafts are verified whole in one pass; drop those past the budget
                 _truncate_drafts(req, max(0, budget - (req.num_tokens - req.num_computed_tokens)))
@@ -91,6 +99,7 @@ class Scheduler:
             if not self._allocate_or_preempt(req, req.num_computed_tokens + num_new):
                 break  # `req` itself was preempted
             scheduled.append(self._schedule_one(req, num_new))
+            scheduled[-1].max_draft_tokens = req_limit
             budget -= num_new
             i += 1
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
@@ -176,6 +185,8 @@ class Scheduler:
                 # rejected drafts leave stale KV past num_computed_tokens; it is overwritten later
                 req.num_computed_tokens -= s.num_draft_tokens - num_accepted
                 req.spec.record(_num_draft_positions(s), num_accepted, len(new_ids))
+                if self.adaptive is not None:
+                    self.adaptive.record(s.request_id, _num_draft_positions(s), num_accepted)
             req.draft_token_ids, req.draft_parents = [], None
             logprobs = out.logprobs.get(s.request_id)
             for j, t in enumerate(new_ids):

@@ -111,7 +111,8 @@ class Proposer:
             emitted = inputs.emitted.get(s.request_id)
             if not emitted:
                 continue
-            job = self._job(i, s, ctx, len(emitted), inputs.sched.max_draft_tokens,
+            limits = [v for v in (inputs.sched.max_draft_tokens, s.max_draft_tokens) if v is not None]
+            job = self._job(i, s, ctx, len(emitted), min(limits) if limits else None,
                             inputs.generators.get(s.request_id))
             if job is not None:
                 jobs.append(job)

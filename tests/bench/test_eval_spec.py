@@ -73,3 +73,18 @@ def test_eval_spec_bad_k_list(capsys):
     assert main(["eval-spec", "--model", "/nonexistent", "--speculative", "ngram",
                  "--num-speculative-tokens", "4,,x"]) == 2
     assert "--num-speculative-tokens" in capsys.readouterr().err
+
+
+def test_general_prompt_set():
+    """bench/prompts/chat.jsonl: at least 40 non-code chat prompts, read as `--prompts chat`."""
+    from lightspeed.bench.prompts import CHAT_PROMPTS
+    from lightspeed.train.data import read_jsonl_prompts
+    prompts = read_jsonl_prompts(CHAT_PROMPTS)
+    assert len(prompts) >= 40
+    assert all(isinstance(p, list) and p[0]["role"] == "user" and "def " not in p[0]["content"] for p in prompts)
+
+
+def test_parse_adaptive_option():
+    from lightspeed.bench.eval_spec import parse_configs
+    (label, cfg), = parse_configs(["ngram@k=3@adaptive"], "4")
+    assert label == "ngram k=3 adaptive" and cfg.adaptive and cfg.num_speculative_tokens == 3
