@@ -189,6 +189,10 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return None if kind == "default" else rs
 
 
+MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]
+MAX_TOP_K = 2**31 - 1
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling options (OpenAI / vLLM semantics)."""
@@ -214,8 +218,11 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (or -1 for off), got {self.top_k!r}"),
+            (0 <= self.temperature < float("inf"), f"temperature must be finite and >= 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and 0 <= self.top_k <= MAX_TOP_K,
+             f"top_k must be an integer in [0, {MAX_TOP_K}] (or -1 for off), got {self.top_k!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [0, 2^63 - 1], got {self.seed!r}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),

@@ -11,6 +11,7 @@ import torch
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
+from lightspeed.engine.prompt import check_prompt
 from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
@@ -119,24 +120,7 @@ class Engine:
     # -- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate a prompt (text or token ids) -> token ids; raises InvalidRequestError."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(f"{self.config.model} has no tokenizer; give the prompt as token ids")
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty; give at least one character or token")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one character or token")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
-                "(prompt plus at least one new token); shorten the prompt or raise --max-model-len")
-        return ids
+        return check_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:

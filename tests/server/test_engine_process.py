@@ -29,8 +29,7 @@ def _until(cond, timeout=30.0):
 
 def test_same_answers_as_the_engine_thread(pair):
     proc, thread = pair
-    from lightspeed.server.engine_process import EngineView
-    assert isinstance(proc.engine, EngineView) and proc.async_engine._proc.is_alive()
+    assert proc.engine is None and proc.client_engine.transport.proc.is_alive()
     ps = prompts(12, seed=5)
     assert concurrent(proc, ps, 20) == concurrent(thread, ps, 20)
     c = proc.client()
@@ -45,7 +44,7 @@ def test_same_answers_as_the_engine_thread(pair):
 
 def test_errors_and_aborts(pair):
     proc, _ = pair
-    too_long = "x" * (4 * proc.engine.max_model_len)
+    too_long = "x" * (4 * proc.client_engine.info.max_model_len)
     assert_openai_error(proc.request("POST", "/v1/completions", {"model": MODEL, "prompt": too_long}), 400)
     body = {"model": MODEL, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
 
@@ -56,15 +55,15 @@ def test_errors_and_aborts(pair):
     asyncio.run(many())
     _until(lambda: proc.metric("num_requests_running") == 0 and proc.metric("num_requests_waiting") == 0)
     assert proc.metric("kv_cache_usage_perc") == 0 and proc.metric("request_aborted_total") >= 10
-    assert proc.async_engine._sinks == {}
+    assert proc.client_engine._sinks == {}
     assert concurrent(proc, prompts(2, seed=8), 6)  # still serving
 
 
 def test_a_dead_engine_process_answers_503(tiny_model):
     s = Server(tiny_model, "--engine-process")
     try:
-        s.async_engine._proc.kill()
-        _until(lambda: not s.async_engine.is_alive)
+        s.client_engine.transport.proc.kill()
+        _until(lambda: not s.client_engine.is_alive)
         assert_openai_error(s.request("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}), 503)
         assert s.request("GET", "/health")[0] == 503
     finally:
