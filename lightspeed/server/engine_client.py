@@ -180,6 +180,8 @@ class EngineClient:
                 return
             self.info, self.state, self.reason = info, "ready", None
             self.num_restarts += 1
+            if self.metrics is not None:
+                self.metrics.on_engine_restart()
         _log.warning("the engine is back (restart %d)", self.num_restarts)
 
     def _deliver(self, outputs: list[RequestOutput], now: float) -> None:

@@ -104,7 +104,12 @@ class ThreadTransport:
             return items
 
     def _run(self, on_message, on_lost) -> None:
+        def send(msg) -> None:
+            try:
+                on_message(msg)
+            except Exception as e:  # noqa: BLE001 -- a delivery bug must not stop the engine
+                _log.error("handling an engine message failed (%r)", e, exc_info=e)
         try:
-            run_engine_loop(self.engine, self._recv, on_message)
+            run_engine_loop(self.engine, self._recv, send)
         except BaseException as e:  # noqa: BLE001 -- every waiting client must hear of it
             on_lost(f"engine loop failed: {e!r}", e)

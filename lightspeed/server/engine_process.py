@@ -127,7 +127,10 @@ class ProcessTransport:
             except (EOFError, OSError) as e:  # the queue broke with the process
                 msg = ("dead", f"the engine process's queue broke: {e!r}")
             if msg[0] != "dead":
-                on_message(msg)
+                try:
+                    on_message(msg)
+                except Exception as e:  # noqa: BLE001 -- the reader must outlive one bad message
+                    _log.error("handling an engine message failed (%r)", e, exc_info=e)
                 continue
             if self._stop.is_set():
                 return
