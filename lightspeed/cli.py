@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the engine (default: the physical cores this process may use)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
     p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
@@ -255,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise LightspeedError(f"--threads must be >= 1, got {args.threads}")
+        if hasattr(args, "threads") and args.command != "serve":  # serve: per process (server/launch.py)
+            from lightspeed.threads import set_threads
+            set_threads(args.threads)
         args.func(args)
     except LightspeedError as e:
         print(f"error: {e}", file=sys.stderr)
