@@ -13,6 +13,11 @@ _ERRORS = {400: "Invalid request", 401: "Missing or wrong API key", 404: "Unknow
            503: "The engine is restarting or the server is shutting down (see Retry-After)"}
 
 
+# one server-sent event: `data:` a JSON chunk (or an error in the OpenAI format), then `data: [DONE]`
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
+
 class Health(BaseModel):
     status: str  # ok | restarting | dead | stopped | draining
     reason: str | None = None
@@ -56,7 +61,7 @@ def document_errors(app) -> None:
                 for code in codes:
                     responses.setdefault(str(code), {"description": _ERRORS[code], "content": _json("ErrorResponse")})
                 if "requestBody" in op and "200" in responses:  # stream: true answers an event stream
-                    responses["200"]["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+                    responses["200"]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
         app.openapi_schema = schema
         return schema
 
