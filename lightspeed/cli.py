@@ -109,29 +109,9 @@ def _print_metrics(m) -> None:
 
 
 def cmd_chat(args) -> None:
-    params = _sampling(args)
-    llm = _llm(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("lightspeed chat: type a message, /exit or Ctrl-D to leave.", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if user.strip() in ("/exit", "/quit"):
-            return
-        if not user.strip():
-            continue
-        messages.append({"role": "user", "content": user})
-        reply = ""
-        out = None
-        for out in llm.chat_stream(messages, params):
-            reply += out.new_text
-            sys.stdout.write(out.new_text)
-            sys.stdout.flush()
-        print()
-        messages.append({"role": "assistant", "content": reply})
+    from lightspeed.repl import chat_params, run_chat
+    params = chat_params(args)  # validate before loading the model
+    run_chat(_llm(args), params, args.system)
 
 
 def cmd_pull(args) -> None:
@@ -192,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(func=cmd_chat)
+    # None: the model's generation_config.json, else lightspeed.repl.CHAT_DEFAULTS
+    p.set_defaults(func=cmd_chat, temperature=None, top_p=None, top_k=None, max_tokens=1024)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     _add_model_args(p)
