@@ -75,9 +75,20 @@ def engine_options(args) -> dict:
 
 
 def cmd_generate(args) -> None:
+    from lightspeed.errors import InvalidRequestError
     params = _sampling(args)  # validate before loading the model
+    if not args.prompt:
+        raise InvalidRequestError("the prompt is empty; give at least one character")
     llm = _llm(args)
-    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat_template else args.prompt
+    use_template = args.chat_template if args.chat_template is not None else bool(
+        llm.tokenizer is not None and llm.tokenizer.chat_template)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if use_template else args.prompt
+    num_prompt = len(llm.engine.tokenize_prompt(prompt))
+    if num_prompt + params.max_tokens > llm.engine.max_model_len:  # as the server answers
+        raise InvalidRequestError(
+            f"this model's maximum context length is {llm.engine.max_model_len} tokens, but "
+            f"{num_prompt + params.max_tokens} were requested ({num_prompt} in the prompt, {params.max_tokens} for "
+            "the completion); reduce the prompt or --max-tokens")
     if args.json:
         out = llm.generate(prompt, params)[0]
         m = out.metrics
@@ -96,11 +107,12 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if out is not None:
-        _print_metrics(out.metrics)
+        _print_metrics(out.metrics, out.finish_reason)
 
 
-def _print_metrics(m) -> None:
-    line = (f"[{m.num_prompt_tokens} prompt tokens, {m.num_generated_tokens} generated, "
+def _print_metrics(m, finish_reason: str | None = None) -> None:
+    line = (f"[finish: {finish_reason}, " if finish_reason else "[") + (
+            f"{m.num_prompt_tokens} prompt tokens, {m.num_generated_tokens} generated, "
             f"TTFT {1000 * (m.time_to_first_token_s or 0):.0f} ms, {m.tokens_per_s or 0:.1f} tok/s")
     if m.num_verify_steps:
         rates = ", ".join(f"{r:.2f}" for r in m.acceptance_rate_per_position)
@@ -117,6 +129,11 @@ def cmd_chat(args) -> None:
 def cmd_pull(args) -> None:
     from lightspeed.loader import resolve_model
     print(resolve_model(args.name))
+
+
+def cmd_list(args) -> None:
+    from lightspeed.listing import list_models
+    print(list_models())
 
 
 def cmd_bench_latency(args) -> None:
@@ -156,15 +173,42 @@ def cmd_train_eagle3(args) -> None:
     print(out)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless its help already says it, or it is a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and action.nargs != 0:
+            action.help = "(default: %(default)s)"  # argparse prints no help line, so no default, otherwise
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightspeed", description="latency-first LLM inference")
+    from lightspeed import __version__
+    parser = _Parser(prog="lightspeed", description="latency-first LLM inference")
+    parser.add_argument("--version", action="version", version=f"lightspeed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate a completion for one prompt")
     p.add_argument("prompt")
     _add_model_args(p)
     _add_sampling_args(p)
-    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat turn")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt as one user chat turn (default: when the model has a chat template; "
+                        "--no-chat-template for a raw completion)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -180,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lightspeed.server.launch import add_serve_args
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("list", help="catalog models and the files in the cache, with sizes")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("pull", help="download a model into the cache and print its path")
     p.add_argument("name")
