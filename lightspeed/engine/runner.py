@@ -2,6 +2,8 @@
 per-request sampling state; turns a SchedulerOutput into a RunnerOutput."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightspeed import kernels
@@ -9,6 +11,17 @@ from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
 from lightspeed.engine.sampler import Sampler
 from lightspeed.layers.linear import ensure_gemv_tuned
+
+
+def lazy_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on CPU from calloc'd memory (numpy), whose pages the OS maps on first
+    write, so a KV cache costs resident memory only as blocks are used (torch.zeros writes
+    every page up front: a 2 GiB default CPU cache was 2 GiB of RSS from the start)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -20,7 +33,7 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         shape = model.kv_cache_shape(self.config, num_blocks, block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.num_hidden_layers)]
+        self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(self.config.num_hidden_layers)]
         self.sampler = Sampler()
         self.proposer = proposer
         self.verifier = verifier
