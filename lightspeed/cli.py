@@ -64,8 +64,12 @@ def _speculative(args):
 
 def _llm(args):
     from lightspeed.engine.llm import LLM
+    from lightspeed.spec_advice import speculation_warnings
+    spec = _speculative(args)
+    for note in speculation_warnings(args.model, spec, args.device):
+        print(f"warning: {note}", file=sys.stderr)
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative=_speculative(args), **engine_options(args))
+               speculative=spec, **engine_options(args))
 
 
 def engine_options(args) -> dict:

@@ -9,6 +9,7 @@ engine, exit 0. ServerThread runs the same app in a thread of this process (test
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import threading
@@ -67,6 +68,9 @@ def build_server(args):
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, **engine_options(args))
+    from lightspeed.spec_advice import speculation_warnings
+    for note in speculation_warnings(args.model, spec, args.device):
+        logging.getLogger("lightspeed.server").warning(note)
     name = args.served_model_name or args.model
     num_threads = getattr(args, "threads", None)
     if args.engine_process:
