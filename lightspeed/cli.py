@@ -46,12 +46,15 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of tokens already seen (1: off)")
 
 
 def _sampling(args):
     from lightspeed.config import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                          repetition_penalty=args.repetition_penalty)
 
 
 def _speculative(args):
@@ -221,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     # None: the model's generation_config.json, else lightspeed.repl.CHAT_DEFAULTS
-    p.set_defaults(func=cmd_chat, temperature=None, top_p=None, top_k=None, max_tokens=1024)
+    p.set_defaults(func=cmd_chat, temperature=None, top_p=None, top_k=None, repetition_penalty=None, max_tokens=1024)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     _add_model_args(p)

@@ -208,6 +208,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N >= 0: the sampled token's logprob plus the top N
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0  # > 0; 1: off (lightspeed/engine/penalties.py)
+    frequency_penalty: float = 0.0  # [-2, 2]
+    presence_penalty: float = 0.0  # [-2, 2]
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -225,6 +228,9 @@ class SamplingParams:
              f"seed must be an integer in [0, 2^63 - 1], got {self.seed!r}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (0 < self.repetition_penalty < float("inf"), f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),

@@ -3,7 +3,8 @@
 - readline line editing and history (~/.cache/lightspeed/chat_history);
 - Ctrl-C while a reply streams stops that reply and keeps the conversation (the partial
   reply stays in it); Ctrl-C at the prompt clears the line; Ctrl-D or /exit leaves;
-- sampling defaults from the model's generation_config.json (temperature, top_p, top_k),
+- sampling defaults from the model's generation_config.json (temperature, top_p, top_k,
+  repetition_penalty),
   else CHAT_DEFAULTS, unless given on the command line;
 - a visible note when a reply is cut by --max-tokens or by the context.
 """
@@ -18,11 +19,11 @@ from pathlib import Path
 from lightspeed.config import SamplingParams
 from lightspeed.errors import LightspeedError
 
-CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 0}  # NOTE: greedy decoding loops in open chat
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}  # NOTE: greedy decoding loops in open chat
 
 
 def generation_defaults(model: str) -> dict:
-    """temperature / top_p / top_k from the model's generation_config.json (an HF directory)."""
+    """temperature / top_p / top_k / repetition_penalty from the model's generation_config.json (an HF directory)."""
     path = Path(model)
     cfg_file = path / "generation_config.json" if path.is_dir() else None
     if cfg_file is None or not cfg_file.is_file():

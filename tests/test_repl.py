@@ -52,11 +52,12 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_conversation(tmp_path):
 
 
 def test_chat_sampling_defaults(tmp_path):
-    args = Namespace(model=str(tmp_path), temperature=None, top_p=None, top_k=None, max_tokens=8, min_p=0.0,
-                     seed=None, stop=[])
+    args = Namespace(model=str(tmp_path), temperature=None, top_p=None, top_k=None, repetition_penalty=None,
+                     max_tokens=8, min_p=0.0, seed=None, stop=[])
     assert chat_params(args).temperature == CHAT_DEFAULTS["temperature"]
-    (tmp_path / "generation_config.json").write_text('{"temperature": 0.3, "top_p": 0.8, "top_k": 20}')
+    (tmp_path / "generation_config.json").write_text(
+        '{"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.2}')
     p = chat_params(args)
-    assert (p.temperature, p.top_p, p.top_k) == (0.3, 0.8, 20)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.3, 0.8, 20, 1.2)
     args.temperature = 0.0  # the command line wins
     assert chat_params(args).temperature == 0.0

@@ -11,6 +11,7 @@ import torch
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
+from lightspeed.engine.penalties import has_penalties
 from lightspeed.engine.prompt import check_prompt
 from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
@@ -130,6 +131,9 @@ class Engine:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         ids = self.tokenize_prompt(prompt)
+        if self.speculative is not None and has_penalties(params):
+            raise InvalidRequestError("repetition, frequency and presence penalties are not supported with "
+                                      "speculative decoding; leave them at their defaults or serve without speculation")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise InvalidRequestError(f"request id {rid!r} is already running")

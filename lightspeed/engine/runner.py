@@ -9,6 +9,7 @@ import torch
 from lightspeed import kernels
 from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
+from lightspeed.engine.penalties import ContextTracker, apply_penalties
 from lightspeed.engine.sampler import Sampler
 from lightspeed.layers.linear import ensure_gemv_tuned
 
@@ -35,6 +36,7 @@ class ModelRunner:
         shape = model.kv_cache_shape(self.config, num_blocks, block_size)
         self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(self.config.num_hidden_layers)]
         self.sampler = Sampler()
+        self.penalty_contexts = ContextTracker()  # token ids of requests with repetition/frequency/presence penalties
         self.proposer = proposer
         self.verifier = verifier
         self._seed_rng = torch.Generator().manual_seed(seed)
@@ -58,11 +60,13 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+            self.penalty_contexts.drop(rid)
             if self.proposer is not None:
                 self.proposer.drop(rid)
         out = RunnerOutput()
         if sched.is_empty:
             return out
+        self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size)
         aux_ids = tuple(getattr(self.proposer, "aux_layer_ids", ()))
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
@@ -85,7 +89,10 @@ class ModelRunner:
             rows = [inputs.logits_rows[i][0] for i, _ in plain]
             params = [s.sampling_params for _, s in plain]
             gens = [None if p.is_greedy else self._generator(s.request_id, p.seed) for (_, s), p in zip(plain, params)]
-            tokens, logprobs = self.sampler(logits[rows], params, gens)
+            ctxs = self.penalty_contexts.contexts
+            penalized = apply_penalties(logits[rows], params, [ctxs.get(s.request_id) for _, s in plain],
+                                        [s.num_output_tokens for _, s in plain])
+            tokens, logprobs = self.sampler(penalized, params, gens)
             for (_, s), t, lp in zip(plain, tokens, logprobs):
                 out.sampled_token_ids[s.request_id] = [t]
                 if lp is not None:

@@ -70,14 +70,13 @@ class _Request(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     include_stop_str_in_output: StrictBool = False
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="vLLM extension; 1: off")
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
 
     def check_unsupported(self) -> None:
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequestError("presence_penalty and frequency_penalty are not supported; leave them at 0")
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
@@ -88,7 +87,9 @@ class _Request(BaseModel):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             seed=None if seed is None else seed % (MAX_SEED + 1), stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output)
+            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0)
 
     @property
     def include_usage(self) -> bool:
