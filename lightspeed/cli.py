@@ -102,7 +102,7 @@ def cmd_generate(args) -> None:
         record = {"text": out.text, "token_ids": out.token_ids, "num_prompt_tokens": m.num_prompt_tokens,
                   "num_generated_tokens": m.num_generated_tokens, "finish_reason": out.finish_reason,
                   "time_to_first_token_s": m.time_to_first_token_s, "tokens_per_s": m.tokens_per_s,
-                  "decode_tokens_per_s": m.decode_tokens_per_s}
+                  "decode_tokens_per_s": m.decode_tokens_per_s, "num_threads": _num_threads()}
         if m.num_verify_steps:
             record.update(acceptance_length=m.acceptance_length,
                           acceptance_rate_per_position=m.acceptance_rate_per_position)
@@ -115,6 +115,11 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
     if out is not None:
         _print_metrics(out.metrics, out.finish_reason)
+
+
+def _num_threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 def _print_metrics(m, finish_reason: str | None = None) -> None:

@@ -39,7 +39,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iters", type=int, default=3, help="timed runs (median)")
     p.add_argument("--spec-k-list", default=None, help="with --speculative: comma-separated k values to sweep")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers on the same weights")
-    p.add_argument("--out", default=None, help="JSON file for the results (default bench/results/latency-*.json)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
 def _sync(device) -> None:
@@ -206,8 +206,6 @@ def _switches(eng) -> tuple[bool, bool]:
 
 
 def run_latency_bench(args) -> list[dict]:
-    import torch
-
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.cli import engine_options
@@ -305,8 +303,8 @@ def run_latency_bench(args) -> list[dict]:
     cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
             "acceptance_length",
             "speedup_vs_plain", "prompts_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
-    out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
-    path = save_results(out, eng.device, results)
+    path = save_results(args.out, eng.device, results)
     print_table(results, [c for c in cols if any(c in r for r in results)])
-    print(f"saved {path}")
+    if path is not None:
+        print(f"saved {path}")
     return results
