@@ -16,6 +16,8 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="cap a --max-model-len beyond the model's context at that context instead of failing")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the engine (default: the physical cores this process may use)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
@@ -78,7 +80,7 @@ def _llm(args):
 def engine_options(args) -> dict:
     """EngineConfig options from the model arguments (quantization, graphs, PDL)."""
     return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
-                batch_invariant=args.batch_invariant)
+                batch_invariant=args.batch_invariant, allow_long_context=getattr(args, "allow_long_context", False))
 
 
 def cmd_generate(args) -> None:

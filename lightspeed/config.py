@@ -267,6 +267,7 @@ class EngineConfig:
     # speculation on CUDA (layers/linear.py)
     batch_invariant: bool | None = None
     enable_prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
+    allow_long_context: bool = False  # a max_model_len beyond the model's positions: capped there, not an error
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

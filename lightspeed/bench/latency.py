@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+
+from tqdm import tqdm
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -70,15 +73,18 @@ def time_lightspeed(llm, prompts: list[list[int]], batch: int, output_len: int, 
     llm.generate(prompts[:batch], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
     llm.engine.spec_stats = SpecStats()  # count the timed runs only
     user_rates, e2e, tokens = [], [], []
+    bar = progress(num_iters * -(-len(prompts) // batch), "lightspeed", "batch")
     for _ in range(num_iters):
         tokens = []
         for i in range(0, len(prompts), batch):
+            bar.update()
             _sync(llm.engine.device)
             t = time.perf_counter()
             outs = llm.generate(prompts[i:i + batch], params)
             e2e.append(time.perf_counter() - t)
             user_rates += [o.metrics.decode_tokens_per_s for o in outs]
             tokens += [o.token_ids for o in outs]
+    bar.close()
     stats = llm.engine.spec_stats
     return {"tokens_per_s_user": statistics.median(user_rates), "e2e_s": statistics.median(e2e),
             "token_ids": tokens, "acceptance_length": stats.acceptance_length,
@@ -179,11 +185,18 @@ def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: in
 
     run(prompts[0], 8)
     rates = []
-    for ids in prompts:
+    for ids in progress(prompts, "HF transformers", "prompt"):
         first = statistics.median(run(ids, 1) for _ in range(num_iters))
         full = statistics.median(run(ids, output_len) for _ in range(num_iters))
         rates.append((output_len - 1) / max(full - first, 1e-9))
     return {"tokens_per_s_user": statistics.median(rates)}
+
+
+def progress(total_or_items, desc: str, unit: str, leave: bool = False):
+    """A progress bar on stderr (count, rate, ETA) over a count or an iterable."""
+    items = None if isinstance(total_or_items, int) else total_or_items
+    total = total_or_items if items is None else len(items)
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True)
 
 
 def _configs(args) -> list[tuple[str | None, int, dict]]:
@@ -227,12 +240,14 @@ def run_latency_bench(args) -> list[dict]:
     bandwidth = None
     if args.batch_invariant is None and args.speculative:
         args.batch_invariant = True  # NOTE: plain rows too, so speculative output can equal plain bit for bit
+    runs = progress(len(_configs(args)) * len(batch_sizes), "bench latency", "run", leave=True)
     for spec, k, switches in _configs(args):
         speculative = SpeculativeConfig.from_cli(spec, k, tree_topk=args.spec_tree_topk, tree_depth=args.spec_tree_depth,
                                                  tree_num_nodes=args.spec_tree_nodes) if spec else None
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
                   max_num_seqs=max(batch_sizes), enable_prefix_caching=False,  # NOTE: as eval_spec.py
-                  **dict(engine_options(args), **switches))
+                  **dict(engine_options(args), **switches,  # NOTE: the default 4096 is capped at a smaller model's context
+                         allow_long_context=args.allow_long_context or args.max_model_len is None))
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
@@ -287,6 +302,8 @@ def run_latency_bench(args) -> list[dict]:
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
             results.append(row)
+            runs.set_postfix_str(row["name"], refresh=False)
+            runs.update()
         if is_baseline and args.step_tokens:
             ctx = int(statistics.mean(len(p) for p in prompts))
             for q in (int(v) for v in args.step_tokens.split(",")):
@@ -300,6 +317,7 @@ def run_latency_bench(args) -> list[dict]:
                                 "active_weight_bytes": active_weight_bytes(eng.runner.model, q),
                                 "copy_bandwidth_gb_s": bandwidth / 1e9})
         del llm
+    runs.close()
     cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
             "acceptance_length",
             "speedup_vs_plain", "prompts_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]

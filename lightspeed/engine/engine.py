@@ -96,10 +96,10 @@ class Engine:
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
-        if config.max_model_len is not None and config.max_model_len > rope_positions:
+        if config.max_model_len is not None and config.max_model_len > rope_positions and not config.allow_long_context:
             raise InvalidRequestError(
                 f"--max-model-len {config.max_model_len} is more than this model's context of {rope_positions} "
-                "tokens (its position embeddings); lower it or leave it unset")
+                "tokens (its position embeddings); lower it, leave it unset, or pass --allow-long-context to cap it")
         max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
         # NOTE: a context longer than the whole cache could never run; cap it there
