@@ -1,8 +1,7 @@
 """`lightspeed bench latency` on a tiny checkpoint: progress on stderr (runs, prompts, ETA),
-the table on stdout, and a JSON file only with --out."""
+the table on stdout, and no file written without --out."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,5 @@ def test_bench_latency_progress_and_out(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "bench latency" in r.stderr and "HF transformers" in r.stderr and "run" in r.stderr
     assert "tokens_per_s_user" in r.stdout and not any(work.rglob("*"))  # print only
-    out = tmp_path / "lat.json"
-    r = subprocess.run(cmd + ["--out", str(out)], cwd=work, capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(out.read_text())["results"][0]["peer"] == "hf-transformers-eager"
+    from lightspeed.bench.results import save_results
+    assert save_results(None, "cpu", [{"name": "x"}]) is None
