@@ -19,7 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> Non
     p.add_argument("--allow-long-context", action="store_true",
                    help="cap a --max-model-len beyond the model's context at that context instead of failing")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of the engine (default: the physical cores this process may use)")
+                   help="CPU threads of the engine (default: the physical cores this process may use; `serve` "
+                        "leaves one of them to its HTTP process)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
     p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",

@@ -58,7 +58,7 @@ def build_server(args):
     from lightspeed.server.engine_client import EngineClient
     from lightspeed.server.metrics import ServerMetrics
     from lightspeed.server.openai import build_app
-    from lightspeed.threads import set_threads
+    from lightspeed.threads import physical_cores, set_threads
 
     spec = _speculative(args)
     if spec is not None:
@@ -75,7 +75,8 @@ def build_server(args):
     num_threads = getattr(args, "threads", None)
     if args.engine_process:
         from lightspeed.server.engine_process import ProcessTransport
-        transport = ProcessTransport(config, spec, num_threads=num_threads)
+        # NOTE: one core is left to this (HTTP) process, so the two never oversubscribe the cores
+        transport = ProcessTransport(config, spec, num_threads=num_threads or max(1, physical_cores() - 1))
         set_threads(1)  # NOTE: this process runs no model: its torch threads would only compete with the engine's
     else:
         from lightspeed.engine.engine import Engine
