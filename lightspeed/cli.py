@@ -10,21 +10,36 @@ from lightspeed.options import add_model_args, add_sampling_args, engine_options
 
 def _llm(args):
     from lightspeed.engine.llm import LLM
+    from lightspeed.spec_advice import speculation_warnings
+    spec = speculative_config(args)
+    for note in speculation_warnings(args.model, spec, args.device):
+        print(f"warning: {note}", file=sys.stderr)
     return LLM(args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-               speculative=speculative_config(args), **engine_options(args))
+               speculative=spec, **engine_options(args))
 
 
 def cmd_generate(args) -> None:
+    from lightspeed.errors import InvalidRequestError
     params = sampling_params(args)  # validate before loading the model
+    if not args.prompt:
+        raise InvalidRequestError("the prompt is empty; give at least one character")
     llm = _llm(args)
-    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat_template else args.prompt
+    use_template = args.chat_template if args.chat_template is not None else bool(
+        llm.tokenizer is not None and llm.tokenizer.chat_template)
+    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if use_template else args.prompt
+    num_prompt = len(llm.engine.tokenize_prompt(prompt))
+    if num_prompt + params.max_tokens > llm.engine.max_model_len:  # as the server answers
+        raise InvalidRequestError(
+            f"this model's maximum context length is {llm.engine.max_model_len} tokens, but "
+            f"{num_prompt + params.max_tokens} were requested ({num_prompt} in the prompt, {params.max_tokens} for "
+            "the completion); reduce the prompt or --max-tokens")
     if args.json:
         out = llm.generate(prompt, params)[0]
         m = out.metrics
         record = {"text": out.text, "token_ids": out.token_ids, "num_prompt_tokens": m.num_prompt_tokens,
                   "num_generated_tokens": m.num_generated_tokens, "finish_reason": out.finish_reason,
                   "time_to_first_token_s": m.time_to_first_token_s, "tokens_per_s": m.tokens_per_s,
-                  "decode_tokens_per_s": m.decode_tokens_per_s}
+                  "decode_tokens_per_s": m.decode_tokens_per_s, "num_threads": _num_threads()}
         if m.num_verify_steps:
             record.update(acceptance_length=m.acceptance_length,
                           acceptance_rate_per_position=m.acceptance_rate_per_position)
@@ -36,11 +51,17 @@ def cmd_generate(args) -> None:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if out is not None:
-        _print_metrics(out.metrics)
+        _print_metrics(out.metrics, out.finish_reason)
 
 
-def _print_metrics(m) -> None:
-    line = (f"[{m.num_prompt_tokens} prompt tokens, {m.num_generated_tokens} generated, "
+def _num_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _print_metrics(m, finish_reason: str | None = None) -> None:
+    line = (f"[finish: {finish_reason}, " if finish_reason else "[") + (
+            f"{m.num_prompt_tokens} prompt tokens, {m.num_generated_tokens} generated, "
             f"TTFT {1000 * (m.time_to_first_token_s or 0):.0f} ms, {m.tokens_per_s or 0:.1f} tok/s")
     if m.num_verify_steps:
         rates = ", ".join(f"{r:.2f}" for r in m.acceptance_rate_per_position)
@@ -49,34 +70,19 @@ def _print_metrics(m) -> None:
 
 
 def cmd_chat(args) -> None:
-    params = sampling_params(args)
-    llm = _llm(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("lightspeed chat: type a message, /exit or Ctrl-D to leave.", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ")
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if user.strip() in ("/exit", "/quit"):
-            return
-        if not user.strip():
-            continue
-        messages.append({"role": "user", "content": user})
-        reply = ""
-        out = None
-        for out in llm.chat_stream(messages, params):
-            reply += out.new_text
-            sys.stdout.write(out.new_text)
-            sys.stdout.flush()
-        print()
-        messages.append({"role": "assistant", "content": reply})
+    from lightspeed.repl import chat_params, run_chat
+    params = chat_params(args)  # validate before loading the model
+    run_chat(_llm(args), params, args.system)
 
 
 def cmd_pull(args) -> None:
     from lightspeed.loader import resolve_model
     print(resolve_model(args.name))
+
+
+def cmd_list(args) -> None:
+    from lightspeed.listing import list_models
+    print(list_models())
 
 
 def cmd_bench_latency(args) -> None:
@@ -116,15 +122,42 @@ def cmd_train_eagle3(args) -> None:
     print(out)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default (unless its help already says it, or it is a flag)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return text
+        return (text + " " if text else "") + "(default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and action.nargs != 0:
+            action.help = "(default: %(default)s)"  # argparse prints no help line, so no default, otherwise
+        return action
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightspeed", description="latency-first LLM inference")
+    from lightspeed import __version__
+    parser = _Parser(prog="lightspeed", description="latency-first LLM inference")
+    parser.add_argument("--version", action="version", version=f"lightspeed {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate a completion for one prompt")
     p.add_argument("prompt")
     add_model_args(p)
     add_sampling_args(p)
-    p.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user chat turn")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt as one user chat turn (default: when the model has a chat template; "
+                        "--no-chat-template for a raw completion)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_generate)
 
@@ -132,13 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.set_defaults(func=cmd_chat)
+    # None: the model's generation_config.json, else lightspeed.repl.CHAT_DEFAULTS
+    p.set_defaults(func=cmd_chat, temperature=None, top_p=None, top_k=None, repetition_penalty=None, max_tokens=1024)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     add_model_args(p)
     from lightspeed.server.launch import add_serve_args
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("list", help="catalog models and the files in the cache, with sizes")
+    p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("pull", help="download a model into the cache and print its path")
     p.add_argument("name")
@@ -197,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise LightspeedError(f"--threads must be >= 1, got {args.threads}")
+        if hasattr(args, "threads") and args.command != "serve":  # serve: per process (server/launch.py)
+            from lightspeed.threads import set_threads
+            set_threads(args.threads)
         args.func(args)
     except LightspeedError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -189,6 +189,10 @@ def _rope_scaling(cfg: dict) -> dict | None:
     return None if kind == "default" else rs
 
 
+MAX_SEED = 2**63 - 1  # seeds are in [0, MAX_SEED]
+MAX_TOP_K = 2**31 - 1
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling options (OpenAI / vLLM semantics)."""
@@ -204,6 +208,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; N >= 0: the sampled token's logprob plus the top N
     include_stop_str_in_output: bool = False
+    repetition_penalty: float = 1.0  # > 0; 1: off (lightspeed/engine/penalties.py)
+    frequency_penalty: float = 0.0  # [-2, 2]
+    presence_penalty: float = 0.0  # [-2, 2]
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -214,10 +221,16 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, f"max_tokens must be an integer >= 1, got {self.max_tokens!r}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (or -1 for off), got {self.top_k!r}"),
+            (0 <= self.temperature < float("inf"), f"temperature must be finite and >= 0, got {self.temperature}"),
+            (isinstance(self.top_k, int) and 0 <= self.top_k <= MAX_TOP_K,
+             f"top_k must be an integer in [0, {MAX_TOP_K}] (or -1 for off), got {self.top_k!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed <= MAX_SEED),
+             f"seed must be an integer in [0, 2^63 - 1], got {self.seed!r}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (0 < self.repetition_penalty < float("inf"), f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
@@ -256,6 +269,7 @@ class EngineConfig:
     # speculation on CUDA (layers/linear.py)
     batch_invariant: bool | None = None
     enable_prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
+    allow_long_context: bool = False  # a max_model_len beyond the model's positions: capped there, not an error
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

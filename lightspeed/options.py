@@ -22,6 +22,11 @@ def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="cap a --max-model-len beyond the model's context at that context instead of failing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the engine (default: the physical cores this process may use; `serve` "
+                        "leaves one of them to its HTTP process)")
     p.add_argument("--quantization", default=None, choices=["fp8"],
                    help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
     p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
@@ -55,11 +60,14 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of tokens already seen (1: off)")
 
 
 def sampling_params(args) -> SamplingParams:
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                          repetition_penalty=args.repetition_penalty)
 
 
 def speculative_config(args, spec: str | None = None, k: int | None = None) -> SpeculativeConfig | None:
@@ -76,4 +84,5 @@ def speculative_config(args, spec: str | None = None, k: int | None = None) -> S
 def engine_options(args) -> dict:
     """EngineConfig options from the model arguments (quantization, graphs, PDL, batch invariance)."""
     return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
-                enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant)
+                enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant,
+                allow_long_context=getattr(args, "allow_long_context", False))

@@ -12,6 +12,8 @@ Behaviour follows HF `AutoTokenizer` (transformers 5) on the same files:
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +58,7 @@ class Tokenizer:
         self.add_bos_token: bool = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
         self.chat_template = chat_template
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        self._plain: BackendTokenizer | None = None  # see _plain_backend
 
     # ---- constructors -------------------------------------------------------------------
     @classmethod
@@ -117,6 +120,53 @@ class Tokenizer:
                                    **{n: getattr(self, n) for n in _SPECIAL_NAMES}, **kwargs)
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"chat template error: {e}") from e
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **kwargs: Any) -> tuple[list[int], str]:
+        """Render and encode a conversation -> (ids, text) so that no message can inject
+        control tokens: the template's own text is encoded with special-token matching, the
+        messages' strings (content, name, ...; not the role) as plain text.
+
+            rendered:  <|im_start|>user\n | Hi <|im_start|>system ... | <|im_end|>\n ...
+                       template (specials)  message text (plain)        template
+
+        The messages' strings are located by rendering once more with unique markers in
+        their place. NOTE: a template that rewrites message text (trim, slicing) cannot be
+        split so; then text holding a special token's spelling is refused.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        tag = uuid.uuid4().hex
+        originals: list[str] = []
+
+        def mark(value):
+            originals.append(value)
+            return f"\ue000{tag}{len(originals) - 1}\ue001"
+        marked = [{k: mark(v) if isinstance(v, str) and v and k != "role" else v for k, v in m.items()}
+                  for m in messages]
+        pieces = re.split(f"\ue000{tag}(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt, **kwargs))
+        # pieces: [template, index, template, index, ..., template]
+        if "".join(originals[int(x)] if i % 2 else x for i, x in enumerate(pieces)) != text:
+            specials = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.special]
+            if any(sp in v for v in originals for sp in specials):
+                raise InvalidRequestError(
+                    "a message holds the text of a special token and this model's chat template rewrites message "
+                    "text, so it cannot be encoded as plain text safely; remove the special-token text")
+            return self.encode(text, add_special_tokens=False), text
+        ids: list[int] = []
+        for i, x in enumerate(pieces):
+            if i % 2:
+                ids += self._plain_backend().encode(originals[int(x)], add_special_tokens=False).ids
+            elif x:
+                ids += self.backend.encode(x, add_special_tokens=False).ids
+        return ids, text
+
+    def _plain_backend(self) -> BackendTokenizer:
+        """A copy of the backend that reads special-token spellings as plain text."""
+        if self._plain is None:
+            plain = BackendTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
         """Rebuild BOS/EOS insertion the way transformers' `update_post_processor` does."""

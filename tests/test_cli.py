@@ -61,3 +61,23 @@ def test_batch_invariant_default_follows_speculation_on_cuda(tmp_path):
         .batch_invariant is False
     assert LLM(str(tmp_path), device="cpu", batch_invariant=True).engine.kernel_settings.batch_invariant is True
     assert LLM(str(tmp_path), device="cpu").engine.kernel_settings.batch_invariant is False
+
+
+def test_threads_version_list_and_validation_before_loading(tmp_path):
+    make_tiny_checkpoint(tmp_path, "llama")
+    for n in ("1", "2"):
+        r = run_cli("generate", "hi", "--model", str(tmp_path), "--max-tokens", "2", "--json", "--threads", n)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["num_threads"] == int(n)
+    r = run_cli("generate", "hi", "--model", str(tmp_path), "--max-tokens", "600")  # a 512-token model
+    assert r.returncode == 2 and "context length" in r.stderr
+    r = run_cli("generate", "hi", "--model", str(tmp_path), "--max-model-len", "100000")
+    assert r.returncode == 2 and "100000" in r.stderr
+    r = run_cli("generate", "", "--model", str(tmp_path / "not-loaded"))  # refused before resolving the model
+    assert r.returncode == 2 and "empty" in r.stderr
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("lightspeed ")
+    r = run_cli("list")
+    assert r.returncode == 0 and "smollm2-135m-instruct" in r.stdout
+    r = run_cli("serve", "--help")
+    assert "(default: 64)" in r.stdout and "--shutdown-timeout" in r.stdout

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
 from lightspeed.errors import InvalidRequestError
 
@@ -34,7 +33,7 @@ def add_eval_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1, help="concurrent requests (1: latency per user)")
     p.add_argument("--num-iters", type=int, default=1, help="timed runs over the prompts")
-    p.add_argument("--out", default=None, help="JSON file for the results (default bench/results/eval-spec-*.json)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -100,8 +99,6 @@ def run_eval_spec(args) -> list[dict]:
     if args.num_prompts < 1 or args.output_len < 1 or args.batch_size < 1 or args.num_iters < 1:
         raise InvalidRequestError("--num-prompts, --output-len, --batch-size and --num-iters must be positive")
     rows, plain, prompts = [], None, None
-    name = Path(args.model).name.removesuffix(".gguf")
-    out = args.out or f"bench/results/eval-spec-{name}-cpu.json"
     options = engine_options(args)
     if options["batch_invariant"] is None and any(spec is not None for _, spec in configs):
         # NOTE: this comparison's choice, per row: the plain row in the arithmetic of the speculative
@@ -117,7 +114,6 @@ def run_eval_spec(args) -> list[dict]:
         if prompts is None:
             prompts = load_prompts(args.prompts, args.num_prompts, args.input_len, eng.tokenizer,
                                    eng.model_config.vocab_size)
-            out = args.out or out.replace("-cpu.json", f"-{device.type}.json")
         ls = time_lightspeed(llm, prompts, args.batch_size, args.output_len, args.num_iters)
         row = {"name": f"{args.model} {label}", "model": args.model, "speculative": label,
                "prompts": args.prompts, "num_prompts": len(prompts), "output_len": args.output_len,
@@ -141,12 +137,13 @@ def run_eval_spec(args) -> list[dict]:
             if plain is not None and r["speculative"] != "none":
                 r.update(speedup_vs_plain=rate / plain["tokens_per_s_user"],
                          **compare_outputs(token_ids, plain["token_ids"]))
-        path = save_results(out, device, [r for r, _, _ in rows])
+        path = save_results(args.out, device, [r for r, _, _ in rows])
     results = [r for r, _, _ in rows]
     cols = ["speculative", "tokens_per_s_user", "acceptance_length", "speedup_vs_plain", "prompts_identical_to_plain",
             "per_position"]
     shown = [dict(r, per_position=" ".join(f"{a:.2f}" for a in r.get("acceptance_rate_per_position") or []))
              for r in results]
     print_table(shown, [c for c in cols if any(c in r for r in shown)])
-    print(f"saved {path}")
+    if path is not None:
+        print(f"saved {path}")
     return results

@@ -23,7 +23,7 @@ def add_fp8_accuracy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128, help="greedy answer tokens per prompt")
     p.add_argument("--ppl-tokens", type=int, default=16384, help="text tokens scored for perplexity")
     p.add_argument("--ppl-window", type=int, default=1024)
-    p.add_argument("--out", default=None, help="JSON (default bench/results/fp8-accuracy-<model>.json)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
 def reference_text() -> str:
@@ -98,12 +98,11 @@ def run_fp8_accuracy(args) -> dict:
            "teacher_forced_positions": positions, "teacher_forced_agreement": agree / positions,
            "mean_kl": kl / positions, "ppl_text": "pydoc_data.topics (Python language reference)",
            "ppl_tokens": scored, "ppl_window": args.ppl_window, "ppl_ref": ppl["ref"], "ppl_fp8": ppl["fp8"]}
-    name = args.model.replace("/", "_").split(":")[-1]
-    out = args.out or f"bench/results/fp8-accuracy-{name}.json"
-    path = save_results(out, ref.engine.device, [row])
+    path = save_results(args.out, ref.engine.device, [row])
     print_table([row], ["name", "greedy_outputs_identical", "mean_first_difference", "teacher_forced_agreement",
                         "mean_kl", "ppl_ref", "ppl_fp8"])
-    print(f"saved {path}", file=sys.stderr)
+    if path is not None:
+        print(f"saved {path}", file=sys.stderr)
     del ref, fp8
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return row

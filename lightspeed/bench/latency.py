@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+
+from tqdm import tqdm
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +42,7 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-iters", type=int, default=3, help="timed runs (median)")
     p.add_argument("--spec-k-list", default=None, help="with --speculative: comma-separated k values to sweep")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers on the same weights")
-    p.add_argument("--out", default=None, help="JSON file for the results (default bench/results/latency-*.json)")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
 def _sync(device) -> None:
@@ -70,15 +73,18 @@ def time_lightspeed(llm, prompts: list[list[int]], batch: int, output_len: int, 
     llm.generate(prompts[:batch], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))  # warm-up
     llm.engine.spec_stats = SpecStats()  # count the timed runs only
     user_rates, e2e, tokens = [], [], []
+    bar = progress(num_iters * -(-len(prompts) // batch), "lightspeed", "batch")
     for _ in range(num_iters):
         tokens = []
         for i in range(0, len(prompts), batch):
+            bar.update()
             _sync(llm.engine.device)
             t = time.perf_counter()
             outs = llm.generate(prompts[i:i + batch], params)
             e2e.append(time.perf_counter() - t)
             user_rates += [o.metrics.decode_tokens_per_s for o in outs]
             tokens += [o.token_ids for o in outs]
+    bar.close()
     stats = llm.engine.spec_stats
     return {"tokens_per_s_user": statistics.median(user_rates), "e2e_s": statistics.median(e2e),
             "token_ids": tokens, "acceptance_length": stats.acceptance_length,
@@ -191,11 +197,18 @@ def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: in
 
     run(prompts[0], 8)
     rates = []
-    for ids in prompts:
+    for ids in progress(prompts, "HF transformers", "prompt"):
         first = statistics.median(run(ids, 1) for _ in range(num_iters))
         full = statistics.median(run(ids, output_len) for _ in range(num_iters))
         rates.append((output_len - 1) / max(full - first, 1e-9))
     return {"tokens_per_s_user": statistics.median(rates)}
+
+
+def progress(total_or_items, desc: str, unit: str, leave: bool = False):
+    """A progress bar on stderr (count, rate, ETA) over a count or an iterable."""
+    items = None if isinstance(total_or_items, int) else total_or_items
+    total = total_or_items if items is None else len(items)
+    return tqdm(items, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True)
 
 
 def _configs(args) -> list[tuple[str | None, int, dict]]:
@@ -220,8 +233,6 @@ def _switches(eng) -> tuple[bool, bool]:
 
 
 def run_latency_bench(args) -> list[dict]:
-    import torch
-
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.engine.llm import LLM
@@ -244,6 +255,9 @@ def run_latency_bench(args) -> list[dict]:
         # NOTE: this comparison's choice, per row: plain rows in the arithmetic of the speculative
         # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
         options["batch_invariant"] = True
+    # NOTE: the default 4096 is capped at a smaller model's context
+    options["allow_long_context"] = args.allow_long_context or args.max_model_len is None
+    runs = progress(len(_configs(args)) * len(batch_sizes), "bench latency", "run", leave=True)
     for spec, k, switches in _configs(args):
         speculative = speculative_config(args, spec, k) if spec else None
         llm = LLM(model, device=args.device, dtype=args.dtype, max_model_len=max_model_len, speculative=speculative,
@@ -307,6 +321,8 @@ def run_latency_bench(args) -> list[dict]:
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
             results.append(row)
+            runs.set_postfix_str(row["name"], refresh=False)
+            runs.update()
         if spec is None and args.step_tokens:
             ctx = int(statistics.mean(len(p) for p in prompts))
             for q in (int(v) for v in args.step_tokens.split(",")):
@@ -323,11 +339,12 @@ def run_latency_bench(args) -> list[dict]:
                                 "active_weight_bytes": active_weight_bytes(eng.runner.model, q),
                                 "copy_bandwidth_gb_s": bandwidth / 1e9})
         del llm
+    runs.close()
     cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
             "acceptance_length",
             "speedup_vs_plain", "prompts_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
-    out = args.out or f"bench/results/latency-{label.replace('/', '_')}-{torch.device(eng.device).type}.json"
-    path = save_results(out, eng.device, results)
+    path = save_results(args.out, eng.device, results)
     print_table(results, [c for c in cols if any(c in r for r in results)])
-    print(f"saved {path}")
+    if path is not None:
+        print(f"saved {path}")
     return results

@@ -28,7 +28,10 @@ def device_name(device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def save_results(path: str | Path, device, results: list[dict], command: str | None = None) -> Path:
+def save_results(path: str | Path | None, device, results: list[dict], command: str | None = None) -> Path | None:
+    """Write the results JSON to `path` (None: print only, write nothing) -> the path written."""
+    if path is None:
+        return None
     record = {"device": device_name(device), "git_commit": git_commit(),
               "command": command or "lightspeed " + " ".join(sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "results": results}

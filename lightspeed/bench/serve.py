@@ -42,7 +42,7 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-thresholds", default=None, help="for the started server (see `lightspeed serve`)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for the server to start")
-    p.add_argument("--out", default=None, help="JSON results (default bench/results/serve-<model>.json)")
+    p.add_argument("--out", default=None, help="JSON results (default: print only)")
     p.add_argument("--plot", default=None, help="PNG of the curve (default: the JSON path with .png)")
 
 
@@ -251,14 +251,16 @@ def run_serve_bench(args) -> list[dict]:
             proc.terminate()
             proc.wait(60)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(args.model).name)
-    out = Path(args.out or f"bench/results/serve-{name}.json")
+    out = Path(args.out) if args.out else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.compare_hf:
         rows += hf_peer_rows(args, levels, device)
     save_results(out, device, rows)
-    plot = plot_user_vs_server(rows, Path(args.plot) if args.plot else out.with_suffix(".png"),
-                               title=f"{name}, {args.prompts} prompts, {args.output_len} new tokens")
+    plot_path = Path(args.plot) if args.plot else out.with_suffix(".png") if out else None
+    plot = plot_user_vs_server(rows, plot_path, title=f"{name}, {args.prompts} prompts, {args.output_len} new tokens") \
+        if plot_path else None
     print_table(rows, ["concurrency", "speculative", "tokens_per_s_user", "tokens_per_s_server", "ttft_ms_p50",
                        "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "acceptance_length"])
-    print(f"saved {out} and {plot}", file=sys.stderr)
+    if out is not None or plot is not None:
+        print(f"saved {' and '.join(str(p) for p in (out, plot) if p is not None)}", file=sys.stderr)
     return rows

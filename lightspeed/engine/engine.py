@@ -10,6 +10,8 @@ import torch
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
+from lightspeed.engine.penalties import has_penalties
+from lightspeed.engine.prompt import check_prompt
 from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
@@ -67,6 +69,10 @@ class Engine:
         model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > rope_positions and not config.allow_long_context:
+            raise InvalidRequestError(
+                f"--max-model-len {config.max_model_len} is more than this model's context of {rope_positions} "
+                "tokens (its position embeddings); lower it, leave it unset, or pass --allow-long-context to cap it")
         max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
         # NOTE: a context longer than the whole cache could never run; cap it there
@@ -112,29 +118,15 @@ class Engine:
     # -- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Validate a prompt (text or token ids) -> token ids; raises InvalidRequestError."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequestError(f"{self.config.model} has no tokenizer; give the prompt as token ids")
-            if not prompt:
-                raise InvalidRequestError("the prompt is empty; give at least one character or token")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.model_config.vocab_size
-            if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-                raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; give at least one character or token")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(ids)} tokens but the context is {self.max_model_len} tokens "
-                "(prompt plus at least one new token); shorten the prompt or raise --max-model-len")
-        return ids
+        return check_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         ids = self.tokenize_prompt(prompt)
+        if self.speculative is not None and has_penalties(params):
+            raise InvalidRequestError("repetition, frequency and presence penalties are not supported with "
+                                      "speculative decoding; leave them at their defaults or serve without speculation")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise InvalidRequestError(f"request id {rid!r} is already running")

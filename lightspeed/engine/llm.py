@@ -71,8 +71,7 @@ class LLM:
             self.engine.abort_request(rid)
 
     def apply_chat_template(self, messages: list[Message]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)[0]  # message text never as specials
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | None = None) -> RequestOutput | list[RequestOutput]:

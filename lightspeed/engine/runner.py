@@ -3,15 +3,29 @@ per-request sampling state and the KernelSettings its model runs with; turns a
 SchedulerOutput into a RunnerOutput."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
+from lightspeed.engine.penalties import ContextTracker, apply_penalties
 from lightspeed.engine.sampler import Sampler
 from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.linear import ensure_gemv_tuned
 from lightspeed.speculative.proposer import ProposeInputs
 from lightspeed.speculative.verify import VerifyRequest
+
+
+def lazy_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on CPU from calloc'd memory (numpy), whose pages the OS maps on first
+    write, so a KV cache costs resident memory only as blocks are used (torch.zeros writes
+    every page up front: a 2 GiB default CPU cache was 2 GiB of RSS from the start)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class ModelRunner:
@@ -23,8 +37,9 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         shape = model.kv_cache_shape(self.config, num_blocks, block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.config.num_hidden_layers)]
+        self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(self.config.num_hidden_layers)]
         self.sampler = Sampler()
+        self.penalty_contexts = ContextTracker()  # token ids of requests with repetition/frequency/presence penalties
         self.proposer = proposer
         self.verifier = verifier
         self.set_kernel_settings(kernel_settings if kernel_settings is not None else KernelSettings())
@@ -60,12 +75,14 @@ class ModelRunner:
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
             self.draft_probs.pop(rid, None)
+            self.penalty_contexts.drop(rid)
             if self.proposer is not None:
                 self.proposer.drop(rid)
         self.block_tables.update(sched)
         out = RunnerOutput()
         if sched.is_empty:
             return out
+        self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size, self.block_tables)
         proposer = self.proposer
         aux_ids = tuple(proposer.aux_layer_ids) if proposer is not None and proposer.needs_hidden_states else ()
@@ -90,7 +107,10 @@ class ModelRunner:
             rows = [inputs.logits_rows[i][0] for i, _ in plain]
             params = [s.sampling_params for _, s in plain]
             gens = [None if p.is_greedy else self._generator(s.request_id, p.seed) for (_, s), p in zip(plain, params)]
-            tokens, logprobs = self.sampler(logits[rows], params, gens)
+            ctxs = self.penalty_contexts.contexts
+            penalized = apply_penalties(logits[rows], params, [ctxs.get(s.request_id) for _, s in plain],
+                                        [s.num_output_tokens for _, s in plain])
+            tokens, logprobs = self.sampler(penalized, params, gens)
             for (_, s), t, lp in zip(plain, tokens, logprobs):
                 out.sampled_token_ids[s.request_id] = [t]
                 if lp is not None:

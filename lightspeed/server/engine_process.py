@@ -1,138 +1,150 @@
-"""The engine loop in a process of its own, so HTTP work (tokenizing, SSE chunks) and the
-engine's steps no longer share one interpreter lock: `lightspeed serve`'s default.
+"""The engine loop in a process of its own (`lightspeed serve`'s default), so HTTP work
+(tokenizing, SSE chunks) and the engine's steps do not share one interpreter lock; and its
+supervisor, which starts it again when it dies (a device error, an OOM kill, a crash).
 
-    server process                                   engine process
-    event loop: add_request / abort --- inbox (mp.Queue) ---> drain -> Engine.add_request / abort
-    reader thread <--- outbox: ("step", outputs, StepStats) --- Engine.step()
-      -> per-request asyncio.Queues (as AsyncEngine._deliver), metrics
-
-The server process keeps an EngineView (tokenizer, limits) for validation; everything
-else lives in the engine process. A failed add comes back as ("error", id, exception);
-a dead engine process fails every waiting request and the server answers 503.
+    server process                                     engine process (spawned)
+    EngineClient.send ------- inbox (mp.Queue) ------> run_engine_loop(Engine)
+    reader thread <---------- outbox (mp.Queue) ------ ("ready", EngineInfo) then steps
+      -> EngineClient._on_message;  the process gone -> _on_lost, spawn again -> _on_ready
 """
 from __future__ import annotations
 
-import asyncio
+import logging
 import multiprocessing as mp
 import queue
+import threading
 import time
 
-from lightspeed.engine.engine import Engine
-from lightspeed.server.async_engine import AsyncEngine, EngineDeadError, _send, _Sink
-from lightspeed.server.metrics import StepStats
+from lightspeed.errors import LightspeedError
+from lightspeed.server.engine_client import EngineInfo
+
+_log = logging.getLogger("lightspeed.server")
 
 
-class EngineView:
-    """What the HTTP side reads of the Engine: tokenizer, configs, context length, and
-    prompt validation (the Engine's own tokenize_prompt)."""
-
-    tokenize_prompt = Engine.tokenize_prompt
-
-    def __init__(self, tokenizer, config, model_config, max_model_len: int):
-        self.tokenizer, self.config, self.model_config, self.max_model_len = (tokenizer, config, model_config,
-                                                                              max_model_len)
+class EngineStartError(LightspeedError):
+    """The engine process did not load the model in time."""
 
 
-def _engine_main(config, speculative, inbox, outbox) -> None:
-    """The engine process: build the Engine, report its view, then loop until told to stop."""
+def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
+    """The engine process: build the Engine, report its EngineInfo, then loop until told to stop."""
+    if num_threads:
+        import torch
+        torch.set_num_threads(num_threads)
+    from lightspeed.engine.engine import Engine
+    from lightspeed.server.engine_loop import run_engine_loop
     try:
         engine = Engine(config, speculative)
     except BaseException as e:  # noqa: BLE001 -- the server reports it and exits
-        outbox.put(("failed", e))
+        outbox.put(("failed", e if isinstance(e, LightspeedError) else EngineStartError(repr(e))))
         return
-    outbox.put(("ready", EngineView(engine.tokenizer, engine.config, engine.model_config, engine.max_model_len)))
-    try:
-        while True:
-            block = not engine.has_unfinished_requests()
-            items = [inbox.get()] if block else []
+    outbox.put(("ready", EngineInfo.of(engine)))
+
+    def recv(block: bool) -> list:
+        items = [inbox.get()] if block else []
+        try:
             while True:
-                try:
-                    items.append(inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for item in items:
-                if item is None:
-                    return
-                if item[0] == "add":
-                    _, rid, prompt_ids, params = item
-                    try:
-                        engine.add_request(prompt_ids, params, request_id=rid)
-                    except Exception as e:  # noqa: BLE001 -- a bad request fails alone
-                        outbox.put(("error", rid, e))
-                else:
-                    engine.abort_request(item[1])
-            if engine.has_unfinished_requests():
-                outbox.put(("step", engine.step(), StepStats.of(engine)))
-            elif items:  # idle after aborts: the metrics still hear of it
-                outbox.put(("step", [], StepStats.of(engine)))
+                items.append(inbox.get_nowait())
+        except queue.Empty:
+            return items
+    try:
+        run_engine_loop(engine, recv, outbox.put)
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
 
 
-class ProcessAsyncEngine(AsyncEngine):
-    """AsyncEngine's interface over an engine process (spawned: CUDA needs a fresh process).
-    Blocks in __init__ until the model is loaded; raises what loading raised."""
+class ProcessTransport:
+    """Spawns the engine process (CUDA needs a fresh one) and blocks until the model is
+    loaded; raises what loading raised. Restarts it whenever it dies, until stop()."""
 
-    def __init__(self, config, speculative=None, metrics=None, start_timeout_s: float = 1800.0):
-        ctx = mp.get_context("spawn")
-        self._to_engine, self._from_engine = ctx.Queue(), ctx.Queue()
-        self._proc = ctx.Process(target=_engine_main, args=(config, speculative, self._to_engine, self._from_engine),
-                                 name="lightspeed-engine", daemon=True)
-        self._proc.start()
-        try:
-            kind, payload = self._from_engine.get(timeout=start_timeout_s)
-        except queue.Empty:
-            self._proc.kill()
-            raise EngineDeadError(f"the engine process did not load the model within {start_timeout_s:.0f} s")
+    can_restart = True
+
+    def __init__(self, config, speculative=None, num_threads: int | None = None, start_timeout_s: float = 1800.0):
+        self._args = (config, speculative)
+        self.num_threads = num_threads
+        self.start_timeout_s = start_timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        self.info = self._spawn()
+
+    def _spawn(self) -> EngineInfo:
+        self._inbox, self._outbox = self._ctx.Queue(), self._ctx.Queue()
+        self.proc = self._ctx.Process(target=_engine_main, args=(*self._args, self._inbox, self._outbox,
+                                                                 self.num_threads), name="lightspeed-engine",
+                                      daemon=True)
+        self.proc.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                kind, payload = self._outbox.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._stop.is_set() or not self.proc.is_alive() or time.monotonic() > deadline:
+                    self._kill()
+                    raise EngineStartError(f"the engine process did not load the model (exit code "
+                                           f"{self.proc.exitcode}, {self.start_timeout_s:.0f} s allowed)") from None
         if kind == "failed":
-            self._proc.join(10)
+            self._kill()
             raise payload
-        super().__init__(payload, metrics)
+        return payload
 
-    @property
-    def is_alive(self) -> bool:
-        return super().is_alive and self._proc.is_alive()
+    def start(self, on_message, on_lost, on_ready) -> None:
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, args=(on_message, on_lost, on_ready),
+                                            name="lightspeed-engine-reader", daemon=True)
+            self._reader.start()
 
-    def add_request(self, request_id, prompt_ids, params, out) -> None:
-        if not self.is_alive:
-            raise EngineDeadError(f"the engine process is not running ({self.error!r}); restart the server")
-        self._sinks[request_id] = _Sink(asyncio.get_running_loop(), out)
-        self._to_engine.put(("add", request_id, prompt_ids, params))
+    def send(self, message) -> None:
+        self._inbox.put(message)
 
-    def abort(self, request_id: str) -> None:
-        if self._sinks.pop(request_id, None) is not None:
-            self._to_engine.put(("abort", request_id))
-            if self.metrics is not None:
-                self.metrics.on_abort()
-
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        if self._proc.is_alive():
-            self._to_engine.put(None)
-            self._proc.join(timeout)
-            if self._proc.is_alive():
-                self._proc.kill()
-        super().shutdown(timeout)
+        if self.proc.is_alive():
+            self._inbox.put(None)
+            self.proc.join(timeout)
+        self._kill()
+        if self._reader is not None and self._reader is not threading.current_thread():
+            self._reader.join(timeout)
+            self._reader = None
 
-    def _run(self) -> None:
-        """The reader thread: hand each step's outputs to the requests' queues."""
-        try:
-            while not self._stop.is_set():
-                try:
-                    msg = self._from_engine.get(timeout=0.5)
-                except queue.Empty:
-                    if not self._proc.is_alive() and not self._stop.is_set():
-                        raise EngineDeadError(f"the engine process exited (code {self._proc.exitcode})")
+    def _kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        for q in (self._inbox, self._outbox):
+            q.close()
+            q.join_thread()
+
+    def _read(self, on_message, on_lost, on_ready) -> None:
+        """The reader thread: hand each message to the client; supervise the process."""
+        while not self._stop.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.is_alive() or self._stop.is_set():
                     continue
-                if msg[0] == "step":
-                    self._deliver(msg[1], time.perf_counter())
-                    if self.metrics is not None:
-                        self.metrics.on_step(msg[2])
-                elif msg[0] == "error":
-                    sink = self._sinks.pop(msg[1], None)
-                    if sink is not None:
-                        _send(sink.loop, sink.queue.put_nowait, msg[2])
-                else:  # "dead"
-                    raise EngineDeadError(f"engine loop failed: {msg[1]}")
-        except BaseException as e:  # noqa: BLE001 -- every waiting client must hear of it
-            self._fail(e)
+                msg = ("dead", f"the engine process exited with code {self.proc.exitcode}")
+            except (EOFError, OSError) as e:  # the queue broke with the process
+                msg = ("dead", f"the engine process's queue broke: {e!r}")
+            if msg[0] != "dead":
+                try:
+                    on_message(msg)
+                except Exception as e:  # noqa: BLE001 -- the reader must outlive one bad message
+                    _log.error("handling an engine message failed (%r)", e, exc_info=e)
+                continue
+            if self._stop.is_set():
+                return
+            on_lost(msg[1])
+            self._restart(on_ready)
+
+    def _restart(self, on_ready) -> None:
+        self._kill()
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                on_ready(self._spawn())
+                return
+            except Exception as e:  # noqa: BLE001 -- keep trying; /health says why
+                _log.error("restarting the engine process failed (%r); again in %.0f s", e, delay)
+                self._stop.wait(delay)
+                delay = min(2 * delay, 30.0)

@@ -71,6 +71,10 @@ class ServerMetrics:
                                          ["position"])
         self.acceptance_length = gauge("spec_decode_acceptance_length",
                                        "Tokens per verify step, over every finished request").labels(model_name)
+        self.on_engine_restart()
+
+    def on_engine_restart(self) -> None:
+        """A new engine counts from 0: the deltas of on_step start over."""
         self._seen = {"steps": 0, "drafts": 0, "emitted": 0, "queries": 0, "hits": 0, "acc": [], "prop": []}
 
     # -- engine-thread hooks -------------------------------------------------------------

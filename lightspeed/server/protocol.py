@@ -1,53 +1,82 @@
 """OpenAI request / response schemas (pydantic), plus the vLLM extensions lightspeed reads
-(top_k, min_p, ignore_eos, stop_token_ids, include_stop_str_in_output)."""
+(top_k, min_p, ignore_eos, stop_token_ids, include_stop_str_in_output).
+
+Requests are strict: booleans are JSON booleans, integers JSON integers, text valid
+Unicode (a lone UTF-16 surrogate is refused), roles from the OpenAI set; every failure is a
+400 in the OpenAI error format.
+"""
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from lightspeed.config import SamplingParams
+from lightspeed.config import MAX_SEED, MAX_TOP_K, SamplingParams
 from lightspeed.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
+                413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
+                503: "ServiceUnavailableError"}
+
+
+def _unicode(s: str) -> str:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"invalid text: a lone UTF-16 surrogate at character {e.start}; send valid Unicode") from None
+    return s
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]
+NonEmptyText = Annotated[StrictStr, Field(min_length=1), AfterValidator(_unicode)]
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+Seed = Annotated[StrictInt, Field(ge=0, le=MAX_SEED)]
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def error_body(status: int, message: str, param: str | None = None) -> dict:
+    err = ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "Error"), param=param, code=status)
+    return ErrorResponse(error=err).model_dump()
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as in vLLM
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown fields are ignored, as in vLLM
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    model: Text | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: StrictInt | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    n: int = Field(default=1, ge=1, le=128)
-    stream: bool = False
+    seed: Seed | None = Field(default=None, description="choice j of n samples with (seed + j) mod 2^63")
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
+    n: StrictInt = Field(default=1, ge=1, le=128)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    ignore_eos: StrictBool = False
+    include_stop_str_in_output: StrictBool = False
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, description="vLLM extension; 1: off")
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def check_unsupported(self) -> None:
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequestError("presence_penalty and frequency_penalty are not supported; leave them at 0")
         if self.logit_bias:
             raise InvalidRequestError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
@@ -57,8 +86,10 @@ class _Request(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
-            seed=seed, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output)
+            seed=None if seed is None else seed % (MAX_SEED + 1), stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
+            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
+            presence_penalty=self.presence_penalty or 0.0)
 
     @property
     def include_usage(self) -> bool:
@@ -66,12 +97,13 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    return_token_ids: bool = False  # vLLM extension: each choice (and chunk) carries its token ids
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: (NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1)])
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: StrictBool = False
+    return_token_ids: StrictBool = False  # vLLM extension: each choice (and chunk) carries its token ids
+    best_of: StrictInt | None = None
+    suffix: Text | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -84,36 +116,39 @@ class CompletionRequest(_Request):
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return [p]
-        if not p:
-            raise InvalidRequestError("the prompt is empty; give at least one character or token")
-        return list(p)
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
+
+    def num_choices(self) -> int:
+        return len(self.prompts()) * self.n
+
+    def num_chars(self) -> int:
+        return sum(len(p) for p in self.prompts() if isinstance(p, str))
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    """One turn; every string here is user text (see Tokenizer.encode_chat)."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    tool_call_id: Text | None = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise InvalidRequestError(f"message content of type {part.get('type')!r} is not supported (text only)")
-            parts.append(part.get("text", ""))
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    add_generation_prompt: bool = True
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    add_generation_prompt: StrictBool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -129,6 +164,12 @@ class ChatCompletionRequest(_Request):
 
     def conversation(self) -> list[dict[str, Any]]:
         return [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
+
+    def num_choices(self) -> int:
+        return self.n
+
+    def num_chars(self) -> int:
+        return sum(len(m.text()) + len(m.name or "") for m in self.messages)
 
 
 # -- responses -------------------------------------------------------------------------

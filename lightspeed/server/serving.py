@@ -14,11 +14,12 @@ from dataclasses import dataclass, field, replace
 
 from lightspeed.config import SamplingParams
 from lightspeed.engine.outputs import RequestOutput
-from lightspeed.errors import InvalidRequestError
+from lightspeed.errors import InvalidRequestError, LightspeedError
+from lightspeed.server.engine_client import EngineUnavailableError, RequestFailedError
 from lightspeed.server.protocol import (ChatChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
                                         ChatLogProbs, ChatResponseMessage, ChatTokenLogprob, CompletionChoice,
                                         CompletionLogProbs, CompletionRequest, CompletionResponse, TopLogprob,
-                                        UsageInfo, random_id)
+                                        UsageInfo, error_body, random_id)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # as in the OpenAI API and vLLM; chat defaults to the rest of the context
 
@@ -71,18 +72,28 @@ def _subs(state, body, prompts: list[tuple[list[int], str]], max_tokens: int | N
     for pi, (ids, text) in enumerate(prompts):
         limit = _max_tokens(state, len(ids), max_tokens, default)
         for j in range(body.n):
-            seed = None if body.seed is None else body.seed + j
+            seed = None if body.seed is None else body.seed + j  # reduced mod 2^63 in sampling_params
             params = body.sampling_params(limit, num_logprobs, seed)
             subs.append(Sub(f"{base}-{pi * body.n + j}", pi * body.n + j, ids, params, text))
     return subs
 
 
+def error_status(e: BaseException) -> int:
+    if isinstance(e, EngineUnavailableError):
+        return 503
+    if isinstance(e, RequestFailedError) or not isinstance(e, LightspeedError):
+        return 500
+    return 400
+
+
 def completion_job(state, body: CompletionRequest) -> "Job":
+    """Tokenize and validate (runs in a worker thread, off the event loop)."""
     body.check_unsupported()
-    engine = state.engine.engine
+    info = state.info
+    info.check_chars(body.num_chars())
     prompts = []
     for p in body.prompts():
-        ids = engine.tokenize_prompt(p)  # InvalidRequestError: empty, bad ids, over the context
+        ids = info.tokenize_prompt(p)  # InvalidRequestError: empty, bad ids, over the context
         text = p if isinstance(p, str) else (state.tokenizer.decode(ids) if body.echo and state.tokenizer else "")
         prompts.append((ids, text))
     subs = _subs(state, body, prompts, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, body.logprobs)
@@ -95,8 +106,9 @@ def chat_job(state, body: ChatCompletionRequest) -> "Job":
     if tok is None:
         raise InvalidRequestError(f"{state.model_name} has no tokenizer or chat template; use /v1/completions "
                                   "with token-id prompts")
-    text = tok.apply_chat_template(body.conversation(), add_generation_prompt=body.add_generation_prompt)
-    ids = state.engine.engine.tokenize_prompt(tok.encode(text, add_special_tokens=False))
+    state.info.check_chars(body.num_chars())
+    ids, text = tok.encode_chat(body.conversation(), add_generation_prompt=body.add_generation_prompt)
+    ids = state.info.tokenize_prompt(ids)
     num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     subs = _subs(state, body, [(ids, text)], body.max_completion_tokens or body.max_tokens, None, num_logprobs)
     return ChatJob(state, body, subs, random_id("chatcmpl"))
@@ -124,13 +136,18 @@ class Job:
     subs: list[Sub]
     response_id: str
     created: int = field(default_factory=lambda: int(time.time()))
+    num_reserved: int = 0  # choices counted against the server's queue limit (ServerState.admit)
+
+    def release(self) -> None:
+        """Return the reserved choices (idempotent: every way a response ends calls it)."""
+        self.state.num_in_flight -= self.num_reserved
+        self.num_reserved = 0
 
     async def run(self, engine):
         """-> async iterator of (choice index, RequestOutput), until every choice finished."""
         q: asyncio.Queue = asyncio.Queue()
         index = {s.request_id: s.index for s in self.subs}
         pending: set[str] = set()
-        self.state.num_in_flight += len(self.subs)
         try:
             for s in self.subs:
                 engine.add_request(s.request_id, s.prompt_ids, s.params, q)
@@ -146,7 +163,7 @@ class Job:
         finally:
             for rid in pending:
                 engine.abort(rid)
-            self.state.num_in_flight -= len(self.subs)
+            self.release()
 
     def usage(self, outs: dict[int, RequestOutput]) -> UsageInfo:
         num_prompt = sum(len(self.subs[i].prompt_ids) for i in range(0, len(self.subs), self.body.n))
@@ -180,8 +197,7 @@ class Job:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 -- the stream already started: report in band
-            from lightspeed.server.openai import error_body
-            yield _data(error_body(400 if isinstance(e, InvalidRequestError) else 500, str(e)))
+            yield _data(error_body(error_status(e), str(e)))
         yield "data: [DONE]\n\n"
 
     def token_text(self) -> TokenText:

@@ -31,8 +31,8 @@ class Server:
         args = build_parser().parse_args(["serve", "--model", str(model_path), "--device", "cpu",
                                           "--served-model-name", MODEL, *extra])
         self.api_key = args.api_key
-        app, self.async_engine, _ = build_server(args)
-        self.engine = self.async_engine.engine
+        app, self.client_engine, _ = build_server(args)
+        self.engine = getattr(self.client_engine.transport, "engine", None)  # the Engine, in-thread only
         self.thread = ServerThread(app).start()
         self.url = self.thread.url
 
@@ -63,7 +63,7 @@ class Server:
     def wait_idle(self, timeout: float = 30.0) -> None:
         """Until the engine has no request left (aborts are processed on the engine thread)."""
         deadline = time.monotonic() + timeout
-        while self.engine.has_unfinished_requests() or not self.async_engine._inbox.empty():
+        while not self.client_engine.transport.is_idle():
             assert time.monotonic() < deadline, "the engine did not go idle"
             time.sleep(0.02)
         time.sleep(0.1)
@@ -76,7 +76,7 @@ class Server:
 
     def stop(self) -> None:
         self.thread.stop()
-        self.async_engine.shutdown()
+        self.client_engine.shutdown()
 
 
 def assert_openai_error(status_body, status: int):

@@ -91,7 +91,7 @@ def test_oversized_body_is_413(server):
     still_serving(server)
 
 
-def test_queue_limit_is_429_then_dead_engine_is_503(tiny_model):
+def test_queue_limit_is_429(tiny_model):
     s = Server(tiny_model, "--max-num-seqs", "1", "--max-queue", "1")
     try:
         long = {"model": MODEL, "prompt": "hello", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
@@ -112,12 +112,34 @@ def test_queue_limit_is_429_then_dead_engine_is_503(tiny_model):
             t.join(60)
         assert [r[0] for r in results] == [200, 200]
         assert s.request("POST", "/v1/completions", OK)[0] == 200  # serving again
+    finally:
+        s.stop()
+
+
+def test_a_failed_step_fails_its_requests_alone_until_the_device_stays_broken(tiny_model):
+    s = Server(tiny_model)
+    try:
+        step = s.engine.step
+        calls = []
+
+        def step_failing_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("simulated device failure")
+            return step()
+        s.engine.step = step_failing_once
+        err = assert_openai_error(s.request("POST", "/v1/completions", OK), 500)
+        assert "simulated device failure" in err["message"]
+        still_serving(s)  # the engine loop lives on
+        assert s.request("GET", "/health")[1]["status"] == "ok"
 
         def broken_step():
             raise RuntimeError("simulated device failure")
         s.engine.step = broken_step
+        statuses = {s.request("POST", "/v1/completions", OK)[0] for _ in range(3)}
+        assert statuses <= {500, 503} and 503 in statuses
         assert_openai_error(s.request("POST", "/v1/completions", OK), 503)
-        assert_openai_error(s.request("GET", "/health"), 503)
-        assert_openai_error(s.request("POST", "/v1/completions", OK), 503)
+        status, health = s.request("GET", "/health")
+        assert status == 503 and health["status"] == "dead" and "simulated device failure" in health["reason"]
     finally:
         s.stop()

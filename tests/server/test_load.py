@@ -93,7 +93,7 @@ def test_aborted_streams_leak_no_kv_blocks(server):
     server.wait_idle()
     assert bm.num_free_blocks == bm.num_blocks
     assert server.metric("request_aborted_total") == aborted + 1
-    assert server.async_engine._sinks == {} and server.engine._states == {}
+    assert server.client_engine._sinks == {} and server.engine._states == {}
     assert concurrent(server, prompts(3, seed=3), 8)  # still serving
 
 
