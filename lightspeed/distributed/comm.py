@@ -1,0 +1,123 @@
+"""All-reduce for one tensor-parallel group: a one-shot all-reduce over peer-mapped
+(symmetric) buffers for the small messages of a decode step, NCCL (gloo on CPU) otherwise.
+
+One-shot (PyTorch's `torch.ops.symm_mem.one_shot_all_reduce`): every rank copies its input
+into its own symmetric buffer, then each rank reads all peers' buffers over NVLink and sums
+them: one kernel, one hop, no ring. It wins at batch-1 sizes (a few KB per layer); NCCL wins
+for large messages. Both are graph-capturable.
+
+    buffer (per dtype): [ONE_SHOT_MAX_BYTES / itemsize] on every rank, rendezvous'd once
+    call with n values: buffer[:n] <- x; out = sum over ranks of buffer[:n]
+
+NOTE: NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, set
+by `no_multicast_env` before any process group exists); only the peer-load one-shot op is
+used, never the multimem one.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from lightspeed.layers.norm import rms_norm
+
+ONE_SHOT_MAX_BYTES = 256 * 1024  # larger messages: NCCL (one-shot reads world_size x the bytes)
+NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def no_multicast_env() -> None:
+    """Turn NVLink multicast off for NCCL and symmetric memory (call before init_process_group)."""
+    os.environ.update(NO_MULTICAST_ENV)
+
+
+def one_shot_available(device: torch.device) -> bool:
+    """PyTorch's symmetric-memory one-shot op exists here (a CUDA build with symm_mem)."""
+    if device.type != "cuda":
+        return False
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401
+        return hasattr(torch.ops.symm_mem, "one_shot_all_reduce")
+    except (ImportError, AttributeError, RuntimeError):
+        return False
+
+
+def all_reduce_add_rmsnorm_ref(parts: list[torch.Tensor], residual: torch.Tensor | None, weight: torch.Tensor,
+                               eps: float):
+    """The semantics of the fused op, for tests: parts [world] x [T, H] (each rank's partial
+    sum) -> (rms_norm(sum(parts) + residual), sum(parts) + residual)."""
+    total = torch.stack(parts).sum(0)
+    if residual is not None:
+        total = total + residual
+    return rms_norm(total, weight, eps), total
+
+
+class Communicator:
+    """All-reduce of one group; `method(x)` says which implementation a tensor takes."""
+
+    def __init__(self, group, world_size: int, device: torch.device, enable_one_shot: bool = True,
+                 one_shot_max_bytes: int = ONE_SHOT_MAX_BYTES):
+        self.group, self.world_size, self.device = group, world_size, device
+        self.one_shot_max_bytes = one_shot_max_bytes
+        self.has_one_shot = enable_one_shot and world_size > 1 and one_shot_available(device)
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}  # dtype -> symmetric buffer [max_bytes / itemsize]
+        self.counts = {"one_shot": 0, "nccl": 0, "gloo": 0, "none": 0}  # calls per method (tests, reports)
+
+    def method(self, x: torch.Tensor) -> str:
+        """"none" (one rank), "one_shot" (small contiguous CUDA message), else the group's backend."""
+        if self.world_size == 1:
+            return "none"
+        if self.has_one_shot and x.is_cuda and x.is_contiguous() and x.numel() * x.element_size() <= \
+                self.one_shot_max_bytes:
+            return "one_shot"
+        return "nccl" if x.is_cuda else "gloo"
+
+    def buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The symmetric buffer of `dtype`, allocated and rendezvous'd on first use; every rank
+        must ask for the same dtypes in the same order (they run the same model code)."""
+        buf = self.buffers.get(dtype)
+        if buf is None:
+            import torch.distributed._symmetric_memory as symm_mem
+            numel = self.one_shot_max_bytes // torch.empty((), dtype=dtype).element_size()
+            buf = symm_mem.empty(numel, dtype=dtype, device=self.device)
+            symm_mem.rendezvous(buf, self.group_name)
+            self.buffers[dtype] = buf
+        return buf
+
+    @property
+    def group_name(self) -> str:
+        return (self.group or dist.group.WORLD).group_name
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks; in place for the backend path, a new tensor for one-shot."""
+        how = self.method(x)
+        self.counts[how] += 1
+        if how == "none":
+            return x
+        if how == "one_shot":
+            buf = self.buffer(x.dtype)[: x.numel()]
+            buf.copy_(x.view(-1))
+            return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name).view(x.shape)
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_reduce_max_(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over ranks, in place (FP8 scales of split input dims)."""
+        if self.world_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] per rank -> [..., world * n], rank-major (vocabulary-parallel logits)."""
+        if self.world_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor | None, norm) -> tuple:
+        """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) through `norm`
+        (an RMSNorm: the Triton add+RMSNorm kernel on CUDA). NOTE: two launches on the one-shot
+        path (the reduce, then add+norm in one kernel); a single fused kernel is future work."""
+        x = self.all_reduce(x)
+        return norm(x) if residual is None else norm(x, residual)
