@@ -91,7 +91,13 @@ class Engine:
         kernels.set_pdl(config.enable_pdl)  # NOTE: process-wide, read at each kernel launch
         invariant = config.batch_invariant
         set_batch_invariant(speculative is not None and self.device.type == "cuda" if invariant is None else invariant)
-        model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
+        self.tp_group = None
+        if config.tensor_parallel_size > 1:  # one process per device (lightspeed/distributed)
+            from lightspeed.distributed.executor import TensorParallelGroup
+            self.tp_group = TensorParallelGroup(config, self.device, self.dtype, speculative)
+            model, self.tokenizer = self.tp_group.model, self.tp_group.tokenizer
+        else:
+            model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
         max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
@@ -106,6 +112,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
                                   seed=config.seed, proposer=proposer, verifier=verifier,
                                   enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs)
+        if self.tp_group is not None:
+            self.runner = self.tp_group.start(self.runner)  # pipes each step to the other ranks
         # NOTE: an EAGLE-3 head needs the target's hidden states of every position, which a
         # prefix-cache hit skips; prefix caching is off with it
         caching = config.enable_prefix_caching and getattr(speculative, "method", None) != "eagle3"

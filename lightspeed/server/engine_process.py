@@ -77,7 +77,10 @@ class ProcessAsyncEngine(AsyncEngine):
         ctx = mp.get_context("spawn")
         self._to_engine, self._from_engine = ctx.Queue(), ctx.Queue()
         self._proc = ctx.Process(target=_engine_main, args=(config, speculative, self._to_engine, self._from_engine),
-                                 name="lightspeed-engine", daemon=True)
+                                 name="lightspeed-engine",
+                                 # NOTE: a daemon may not start processes; tensor-parallel workers
+                                 # exit by themselves when this engine process is gone
+                                 daemon=getattr(config, "tensor_parallel_size", 1) == 1)
         self._proc.start()
         try:
             kind, payload = self._from_engine.get(timeout=start_timeout_s)
