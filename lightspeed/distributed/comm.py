@@ -7,7 +7,8 @@ them: one kernel, one hop, no ring. It wins at batch-1 sizes (a few KB per layer
 for large messages. Both are graph-capturable.
 
     buffer (per dtype): [ONE_SHOT_MAX_BYTES / itemsize] on every rank, rendezvous'd once
-    call with n values: buffer[:n] <- x; out = sum over ranks of buffer[:n]
+                        by `prepare` (outside CUDA graphs), which also checks it against NCCL
+    call with n values: buffer[:n] <- x; barrier; out = sum over ranks of buffer[:n] (one kernel)
 
 NOTE: NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, set
 by `no_multicast_env` before any process group exists); only the peer-load one-shot op is
@@ -16,6 +17,7 @@ used, never the multimem one.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,17 @@ def all_reduce_add_rmsnorm_ref(parts: list[torch.Tensor], residual: torch.Tensor
     return rms_norm(total, weight, eps), total
 
 
+def choose_method(world_size: int, has_one_shot: bool, is_cuda: bool, is_contiguous: bool, nbytes: int,
+                  max_bytes: int) -> str:
+    """"none" (one rank), "one_shot" (a small contiguous CUDA message, buffers ready), else the
+    group's backend: "nccl" for CUDA tensors, "gloo" for CPU ones."""
+    if world_size == 1:
+        return "none"
+    if has_one_shot and is_cuda and is_contiguous and nbytes <= max_bytes:
+        return "one_shot"
+    return "nccl" if is_cuda else "gloo"
+
+
 class Communicator:
     """All-reduce of one group; `method(x)` says which implementation a tensor takes."""
 
@@ -60,29 +73,41 @@ class Communicator:
         self.group, self.world_size, self.device = group, world_size, device
         self.one_shot_max_bytes = one_shot_max_bytes
         self.has_one_shot = enable_one_shot and world_size > 1 and one_shot_available(device)
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}  # dtype -> symmetric buffer [max_bytes / itemsize]
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}  # dtype -> symmetric buffer [buffer_numel(dtype)]
         self.counts = {"one_shot": 0, "nccl": 0, "gloo": 0, "none": 0}  # calls per method (tests, reports)
 
     def method(self, x: torch.Tensor) -> str:
-        """"none" (one rank), "one_shot" (small contiguous CUDA message), else the group's backend."""
-        if self.world_size == 1:
-            return "none"
-        if self.has_one_shot and x.is_cuda and x.is_contiguous() and x.numel() * x.element_size() <= \
-                self.one_shot_max_bytes:
-            return "one_shot"
-        return "nccl" if x.is_cuda else "gloo"
+        return choose_method(self.world_size, self.has_one_shot and x.dtype in self.buffers, x.is_cuda,
+                             x.is_contiguous(), x.numel() * x.element_size(), self.one_shot_max_bytes)
 
-    def buffer(self, dtype: torch.dtype) -> torch.Tensor:
-        """The symmetric buffer of `dtype`, allocated and rendezvous'd on first use; every rank
-        must ask for the same dtypes in the same order (they run the same model code)."""
-        buf = self.buffers.get(dtype)
-        if buf is None:
+    def buffer_numel(self, dtype: torch.dtype) -> int:
+        return self.one_shot_max_bytes // torch.empty((), dtype=dtype).element_size()
+
+    def prepare(self, dtype: torch.dtype) -> bool:
+        """Collective, outside any CUDA graph, before the first step: allocate and rendezvous
+        the symmetric buffer of `dtype`, then check one one-shot all-reduce against the backend's
+        on every rank; any failure or mismatch anywhere turns one-shot off for this dtype on all
+        ranks (NCCL then). -> whether one-shot is on."""
+        if not self.has_one_shot or dtype in self.buffers:
+            return dtype in self.buffers
+        ok, buf = True, None
+        try:
             import torch.distributed._symmetric_memory as symm_mem
-            numel = self.one_shot_max_bytes // torch.empty((), dtype=dtype).element_size()
-            buf = symm_mem.empty(numel, dtype=dtype, device=self.device)
+            buf = symm_mem.empty(self.buffer_numel(dtype), dtype=dtype, device=self.device)
             symm_mem.rendezvous(buf, self.group_name)
+            x = torch.arange(4096, device=self.device).remainder(7).to(dtype) * (1 + dist.get_rank(self.group))
+            got = torch.ops.symm_mem.one_shot_all_reduce_copy(buf[: x.numel()], x, "sum", self.group_name)
+            want = x.clone()
+            dist.all_reduce(want, group=self.group)
+            ok = bool(torch.equal(got, want))
+        except Exception as e:  # noqa: BLE001 - any failure means: use the backend instead
+            warnings.warn(f"one-shot all-reduce unavailable ({type(e).__name__}: {e}); using NCCL")
+            ok = False
+        flag = torch.tensor([int(ok)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        if int(flag.item()):
             self.buffers[dtype] = buf
-        return buf
+        return dtype in self.buffers
 
     @property
     def group_name(self) -> str:
@@ -94,10 +119,9 @@ class Communicator:
         self.counts[how] += 1
         if how == "none":
             return x
-        if how == "one_shot":
-            buf = self.buffer(x.dtype)[: x.numel()]
-            buf.copy_(x.view(-1))
-            return torch.ops.symm_mem.one_shot_all_reduce(buf, "sum", self.group_name).view(x.shape)
+        if how == "one_shot":  # one kernel: copy into this rank's buffer, barrier, sum all peers'
+            buf = self.buffers[x.dtype][: x.numel()]
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(buf, x.view(-1), "sum", self.group_name).view(x.shape)
         dist.all_reduce(x, group=self.group)
         return x
 

@@ -47,11 +47,13 @@ def load_rank_model(config: EngineConfig, ctx: ParallelContext, device: torch.de
     from lightspeed.loader import resolve_model
     from lightspeed.models.random import SHAPE_PREFIX, random_model
     if config.model.startswith(SHAPE_PREFIX):
-        net = random_model(config.model[len(SHAPE_PREFIX):], device, dtype, seed=config.seed,
-                           quantization=config.quantization, shard=lambda m: shard_model_(m, ctx))
-        return net, None
-    from lightspeed.distributed.loading import load_sharded_model
-    net, tokenizer, _ = load_sharded_model(resolve_model(config.model), ctx, device, dtype, config.quantization)
+        net, tokenizer = random_model(config.model[len(SHAPE_PREFIX):], device, dtype, seed=config.seed,
+                                      quantization=config.quantization, shard=lambda m: shard_model_(m, ctx)), None
+    else:
+        from lightspeed.distributed.loading import load_sharded_model
+        net, tokenizer, _ = load_sharded_model(resolve_model(config.model), ctx, device, dtype,
+                                               config.quantization)
+    ctx.comm.prepare(dtype)  # the one-shot buffers, before any CUDA graph is captured
     return net, tokenizer
 
 

@@ -47,13 +47,33 @@ class Paged:
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
 
+def check_comm(ctx) -> dict:
+    """The collectives against their plain definitions (every rank builds every rank's part)."""
+    from lightspeed.distributed.comm import all_reduce_add_rmsnorm_ref
+    from lightspeed.layers.norm import RMSNorm
+    world, g = ctx.world_size, torch.Generator().manual_seed(5)
+    parts = [torch.randn(3, 8, generator=g) * (r + 1) for r in range(world)]
+    residual = torch.randn(3, 8, generator=g)
+    norm = RMSNorm(8, 1e-6)
+    norm.weight.data = torch.rand(8, generator=g) + 0.5
+    normed, summed = ctx.comm.all_reduce_add_rmsnorm(parts[ctx.rank].clone(), residual, norm)
+    want_normed, want_summed = all_reduce_add_rmsnorm_ref(parts, residual, norm.weight, norm.eps)
+    gathered = ctx.comm.all_gather_last(parts[ctx.rank])
+    amax = ctx.comm.all_reduce_max_(parts[ctx.rank][0].clone())
+    return dict(add_rmsnorm=bool(torch.allclose(normed, want_normed, atol=1e-5)
+                                 and torch.allclose(summed, want_summed, atol=1e-5)),
+                all_gather=bool(torch.equal(gathered, torch.cat(parts, dim=-1))),
+                max=bool(torch.equal(amax, torch.stack([p[0] for p in parts]).amax(0))),
+                counts=dict(ctx.comm.counts))
+
+
 def rank_main(rank: int, world: int, init_file: str, cases: dict, result_dir: str) -> None:
     """cases: name -> (checkpoint path, expert_parallel, quantization); writes rank{r}.json."""
     from lightspeed.distributed.loading import load_sharded_model
     from lightspeed.distributed.parallel import destroy_group, init_group
     torch.set_num_threads(1)
     ctx = init_group(rank, world, init_file, torch.device("cpu"), timeout_s=60)
-    report = {}
+    report = {"comm": check_comm(ctx)}
     try:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 1, 6)]

@@ -62,6 +62,10 @@ def test_sharded_models_match_unsharded(checkpoints, world, tmp_path):
     cases = {name: checkpoints[name][:3] for name in names}
     mp.spawn(rank_main, args=(world, init_file, cases, str(tmp_path)), nprocs=world, join=True)
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
+    for r, rep in enumerate(reports):  # the collectives against their plain definitions
+        c = rep["comm"]
+        assert c["add_rmsnorm"] and c["all_gather"] and c["max"], (r, c)
+        assert c["counts"]["gloo"] == 1 and c["counts"]["one_shot"] == 0, c  # CPU: the backend, never one-shot
     for name in names:
         for r, rep in enumerate(reports):
             got = rep[name]
