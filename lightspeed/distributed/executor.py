@@ -52,7 +52,7 @@ def load_rank_model(config: EngineConfig, ctx: ParallelContext, device: torch.de
     else:
         from lightspeed.distributed.loading import load_sharded_model
         net, tokenizer, _ = load_sharded_model(resolve_model(config.model), ctx, device, dtype,
-                                               config.quantization)
+                                               config.quantization, with_tokenizer=ctx.rank == 0)
     ctx.comm.prepare(dtype)  # the one-shot buffers, before any CUDA graph is captured
     return net, tokenizer
 

@@ -151,8 +151,8 @@ def build_sharded_model(config: ModelConfig, ctx: ParallelContext, device: torch
 
 
 def load_sharded_model(path, ctx: ParallelContext, device: torch.device, dtype: torch.dtype,
-                       quantization: str | None = None):
-    """-> (model shard, tokenizer, ShardedWeights) of the checkpoint at `path`."""
+                       quantization: str | None = None, with_tokenizer: bool = True):
+    """-> (model shard, tokenizer or None, ShardedWeights) of the checkpoint at `path`."""
     from lightspeed.layers.linear import quantize_model_
     from lightspeed.loader import open_checkpoint
     ckpt = open_checkpoint(path)
@@ -160,4 +160,4 @@ def load_sharded_model(path, ctx: ParallelContext, device: torch.device, dtype: 
     weights = ShardedWeights(ckpt, ctx)
     net.load_weights(weights)
     quantize_model_(net, quantization)
-    return net.eval(), ckpt.tokenizer(), weights
+    return net.eval(), ckpt.tokenizer() if with_tokenizer else None, weights

@@ -63,6 +63,8 @@ SHAPES: dict[str, dict] = {
                         num_local_experts=5, interleave_moe_layer_step=2, use_qk_norm=True,
                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None),
 }
+# 8 experts: splits evenly over 2, 4 or 8 ranks (expert parallelism smoke runs on CPU)
+SHAPES["tiny-llama4-8e"] = dict(SHAPES["tiny-llama4"], num_local_experts=8)
 SHAPE_PREFIX = "shape:"
 WEIGHT_STD = 0.02  # HF's initializer_range; norms are 1 as in HF's init
 
