@@ -76,7 +76,8 @@ def _allreduce_rank(rank: int, world: int, init_file: str, device_type: str, out
 
 
 def _time_calls(fn, calls: int, device) -> float:
-    """Median us per call of `calls` back-to-back calls, captured in one CUDA graph on GPUs."""
+    """us per call of `calls` back-to-back calls: on GPUs the median replay of one CUDA graph
+    of them (ranks replay unsynchronised, as in a real step)."""
     if device.type != "cuda":
         for _ in range(5):
             fn()
@@ -84,26 +85,9 @@ def _time_calls(fn, calls: int, device) -> float:
         for _ in range(calls):
             fn()
         return 1e6 * (time.perf_counter() - t) / calls
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.distributed.barrier()
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(1e3 * a.elapsed_time(b) / calls)
-    return statistics.median(times)
+    from lightspeed.layers.linear import _graph_time
+    torch.distributed.barrier()
+    return _graph_time(lambda: [fn() for _ in range(calls)], 20) / calls
 
 
 def allreduce_latency(world: int, device_type: str) -> list[dict]:
@@ -231,8 +215,8 @@ def maverick_steps(args, world: int, allreduce_us: float | None) -> list[dict]:
     device = torch.device(args.device)
     bw = measure_copy_bandwidth(device)
     variants = [("ep", True, True, True)] if world > 1 else []
-    variants += [("tp-in-expert", False, True, True)]
-    if args.ablate:
+    variants += [("tp-in-expert" if world > 1 else "unsharded", False, True, True)]
+    if args.ablate:  # the ablations run on the TP-in-expert model
         variants += [("tp-in-expert pdl-off", False, False, True), ("tp-in-expert graphs-off", False, True, False)]
     rows, batches = [], [int(b) for b in args.batches.split(",") if b]
     ctx_len = args.context
@@ -260,7 +244,7 @@ def maverick_steps(args, world: int, allreduce_us: float | None) -> list[dict]:
                                  num_tokens=q, ms_per_step=round(ms, 3), floor_ms=round(floor_ms, 3),
                                  fraction_of_floor=round(floor_ms / ms, 3), build_s=round(build_s, 1),
                                  copy_bandwidth_gb_s=round(bw / 1e9, 1)))
-            if label in ("ep", "tp-in-expert"):
+            if label in ("ep", "tp-in-expert", "unsharded"):
                 lm_head = model.lm_head.weight
                 lm_head_ms = 1e3 * lm_head.numel() * lm_head.element_size() / bw
                 rows += projection(rows[-2], rows[-1], lm_head_ms, args.shape, world)
