@@ -125,10 +125,6 @@ class TensorParallelGroup:
 
     def __init__(self, config: EngineConfig, device: torch.device, dtype: torch.dtype, speculative=None):
         n = config.tensor_parallel_size
-        if getattr(speculative, "method", None) == "eagle3":
-            raise UnsupportedModelError("EAGLE-3 speculation with tensor_parallel_size > 1 is not supported yet "
-                                        "(the head reads the target's embedding, which is split); use a draft "
-                                        "model or ngram, or tensor_parallel_size 1")
         check_devices(device, n)
         check_parallel(model_config_of(config.model), n, config.expert_parallel)
         self.config, self.world_size = config, n
@@ -159,6 +155,11 @@ class TensorParallelGroup:
 
     def start(self, runner) -> "TensorParallelRunner":
         """Send the runner's settings to the workers and wait until each has built its runner."""
+        head = getattr(runner.proposer, "head", None)
+        if head is not None and getattr(head, "embed_tokens", False) is None:
+            # NOTE: an EAGLE-3 head without its own embedding shares the target's, which is
+            # split over ranks here; the head (rank 0 only) gets the whole one, read once.
+            head.set_embedding(self._full_embedding(runner.device, runner.dtype))
         settings = _runner_settings(runner, self.config)
         for conn in self.conns:
             conn.send(settings)
@@ -169,6 +170,16 @@ class TensorParallelGroup:
             if msg != "ready":
                 raise self.failure(RuntimeError(str(msg)))
         return TensorParallelRunner(runner, self)
+
+    def _full_embedding(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Embedding:
+        from lightspeed.distributed.loading import read_full_tensor
+        from lightspeed.loader import open_checkpoint, resolve_model
+        from lightspeed.models.random import SHAPE_PREFIX
+        if self.config.model.startswith(SHAPE_PREFIX):
+            raise UnsupportedModelError("an EAGLE-3 head without its own embedding needs the target's, which a "
+                                        "random-weight shape model under tensor parallelism does not keep whole")
+        w = read_full_tensor(open_checkpoint(resolve_model(self.config.model)), "embed_tokens.weight")
+        return torch.nn.Embedding(w.shape[0], w.shape[1], _weight=w.to(device, dtype)).requires_grad_(False)
 
     def failure(self, cause: BaseException) -> DistributedError:
         """A DistributedError naming every worker that died or reported an error."""

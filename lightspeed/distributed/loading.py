@@ -123,6 +123,23 @@ class ShardedWeights:
         return t
 
 
+def read_full_tensor(ckpt, suffix: str) -> torch.Tensor:
+    """The one tensor whose name ends with `suffix`, whole (safetensors: only its bytes)."""
+    files = getattr(ckpt, "_keys", None)
+    if files is not None:
+        from safetensors import safe_open
+        for file, keys in files.items():
+            key = next((k for k in keys if k.endswith(suffix)), None)
+            if key is not None:
+                with safe_open(file, framework="pt") as f:
+                    return f.get_tensor(key)
+    else:
+        for name, t in ckpt.weights():
+            if name.endswith(suffix):
+                return t
+    raise CheckpointError(f"{ckpt.path} has no tensor named *{suffix}")
+
+
 def build_sharded_model(config: ModelConfig, ctx: ParallelContext, device: torch.device, dtype: torch.dtype):
     """This rank's shard of the model, parameters uninitialised (the full model never exists:
     it is built on the meta device, then split modules are made on `device`)."""

@@ -1,6 +1,6 @@
 """Tensor-parallel engines end to end on CPU (rank 0 in this process, gloo workers spawned by
 lightspeed): greedy output of TP = 2 equals TP = 1 on a mixed batch with chunked prefill;
-draft-model and n-gram speculation under TP equal plain under TP; a worker killed mid-run
+draft-model, n-gram and EAGLE-3 speculation under TP equal plain under TP; a worker killed mid-run
 fails the step with a DistributedError within the timeout; bad sizes are refused up front."""
 from __future__ import annotations
 
@@ -48,9 +48,15 @@ def test_tp2_mixed_chunked_batch_equals_tp1(ckpt, plain_tp1):
     assert [o.token_ids for o in _tp_generate(ckpt)] == plain_tp1
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_speculation_under_tp_equals_plain(ckpt, plain_tp1, method):
-    spec = SpeculativeConfig(method, model=ckpt if method == "draft" else None, num_speculative_tokens=3)
+@pytest.mark.parametrize("method", ["ngram", "draft", "eagle3"])
+def test_speculation_under_tp_equals_plain(ckpt, plain_tp1, method, tmp_path):
+    """Proposer and verifier on rank 0 (the draft model whole there; an EAGLE-3 head without
+    its own embedding gets the target's whole embedding), the target sharded."""
+    model = {"ngram": None, "draft": ckpt, "eagle3": None}[method]
+    if method == "eagle3":
+        from tests.speculative.helpers import make_eagle3_head
+        model = str(make_eagle3_head(tmp_path / "eagle", seed=0))
+    spec = SpeculativeConfig(method, model=model, num_speculative_tokens=3)
     outs = _tp_generate(ckpt, spec)
     assert [o.token_ids for o in outs] == plain_tp1
     if method == "draft":  # the target drafting for itself: every draft accepted
