@@ -97,7 +97,8 @@ def allreduce_latency(world: int, device_type: str) -> list[dict]:
     if world < 2:
         return []
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_allreduce_rank, args=(world, os.path.join(tmp, "rdv"), device_type, tmp), nprocs=world)
+        mp.start_processes(_allreduce_rank, args=(world, os.path.join(tmp, "rdv"), device_type, tmp), nprocs=world,
+                           start_method="forkserver")
         with open(os.path.join(tmp, "allreduce.json")) as f:
             return json.load(f)
 

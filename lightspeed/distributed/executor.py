@@ -130,7 +130,8 @@ class TensorParallelGroup:
         self.config, self.world_size = config, n
         self._tmp = tempfile.TemporaryDirectory(prefix="lightspeed-tp-")
         init_file = os.path.join(self._tmp.name, "rendezvous")
-        spawn = mp.get_context("spawn")
+        spawn = mp.get_context("forkserver")  # NOTE: a fresh process like spawn (CUDA-safe), but
+        spawn.set_forkserver_preload(["lightspeed.distributed.executor"])  # torch imported once per engine process
         self.conns, self.procs = [], []
         for rank in range(1, n):
             ours, theirs = spawn.Pipe()

@@ -60,7 +60,8 @@ def test_sharded_models_match_unsharded(checkpoints, world, tmp_path):
     # 4 ranks: the cases whose split differs from 2 (KV heads replicated, one expert per rank)
     names = list(CASES) if world == 2 else ["llama-gqa", "qwen2", "maverick-ep", "scout-tp"]
     cases = {name: checkpoints[name][:3] for name in names}
-    mp.spawn(rank_main, args=(world, init_file, cases, str(tmp_path)), nprocs=world, join=True)
+    mp.start_processes(rank_main, args=(world, init_file, cases, str(tmp_path)), nprocs=world, join=True,
+                       start_method="forkserver")  # as the engine starts its workers
     reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(world)]
     for r, rep in enumerate(reports):  # the collectives against their plain definitions
         c = rep["comm"]
