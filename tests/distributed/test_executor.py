@@ -111,3 +111,16 @@ def test_tp2_on_gpus_equals_tp1(ckpt, dtype):
     else:  # bf16 sums in another order across ranks: most tokens agree
         same = sum(a == b for x, y in zip(got, plain) for a, b in zip(x, y))
         assert same >= 0.8 * sum(len(x) for x in plain), (got, plain)
+
+
+@pytest.mark.parametrize("argv", [["generate", "p"], ["serve"], ["bench", "latency"], ["eval-spec"]])
+def test_cli_options_reach_the_engine_config(argv):
+    from lightspeed.cli import build_parser, engine_options
+    from lightspeed.config import EngineConfig
+    args = build_parser().parse_args(argv[:1] + ["--tensor-parallel-size", "4", "--expert-parallel"] + argv[1:]
+                                     if argv[0] != "bench" else argv + ["--tp", "4", "--expert-parallel"])
+    opts = engine_options(args)
+    assert opts["tensor_parallel_size"] == 4 and opts["expert_parallel"] is True
+    assert EngineConfig(**opts).tensor_parallel_size == 4
+    with pytest.raises(InvalidRequestError, match="positive"):
+        EngineConfig(tensor_parallel_size=0)
