@@ -124,3 +124,17 @@ def test_cli_options_reach_the_engine_config(argv):
     assert EngineConfig(**opts).tensor_parallel_size == 4
     with pytest.raises(InvalidRequestError, match="positive"):
         EngineConfig(tensor_parallel_size=0)
+
+
+@pytest.mark.slow  # ~50-100 s on 2 cores: four processes each dequantize the GGUF
+def test_real_gguf_tp3_equals_tp1(smollm2_path):
+    """SmolLM2-135M (9 heads, 3 KV heads) from its Q4_1 GGUF: each rank dequantizes the file
+    and keeps its slices; 3 ranks give plain greedy's tokens."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    plain = [o.token_ids for o in LLM(str(smollm2_path), device="cpu").generate(prompts, params)]
+    llm = LLM(str(smollm2_path), device="cpu", tensor_parallel_size=3, distributed_timeout_s=120)
+    try:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == plain
+    finally:
+        llm.engine.runner.shutdown()
