@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import pickle
 import tempfile
 import traceback
 import weakref
@@ -160,7 +161,11 @@ class TensorParallelGroup:
         if head is not None and getattr(head, "embed_tokens", False) is None:
             # NOTE: an EAGLE-3 head without its own embedding shares the target's, which is
             # split over ranks here; the head (rank 0 only) gets the whole one, read once.
-            head.set_embedding(self._full_embedding(runner.device, runner.dtype))
+            try:
+                head.set_embedding(self._full_embedding(runner.device, runner.dtype))
+            except BaseException:
+                self.shutdown()  # the workers wait for settings: stop them
+                raise
         settings = _runner_settings(runner, self.config)
         for conn in self.conns:
             conn.send(settings)
@@ -240,11 +245,12 @@ class TensorParallelRunner:
         g = self.group
         if g.failed is not None:
             raise g.failed
+        payload = pickle.dumps(sched, protocol=pickle.HIGHEST_PROTOCOL)  # once for all workers (conn.recv reads it)
         for rank, (conn, p) in enumerate(zip(g.conns, g.procs), 1):
             if not p.is_alive():
                 raise g.failure(RuntimeError(f"rank {rank} is not running"))
             try:
-                conn.send(sched)
+                conn.send_bytes(payload)
             except (OSError, BrokenPipeError) as e:
                 raise g.failure(e) from e
         try:

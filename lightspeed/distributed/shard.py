@@ -129,7 +129,9 @@ class TensorParallelMixin:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         local = super().compute_logits(hidden)  # [n, V'] float32
-        return self.tp_ctx.comm.all_gather_last(local)[:, : self.config.vocab_size]
+        full = self.tp_ctx.comm.all_gather_last(local)  # [n, N V'] (rank-major = vocabulary order)
+        v = self.config.vocab_size
+        return full if full.shape[1] == v else full[:, :v].contiguous()  # padded: drop the tail rows
 
     def kv_cache_shape(self, config, num_blocks: int, block_size: int) -> tuple[int, ...]:
         return (2, num_blocks, block_size, self.tp_num_kv_heads, config.head_dim)
