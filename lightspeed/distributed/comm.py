@@ -93,6 +93,7 @@ class Communicator:
         ok, buf = True, None
         try:
             import torch.distributed._symmetric_memory as symm_mem
+            symm_mem.enable_symm_mem_for_group(self.group_name)  # idempotent; older releases need it
             buf = symm_mem.empty(self.buffer_numel(dtype), dtype=dtype, device=self.device)
             symm_mem.rendezvous(buf, self.group_name)
             x = torch.arange(4096, device=self.device).remainder(7).to(dtype) * (1 + dist.get_rank(self.group))

@@ -97,7 +97,7 @@ def test_tp2_on_gpus_equals_tp1(ckpt, dtype):
     import torch
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    gpu = dict(SMALL, device="cuda", dtype=dtype)
+    gpu = dict(SMALL, device="cuda", dtype=dtype, block_size=16)
     plain = [o.token_ids for o in LLM(ckpt, **gpu).generate(PROMPTS, GREEDY)]
     llm = LLM(ckpt, tensor_parallel_size=2, distributed_timeout_s=120, **gpu)
     try:
