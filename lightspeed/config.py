@@ -270,6 +270,10 @@ class EngineConfig:
     batch_invariant: bool | None = None
     enable_prefix_caching: bool = True  # reuse the KV of full blocks shared with earlier requests
     allow_long_context: bool = False  # a max_model_len beyond the model's positions: capped there, not an error
+    # one process per device (lightspeed/distributed); 1 = today's single-process path
+    tensor_parallel_size: int = 1
+    expert_parallel: bool = False  # MoE: whole experts per rank instead of splitting each expert
+    distributed_timeout_s: float = 300.0  # every collective; a dead or stuck worker fails after this
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -278,6 +282,10 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "fp8"):
             raise InvalidRequestError(f"quantization must be fp8 or None, got {self.quantization!r}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise InvalidRequestError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if not self.distributed_timeout_s > 0:
+            raise InvalidRequestError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s!r}")
 
 
 METHODS = ("draft", "ngram", "eagle3")  # speculative methods (lightspeed/speculative/)

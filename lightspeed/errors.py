@@ -27,3 +27,7 @@ class TokenizerMismatchError(LightspeedError):
 
 class NetworkError(LightspeedError):
     """A download that needs a network this machine does not reach."""
+
+
+class DistributedError(LightspeedError):
+    """A tensor-parallel worker that died, hung past its timeout, or could not start."""

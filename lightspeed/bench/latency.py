@@ -33,7 +33,8 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-tokens", default=None,
                    help="comma-separated token counts of one-sequence steps to time at --context-len, e.g. 1,4 "
                         "(decode and a verify-shaped k+1=4 step), each against its floor")
-    p.add_argument("--ablate", action="store_true", help="also run with PDL off and with CUDA graphs off")
+    p.add_argument("--ablate", action="store_true",
+                   help="also run with the fused layers off, with PDL off and with CUDA graphs off")
     p.add_argument("--batch-size", default="1", help="comma-separated batch sizes")
     p.add_argument("--prompts", default="random", choices=["random", "humaneval", "chat"])
     p.add_argument("--num-prompts", type=int, default=None, help="prompts per batch size (default: the batch size)")

@@ -51,7 +51,10 @@ def engine_kernel_settings(config: EngineConfig, speculative: bool, device: torc
     None meaning on with speculation on CUDA."""
     invariant = config.batch_invariant
     invariant = speculative and device.type == "cuda" if invariant is None else invariant
-    base = KernelSettings(batch_invariant=invariant, fused_layers=config.enable_fused_layers)
+    # NOTE: the fused layers call the projections' kernels directly, past the row-parallel
+    # all-reduce hooks of a tensor-parallel shard: per-op layers under TP
+    fused = config.enable_fused_layers and config.tensor_parallel_size == 1
+    base = KernelSettings(batch_invariant=invariant, fused_layers=fused)
     return base if config.enable_pdl else base.replace(pdl=False)
 
 
@@ -66,7 +69,13 @@ class Engine:
         self.config = config
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
         kernel_settings = engine_kernel_settings(config, speculative is not None, self.device)
-        model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
+        self.tp_group = None
+        if config.tensor_parallel_size > 1:  # one process per device (lightspeed/distributed)
+            from lightspeed.distributed.executor import TensorParallelGroup
+            self.tp_group = TensorParallelGroup(config, self.device, self.dtype, speculative)
+            model, self.tokenizer = self.tp_group.model, self.tp_group.tokenizer
+        else:
+            model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
         if config.max_model_len is not None and config.max_model_len > rope_positions and not config.allow_long_context:
@@ -93,6 +102,8 @@ class Engine:
                                   seed=config.seed, proposer=proposer, verifier=verifier,
                                   enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs,
                                   kernel_settings=kernel_settings)
+        if self.tp_group is not None:
+            self.runner = self.tp_group.start(self.runner)  # pipes each step to the other ranks
         # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off
         caching = config.enable_prefix_caching and (proposer is None or proposer.supports_prefix_cache)
         self.block_manager = BlockManager(num_blocks, config.block_size, enable_caching=caching)

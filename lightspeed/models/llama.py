@@ -42,6 +42,14 @@ STACKED_PARAMS = [
     ("gate_up_proj", "gate_proj", 0),
     ("gate_up_proj", "up_proj", 1),
 ]
+# Tensor / expert parallelism (lightspeed/distributed/shard.py): HF module name -> how each
+# rank slices it. column: output rows split; kv_column: the rank's KV heads (replicated when
+# there are fewer KV heads than ranks); row: input columns split, outputs all-reduced (bias on
+# rank 0 only); vocab: vocabulary rows split; experts_*: Llama 4 experts [E, K, N], whole
+# experts per rank (expert parallel) or each expert's intermediate dim split. Others replicate.
+TP_PLAN = {"q_proj": "column", "k_proj": "kv_column", "v_proj": "kv_column", "gate_proj": "column",
+           "up_proj": "column", "o_proj": "row", "down_proj": "row", "embed_tokens": "vocab", "lm_head": "vocab",
+           "experts.gate_up_proj": "experts_gate_up", "experts.down_proj": "experts_down"}
 # Checkpoint tensors that carry no weights (old HF exports saved the rotary buffer).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 

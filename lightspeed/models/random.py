@@ -63,6 +63,8 @@ SHAPES: dict[str, dict] = {
                         num_local_experts=5, interleave_moe_layer_step=2, use_qk_norm=True,
                         max_position_embeddings=4096, bos_token_id=None, eos_token_id=None),
 }
+# 8 experts: splits evenly over 2, 4 or 8 ranks (expert parallelism smoke runs on CPU)
+SHAPES["tiny-llama4-8e"] = dict(SHAPES["tiny-llama4"], num_local_experts=8)
 WEIGHT_STD = 0.02  # HF's initializer_range; norms are 1 as in HF's init
 
 
@@ -80,10 +82,12 @@ def shape_config(name: str) -> ModelConfig:
 
 
 def random_model(shape: str | ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 seed: int = 0, std: float = WEIGHT_STD, quantization: str | None = None) -> torch.nn.Module:
+                 seed: int = 0, std: float = WEIGHT_STD, quantization: str | None = None,
+                 shard=None) -> torch.nn.Module:
     """A lightspeed model of `shape` (a SHAPES name or a ModelConfig) with N(0, std) weights
     and biases, unit norms; deterministic for (seed, device). Ready to run (as after load).
-    quantization "fp8": what quantize_model_ makes of it, built directly in FP8 (module doc)."""
+    quantization "fp8": what quantize_model_ makes of it, built directly in FP8 (module doc).
+    shard(net): called right after construction (tensor parallelism: distributed/shard.py)."""
     from lightspeed.layers.linear import QUANTIZATIONS, quantize_model_
     from lightspeed.models import get_model_class
     from lightspeed.models.llama import LlamaForCausalLM
@@ -96,6 +100,8 @@ def random_model(shape: str | ModelConfig, device: torch.device | str = "cpu", d
     try:
         with torch.device("meta" if quantization else device):
             net = get_model_class(config)(config)
+            if shard is not None:  # lightspeed.distributed: this rank's modules for the split ones
+                shard(net)
     finally:
         torch.set_default_dtype(prev)
     gen = torch.Generator(device=device).manual_seed(seed)

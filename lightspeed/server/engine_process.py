@@ -71,7 +71,9 @@ class ProcessTransport:
         self._inbox, self._outbox = self._ctx.Queue(), self._ctx.Queue()
         self.proc = self._ctx.Process(target=_engine_main, args=(*self._args, self._inbox, self._outbox,
                                                                  self.num_threads), name="lightspeed-engine",
-                                      daemon=True)
+                                      # NOTE: a daemon may not start processes; tensor-parallel workers
+                                      # exit by themselves when this engine process is gone
+                                      daemon=getattr(self._args[0], "tensor_parallel_size", 1) == 1)
         self.proc.start()
         deadline = time.monotonic() + self.start_timeout_s
         while True:
