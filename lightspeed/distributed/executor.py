@@ -72,14 +72,20 @@ class _AuxLayers:
     """A worker's stand-in for rank 0's proposer: asks the model for the same aux hidden
     states (the same forward, the same CUDA-graph shapes), proposes nothing."""
 
+    needs_hidden_states = True
+
     def __init__(self, aux_layer_ids: tuple[int, ...]):
         self.aux_layer_ids = aux_layer_ids
 
     def drop(self, request_id: str) -> None:
         pass
 
-    def propose(self, *args) -> None:
+    def set_kernel_settings(self, settings) -> None:
         pass
+
+    def propose(self, inputs):
+        from lightspeed.speculative.proposer import Drafts
+        return Drafts()
 
 
 def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, conn) -> None:
@@ -155,10 +161,13 @@ class TensorParallelGroup:
     def start(self, runner) -> "TensorParallelRunner":
         """Send the runner's settings to the workers and wait until each has built its runner."""
         head = getattr(runner.proposer, "head", None)
-        if head is not None and getattr(head, "embed_tokens", False) is None:
+        shard_embed = getattr(getattr(runner.model, "model", runner.model), "embed_tokens", None)
+        if head is not None and (head.embed_tokens is None or head.embed_tokens is shard_embed):
             # NOTE: an EAGLE-3 head without its own embedding shares the target's, which is
-            # split over ranks here; the head (rank 0 only) gets the whole one, read once.
+            # split over ranks here (its forward all-reduces); the head (rank 0 only) gets the
+            # whole one, read once.
             try:
+                head.embed_tokens = None
                 head.set_embedding(self._full_embedding(runner.device, runner.dtype))
             except BaseException:
                 self.shutdown()  # the workers wait for settings: stop them
