@@ -88,14 +88,13 @@ class _AuxLayers:
         return Drafts()
 
 
-def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, conn) -> None:
+def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, device: torch.device,
+                dtype: torch.dtype, conn) -> None:
     """A worker process: its shard, its runner, one SchedulerOutput per step until None."""
-    from lightspeed.engine.engine import resolve_device_dtype
     from lightspeed.engine.runner import ModelRunner
     parent = mp.parent_process()
     try:
-        device, dtype = resolve_device_dtype(config.device, config.dtype)
-        device = rank_device(device, rank)
+        device = rank_device(device, rank)  # rank 0's resolved device and dtype
         ctx = init_group(rank, world, init_file, device, config.distributed_timeout_s, config.expert_parallel)
         model, _ = load_rank_model(config, ctx, device, dtype)
         s = conn.recv()
@@ -139,7 +138,7 @@ class TensorParallelGroup:
         self.conns, self.procs = [], []
         for rank in range(1, n):
             ours, theirs = spawn.Pipe()
-            p = spawn.Process(target=worker_main, args=(rank, n, init_file, config, theirs), daemon=True,
+            p = spawn.Process(target=worker_main, args=(rank, n, init_file, config, device, dtype, theirs), daemon=True,
                               name=f"lightspeed-tp-rank{rank}")
             p.start()
             self.conns.append(ours)
