@@ -3,7 +3,7 @@
 # (random weights, 1k context; the fused layers on and off) and the HTTP serving curve of the
 # default model, with the tree at BEFORE_DIR (a `git archive` of the earlier commit, carried)
 # and with this tree. JSON: bench/results/redesign-ab-*.json (copied to $OUT).
-#   BEFORE_DIR=.before BEFORE_COMMIT=a438ae7 bash bench/device/redesign_ab.sh
+#   BEFORE_DIR=.before BEFORE_COMMIT=a438ae7 [PARTS=step|serve] bash bench/device/redesign_ab.sh
 #   SHAPE=tiny-qwen2 CONTEXT_LEN=64 OUTPUT_LEN=8 CONCURRENCY=1,2 EXTRA="--device cpu" bash ...   # CPU smoke
 # Needs the default model in $LIGHTSPEED_HOME (no network on the device: carry the GGUF).
 set -uo pipefail
@@ -21,11 +21,16 @@ ab() {  # NAME DIR COMMIT ARGS...: a `lightspeed bench` run in DIR, JSON into th
         python -m lightspeed.cli bench "$@" --out "$OLDPWD/$RES/$name.json" 2>&1 | tail -6)
     copy "$RES/$name.json"
 }
-ab redesign-ab-step-before "$BEFORE_DIR" "$BEFORE_COMMIT" latency $STEP
-ab redesign-ab-step-after-unfused . "$LIGHTSPEED_GIT_COMMIT" latency $STEP --no-fused-layers
-ab redesign-ab-step-after . "$LIGHTSPEED_GIT_COMMIT" latency $STEP
-ab redesign-ab-serve-before "$BEFORE_DIR" "$BEFORE_COMMIT" serve $SERVE
-ab redesign-ab-serve-after . "$LIGHTSPEED_GIT_COMMIT" serve $SERVE
+PARTS=${PARTS:-step,serve}
+if [[ $PARTS == *step* ]]; then
+    ab redesign-ab-step-before "$BEFORE_DIR" "$BEFORE_COMMIT" latency $STEP
+    ab redesign-ab-step-after-unfused . "$LIGHTSPEED_GIT_COMMIT" latency $STEP --no-fused-layers
+    ab redesign-ab-step-after . "$LIGHTSPEED_GIT_COMMIT" latency $STEP
+fi
+if [[ $PARTS == *serve* ]]; then
+    ab redesign-ab-serve-before "$BEFORE_DIR" "$BEFORE_COMMIT" serve $SERVE
+    ab redesign-ab-serve-after . "$LIGHTSPEED_GIT_COMMIT" serve $SERVE
+fi
 echo "=== summary  [$(( $(date +%s) - T0 )) s]"
 python - "$RES" <<'PY'
 import json, sys
