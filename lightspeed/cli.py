@@ -7,7 +7,8 @@ import os
 import sys
 
 from lightspeed.errors import LightspeedError
-from lightspeed.options import add_model_args, add_sampling_args, engine_options, sampling_params, speculative_config
+from lightspeed.options import (add_model_args, add_sampling_args, add_serve_args, engine_options, sampling_params,
+                                speculative_config)
 
 def _llm(args):
     from lightspeed.engine.llm import LLM
@@ -171,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)")
     add_model_args(p)
-    from lightspeed.server.launch import add_serve_args
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 

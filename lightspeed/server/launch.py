@@ -17,39 +17,7 @@ import time
 
 import uvicorn
 
-# NOTE: measured on an H200 (bench/results/serve-qwen1.5b-h200.json): n-gram speculation helps a
-# single user (657 vs 567 tok/s) but cost throughput at 4 concurrent requests and more in an
-# earlier run; so by default it is off from 2 requests on.
-DEFAULT_SPEC_THRESHOLDS = "2:0"
-
-
-def add_serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the running batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help="most choices (prompts x n) waiting beyond --max-num-seqs; more get 429 (-1: no limit)")
-    p.add_argument("--max-choices-per-request", type=int, default=64,
-                   help="most choices (prompts x n) in one request; more get 400")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests may still take; the rest end with an error event")
-    p.add_argument("--protect-metrics", action="store_true", help="require the --api-key on /metrics too")
-    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)")
-    p.add_argument("--kv-cache-gb", type=float, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    p.add_argument("--spec-thresholds", default=DEFAULT_SPEC_THRESHOLDS,
-                   help="speculation policy N:K,...: from N running+waiting requests on, at most K drafts "
-                        f"(0 = off); 'none' keeps k always (default {DEFAULT_SPEC_THRESHOLDS})")
-    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger request bodies get 413")
-    p.add_argument("--no-engine-process", dest="engine_process", action="store_false",
-                   help="run the engine loop in a thread of the server process (default: a process of its own, "
-                        "so HTTP work and engine steps run in parallel)")
-    p.add_argument("--log-level", default="info")
-
+from lightspeed.options import DEFAULT_SPEC_THRESHOLDS, add_serve_args  # noqa: F401 (re-exported)
 
 def build_server(args):
     """-> (app, EngineClient, served model name) from parsed `serve` arguments."""
