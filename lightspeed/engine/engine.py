@@ -70,6 +70,11 @@ class Engine:
         self.device, self.dtype = resolve_device_dtype(config.device, config.dtype)
         kernel_settings = engine_kernel_settings(config, speculative is not None, self.device)
         self.tp_group = None
+        if config.tensor_parallel_size > 1 and speculative is not None and speculative.is_tree:
+            # NOTE: a tree's accepted path moves KV slots on rank 0 only (runner._verify); the
+            # other ranks' caches would keep the rejected branches' KV
+            raise InvalidRequestError("tree speculation is not supported with --tensor-parallel-size > 1 yet; "
+                                      "use a chain (--spec-tree-topk 1)")
         if config.tensor_parallel_size > 1:  # one process per device (lightspeed/distributed)
             from lightspeed.distributed.executor import TensorParallelGroup
             self.tp_group = TensorParallelGroup(config, self.device, self.dtype, speculative)

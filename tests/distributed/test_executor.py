@@ -138,3 +138,11 @@ def test_real_gguf_tp3_equals_tp1(smollm2_path):
         assert [o.token_ids for o in llm.generate(prompts, params)] == plain
     finally:
         llm.engine.runner.shutdown()
+
+
+def test_tree_speculation_under_tp_is_refused(tmp_path):
+    """A tree's accepted-path KV moves happen on rank 0 only: refused before any worker starts."""
+    from lightspeed import LLM
+    with pytest.raises(InvalidRequestError, match="tree speculation"):
+        LLM(str(tmp_path / "never-loaded"), tensor_parallel_size=2,
+            speculative=SpeculativeConfig("ngram", num_speculative_tokens=3, tree_topk=2))
