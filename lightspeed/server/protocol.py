@@ -72,7 +72,7 @@ class _Request(BaseModel):
     include_stop_str_in_output: StrictBool = False
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, description="vLLM extension; 1: off")
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0, description="vLLM extension; 1: off")
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
 

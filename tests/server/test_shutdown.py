@@ -36,35 +36,42 @@ def _get(port: int, path: str) -> int:
         conn.close()
 
 
-def _stream(port: int, max_tokens: int, lines: list) -> None:
+def _stream(port: int, max_tokens: int, lines: list, started: threading.Event) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     body = {"model": MODEL, "prompt": "abc", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
-    lines.extend(line.decode().strip() for line in resp if line.startswith(b"data: "))
+    for line in resp:
+        if line.startswith(b"data: "):
+            lines.append(line.decode().strip())
+            started.set()
     conn.close()
 
 
-def test_sigterm_drains_streams_and_exits_0(tiny_model):
+def test_sigterm_drains_streams_and_exits_0(tmp_path):
+    from tests.tiny import make_tiny_checkpoint
+    model = tmp_path / "long-context"
+    make_tiny_checkpoint(model, "llama", max_position_embeddings=8192)  # streams far longer than the drain
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lightspeed.cli", "serve", "--model", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-m", "lightspeed.cli", "serve", "--model", str(model),
                              "--device", "cpu", "--served-model-name", MODEL, "--port", str(port),
-                             "--shutdown-timeout", "1", "--threads", "1", "--log-level", "warning"],
+                             "--shutdown-timeout", "3", "--threads", "1", "--log-level", "warning"],
                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while _get(port, "/health") != 200:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.2)
-        streams = [[] for _ in range(4)]
-        threads = [threading.Thread(target=_stream, args=(port, 2 if i == 0 else 480, lines))
-                   for i, lines in enumerate(streams)]
+        streams, started = [[] for _ in range(4)], [threading.Event() for _ in range(4)]
+        threads = [threading.Thread(target=_stream, args=(port, 4 if i == 0 else 8000, lines, ev))
+                   for i, (lines, ev) in enumerate(zip(streams, started))]
         for t in threads:
             t.start()
-        time.sleep(0.5)
+        for ev in started:
+            assert ev.wait(60)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
