@@ -26,6 +26,7 @@ class ModelRunner:
         self.verifier = verifier
         self._seed_rng = torch.Generator().manual_seed(seed)
         self.generators: dict[str, torch.Generator] = {}
+        self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (set by the Engine)
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and kernels.use_triton(self.kv_caches[0]):
@@ -47,6 +48,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
             if self.proposer is not None:
                 self.proposer.drop(rid)
+            if self.grammar is not None:
+                self.grammar.drop(rid)
         out = RunnerOutput()
         if sched.is_empty:
             return out
@@ -67,6 +70,8 @@ class ModelRunner:
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
+        if self.grammar is not None:  # NOTE: the host fills the masks while the device runs the step
+            self.grammar.mask_logits(sched, inputs, logits)
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
             rows = [inputs.logits_rows[i][0] for i, _ in plain]
@@ -79,6 +84,10 @@ class ModelRunner:
                     out.logprobs[s.request_id] = [lp]
         if self.verifier is not None:
             self.verifier.verify(self, sched, inputs, logits, out)
+        if self.grammar is not None:
+            self.grammar.advance(out)
         if self.proposer is not None:
             self.proposer.propose(self, sched, inputs, hidden, aux_hidden, out)
+            if self.grammar is not None:
+                self.grammar.trim_drafts(out)
         return out

@@ -1,0 +1,89 @@
+"""Grammar compilation with xgrammar: the vocabulary once per tokenizer, each grammar once
+per constraint (xgrammar's own cache, bounded in bytes), off the engine loop (a thread pool)."""
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from lightspeed.errors import InvalidRequestError, UnsupportedModelError
+from lightspeed.structured.spec import GuidedSpec, guided_spec
+
+CACHE_LIMIT_BYTES = 256 << 20  # compiled grammars kept (LRU); a JSON schema takes ~10 KB-10 MB
+
+
+def _xgrammar():
+    try:
+        import xgrammar
+    except ImportError as e:  # pragma: no cover -- a runtime dependency
+        raise UnsupportedModelError("structured outputs need the xgrammar package: pip install xgrammar") from e
+    return xgrammar
+
+
+def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]):
+    """xgrammar.TokenizerInfo of a lightspeed Tokenizer: each id's bytes (byte-level BPE,
+    byte fallback or raw, read from the tokenizers backend as transformers does), the
+    model's vocabulary size (logits rows past the tokenizer's ids are always masked) and the
+    ids that end the grammar (the model's end-of-sequence tokens)."""
+    xgr = _xgrammar()
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend)
+    return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
+
+
+class StructuredOutputs:
+    """Compiles the constraints of one model's requests; thread-safe."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_workers: int = 2):
+        if tokenizer is None:
+            raise InvalidRequestError("structured outputs need a tokenizer; this model has none (shape: models)")
+        if not stop_token_ids:
+            raise InvalidRequestError("structured outputs need an end-of-sequence token; this model has none")
+        xgr = _xgrammar()
+        self.vocab_size = vocab_size
+        self.stop_token_ids = sorted(set(stop_token_ids))
+        self.info = tokenizer_info(tokenizer, vocab_size, self.stop_token_ids)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_workers, cache_enabled=True,
+                                            cache_limit_bytes=CACHE_LIMIT_BYTES)
+        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lightspeed-grammar")
+
+    def compile(self, params_or_spec):
+        """SamplingParams (or a GuidedSpec) -> xgrammar.CompiledGrammar, or None when it has
+        no constraint; InvalidRequestError with xgrammar's reason for a bad one. Blocks."""
+        spec = params_or_spec if isinstance(params_or_spec, GuidedSpec) else guided_spec(params_or_spec)
+        if spec is None:
+            return None
+        c = self.compiler
+        try:
+            if spec.kind == "json_schema":
+                return c.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+            if spec.kind == "json_object":
+                return c.compile_builtin_json_grammar()
+            if spec.kind == "regex":
+                return c.compile_regex(spec.source)
+            return c.compile_grammar(spec.source)
+        except RuntimeError as e:
+            reason = str(e).strip().splitlines()[0]
+            reason = reason.split(": ", 1)[1] if reason.startswith("[") and ": " in reason else reason
+            raise InvalidRequestError(f"cannot compile the {spec.kind.replace('_', ' ')} constraint: {reason}") from e
+
+    def submit(self, params) -> Future:
+        """compile(params) on the pool -> a Future (its exception: InvalidRequestError)."""
+        return self.pool.submit(self.compile, params)
+
+    async def compile_async(self, params):
+        """compile(params) on the pool, awaited from an event loop (the server's handlers)."""
+        return await asyncio.wrap_future(self.submit(params))
+
+
+@functools.lru_cache(maxsize=4)
+def _shared(tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...]) -> StructuredOutputs:
+    return StructuredOutputs(tokenizer, vocab_size, list(stop_token_ids))
+
+
+def structured_outputs(tokenizer, vocab_size: int, stop_token_ids) -> StructuredOutputs:
+    """The one StructuredOutputs of a (tokenizer object, vocabulary size, stop ids) in this
+    process: an engine and the server's handlers in one process share its compile cache.
+    NOTE: keyed by the tokenizer's identity; the vocabulary is compiled once per model."""
+    return _shared(tokenizer, int(vocab_size), tuple(sorted(set(stop_token_ids))))
