@@ -32,6 +32,21 @@ def tokenizer_info(tokenizer, vocab_size: int, stop_token_ids: list[int]):
     return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids))
 
 
+# NOTE: xgrammar 0.2.x writes the characters of a string with minLength / maxLength as
+# [^"\\\r\n], which admits the control characters JSON forbids in strings (json.loads rejects
+# them); its unbounded strings use the class below. Patched in the schema's EBNF.
+_LOOSE_STRING_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_schema_grammar(schema_json: str, strict_mode: bool = True) -> str:
+    """A JSON schema -> xgrammar EBNF of its compact JSON (no free whitespace: a model cannot
+    pad its output forever), strings without raw control characters."""
+    xgr = _xgrammar()
+    ebnf = str(xgr.Grammar.from_json_schema(schema_json, any_whitespace=False, strict_mode=strict_mode))
+    return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+
+
 class StructuredOutputs:
     """Compiles the constraints of one model's requests; thread-safe."""
 
@@ -57,9 +72,9 @@ class StructuredOutputs:
         c = self.compiler
         try:
             if spec.kind == "json_schema":
-                return c.compile_json_schema(spec.source, any_whitespace=False, strict_mode=True)
+                return c.compile_grammar(json_schema_grammar(spec.source))
             if spec.kind == "json_object":
-                return c.compile_builtin_json_grammar()
+                return c.compile_grammar(json_schema_grammar('{"type": "object"}', strict_mode=False))
             if spec.kind == "regex":
                 return c.compile_regex(spec.source)
             return c.compile_grammar(spec.source)
