@@ -29,6 +29,9 @@ class GrammarBatch:
         self.structured = structured
         self.vocab_size = structured.vocab_size
         self.stop_token_ids = set(structured.stop_token_ids)
+        # ids no grammar accepts (special tokens, padding rows past the tokenizer's vocabulary):
+        # drafts of them are rejected here, without asking (and warning from) the matcher
+        self.never_ids = set(structured.info.special_token_ids) - self.stop_token_ids
         self.grammars: dict = {}  # request id -> CompiledGrammar (matcher built at its first step)
         self.matchers: dict = {}
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
@@ -83,13 +86,18 @@ class GrammarBatch:
             if leaving:
                 m.rollback(1)
                 continue
-            if drafts[c] in self.stop_token_ids or not m.accept_token(drafts[c]):
+            if not self._accepts(m, drafts[c]):
                 continue  # a stop token ends the request there; nothing reads the rows below
             m.fill_next_token_bitmask(bitmask, first + 1 + c)
             filled.append(first + 1 + c)
             stack.append((c, True))
             stack += [(k, False) for k in reversed(kids.get(c, ()))]
         return filled
+
+    def _accepts(self, m, token_id: int) -> bool:
+        """Advance `m` by a draft token if the grammar takes it; a stop token is never taken
+        (the request ends there: nothing reads the rows after it)."""
+        return token_id not in self.stop_token_ids and token_id not in self.never_ids and m.accept_token(token_id)
 
     # -- after sampling / verification -------------------------------------------------
     def advance(self, out) -> None:
@@ -113,8 +121,7 @@ class GrammarBatch:
                 continue
             m = self._matcher(rid)
             keep = 0
-            while keep < len(drafts) and not m.is_terminated() and drafts[keep] not in self.stop_token_ids \
-                    and m.accept_token(drafts[keep]):
+            while keep < len(drafts) and not m.is_terminated() and self._accepts(m, drafts[keep]):
                 keep += 1
             if keep:
                 m.rollback(keep)
