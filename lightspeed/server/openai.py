@@ -24,6 +24,7 @@ from lightspeed.server import serving
 from lightspeed.server.async_engine import AsyncEngine, EngineDeadError
 from lightspeed.server.protocol import (ChatCompletionRequest, CompletionRequest, ErrorInfo, ErrorResponse, ModelCard,
                                         ModelList)
+from lightspeed.server.structured import compile_constraints
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 413: "RequestTooLargeError", 429: "RateLimitError", 500: "InternalServerError",
@@ -195,6 +196,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None, 
 
 
 async def _respond(state: ServerState, request: Request, job: serving.Job):
+    await compile_constraints(state, job)  # a bad schema / regex: 400 before queueing
     state.admit(len(job.subs))
     stream = job.run(state.engine)
     if job.body.stream:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lightspeed.config import SamplingParams
 from lightspeed.errors import InvalidRequestError
+from lightspeed.server.structured import ResponseFormat, guided_fields
 
 MAX_LOGPROBS = 20
 
@@ -44,6 +45,11 @@ class _Request(BaseModel):
     frequency_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
     def check_unsupported(self) -> None:
         if self.presence_penalty or self.frequency_penalty:
@@ -58,7 +64,8 @@ class _Request(BaseModel):
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             seed=seed, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
-            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output)
+            logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
+            **guided_fields(self))
 
     @property
     def include_usage(self) -> bool:
@@ -116,7 +123,6 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: bool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -124,8 +130,6 @@ class ChatCompletionRequest(_Request):
             raise InvalidRequestError("top_logprobs needs logprobs to be true")
         if self.tools:
             raise InvalidRequestError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("response_format other than text is not supported")
 
     def conversation(self) -> list[dict[str, Any]]:
         return [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]
