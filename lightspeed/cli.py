@@ -44,12 +44,34 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = p.add_argument_group("structured outputs (at most one)")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="output JSON valid under this JSON Schema file")
+    g.add_argument("--json-object", action="store_true", help="output one JSON object")
+    g.add_argument("--regex", default=None, help="output a full match of this regular expression")
+    g.add_argument("--choice", action="append", default=None, help="output one of these strings (repeatable)")
 
 
 def _sampling(args):
     from lightspeed.config import SamplingParams
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop)
+    from lightspeed.structured.spec import guided_spec
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                            json_schema=_read_schema(args.json_schema), json_object=args.json_object,
+                            regex=args.regex, choice=args.choice)
+    guided_spec(params)  # a schema that is not valid JSON Schema fails here, before the model loads
+    return params
+
+
+def _read_schema(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from lightspeed.errors import InvalidRequestError
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise InvalidRequestError(f"--json-schema: cannot read {path}: {e.strerror}") from e
 
 
 def _speculative(args):
