@@ -35,6 +35,7 @@ class GrammarBatch:
         self.grammars: dict = {}  # request id -> CompiledGrammar (matcher built at its first step)
         self.matchers: dict = {}
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
+        self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
 
     def add(self, request_id: str, compiled) -> None:
         self.grammars[request_id] = compiled
@@ -60,8 +61,7 @@ class GrammarBatch:
         todo = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and s.request_id in self.grammars]
         if not todo:
             return
-        width = (logits.shape[-1] + 31) // 32
-        bitmask = torch.full((logits.shape[0], width), -1, dtype=torch.int32)  # [num_logits, ceil(V / 32)]
+        bitmask = self._bitmask(logits)  # [num_logits, ceil(V / 32)]; only the rows filled below are read
         rows: list[int] = []
         for i, s in todo:
             first = inputs.logits_rows[i][0]
@@ -69,11 +69,19 @@ class GrammarBatch:
             parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
             rows += self._fill_tree(self._matcher(s.request_id), bitmask, first, s.token_ids[len(s.token_ids) - n:],
                                     parents)
-        if logits.device.type == "cuda":
-            bitmask = bitmask.pin_memory()
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                               vocab_size=logits.shape[-1], indices=rows)
         self.num_masked_rows += len(rows)
+
+    def _bitmask(self, logits: torch.Tensor) -> torch.Tensor:
+        """A view of the reused host buffer for this step's rows.
+        NOTE: reusing it is safe: the step's sampling copies its tokens to the host, which
+        waits for this step's (non-blocking) copy of the buffer to the device."""
+        rows, width = logits.shape[0], (logits.shape[-1] + 31) // 32
+        if self._host is None or self._host.shape[0] < rows or self._host.shape[1] != width:
+            size = max(rows, 2 * self._host.shape[0] if self._host is not None else 64)
+            self._host = torch.empty((size, width), dtype=torch.int32, pin_memory=logits.device.type == "cuda")
+        return self._host[:rows]
 
     def _fill_tree(self, m, bitmask: torch.Tensor, first: int, drafts: list[int], parents: list[int]) -> list[int]:
         """Masks of the root row and of every draft node the grammar accepts -> their rows."""
