@@ -16,6 +16,7 @@ import asyncio
 import multiprocessing as mp
 import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from lightspeed.engine.engine import Engine
 from lightspeed.server.async_engine import AsyncEngine, EngineDeadError, _send, _Sink
@@ -41,10 +42,16 @@ def _engine_main(config, speculative, inbox, outbox) -> None:
         outbox.put(("failed", e))
         return
     outbox.put(("ready", EngineView(engine.tokenizer, engine.config, engine.model_config, engine.max_model_len)))
+    # constrained requests compile (the vocabulary too, on first use) off the loop, then are added
+    grammar_pool = ThreadPoolExecutor(1, thread_name_prefix="lightspeed-grammar")
+    pending: dict = {}  # request id -> (prompt ids, params, Future of the compile)
     try:
         while True:
             block = not engine.has_unfinished_requests()
-            items = [inbox.get()] if block else []
+            try:
+                items = [inbox.get(timeout=0.005 if pending else None)] if block else []
+            except queue.Empty:
+                items = []
             while True:
                 try:
                     items.append(inbox.get_nowait())
@@ -55,18 +62,29 @@ def _engine_main(config, speculative, inbox, outbox) -> None:
                     return
                 if item[0] == "add":
                     _, rid, prompt_ids, params = item
-                    try:
-                        engine.add_request(prompt_ids, params, request_id=rid)
-                    except Exception as e:  # noqa: BLE001 -- a bad request fails alone
-                        outbox.put(("error", rid, e))
-                else:
+                    if params.is_guided:  # added once compiled (then Engine.add_request's compile is a hit)
+                        fut = grammar_pool.submit(lambda p=params: engine.structured.compile(p))
+                        pending[rid] = (prompt_ids, params, fut)
+                    else:
+                        _add(engine, outbox, rid, prompt_ids, params)
+                elif pending.pop(item[1], None) is None:
                     engine.abort_request(item[1])
+            for rid in [rid for rid, (_, _, fut) in pending.items() if fut.done()]:
+                prompt_ids, params, _ = pending.pop(rid)
+                _add(engine, outbox, rid, prompt_ids, params)
             if engine.has_unfinished_requests():
                 outbox.put(("step", engine.step(), StepStats.of(engine)))
             elif items:  # idle after aborts: the metrics still hear of it
                 outbox.put(("step", [], StepStats.of(engine)))
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
+
+
+def _add(engine, outbox, rid: str, prompt_ids: list[int], params) -> None:
+    try:
+        engine.add_request(prompt_ids, params, request_id=rid)
+    except Exception as e:  # noqa: BLE001 -- a bad request fails alone
+        outbox.put(("error", rid, e))
 
 
 class ProcessAsyncEngine(AsyncEngine):

@@ -4,6 +4,7 @@ grammar is compiled (off the event loop) before the request is queued, so a bad 
 regex is a 400 and never reaches the engine."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,12 +58,14 @@ def stop_token_ids(engine) -> set[int]:
 
 
 async def compile_constraints(state, job) -> None:
-    """Compile the job's constraint on the grammar pool (InvalidRequestError: 400). In-thread
-    engines share this process's compile cache, so the engine's own compile is then a hit."""
+    """Compile the job's constraint in a worker thread (the model's vocabulary too, on first
+    use); InvalidRequestError: 400. In-thread engines share this process's compile cache, so
+    the engine's own compile is then a hit."""
     params = next((s.params for s in job.subs if s.params.is_guided), None)
-    if params is None:
-        return
+    if params is not None:  # NOTE: every choice of a job has the same constraint
+        await asyncio.to_thread(_compile, state.engine.engine, params)
+
+
+def _compile(engine, params) -> None:
     from lightspeed.structured import structured_outputs
-    engine = state.engine.engine
-    compiler = structured_outputs(engine.tokenizer, engine.model_config.vocab_size, stop_token_ids(engine))
-    await compiler.compile_async(params)  # NOTE: every choice of a job has the same constraint
+    structured_outputs(engine.tokenizer, engine.model_config.vocab_size, stop_token_ids(engine)).compile(params)

@@ -72,7 +72,8 @@ def test_mixed_batch_matches_each_alone(llm):
     for p, sp, o in zip(prompts, params, together):
         assert o.token_ids == llm.generate([p], sp)[0].token_ids
     assert together[1].token_ids != llm.generate([prompts[1]], params[0])[0].token_ids
-    jsonschema.validate(json.loads(together[0].text), SCHEMAS["nested"]) if together[0].finish_reason == "stop" else None
+    if together[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(together[0].text), SCHEMAS["nested"])
 
 
 def test_max_tokens_inside_a_value_is_length_and_grammar_end_is_stop(llm):
