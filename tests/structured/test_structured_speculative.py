@@ -7,26 +7,16 @@ import pytest
 import torch
 import xgrammar
 
-from lightspeed import LLM, SamplingParams, SpeculativeConfig
+from lightspeed import LLM, SamplingParams
 from lightspeed.engine.sampler import sampling_logits
-from tests.speculative.helpers import make_eagle3_head, make_tiny_checkpoint
 from tests.speculative.stats import ks_uniform_pvalue, randomized_pit
+from tests.speculative.test_greedy import ckpts, spec_config  # noqa: F401 -- the same tiny target / draft / head
 from tests.structured.schemas import SCHEMAS
 
 SMALL = dict(device="cpu", block_size=4, max_num_batched_tokens=64)
 # a repeated pattern (n-gram lookup drafts) and record-like prompts
 PROMPTS = ['{"user": {"name": "ab", "id": 1}} {"user": {"name": "ab", "id": 12}} {"user": {"name": "ab",',
            "[1, 2, 3] [1, 2, 3] [1, 2,", "Record 7: gggggg", "x"]
-
-
-@pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
-    root = tmp_path_factory.mktemp("structured_spec")
-    make_tiny_checkpoint(root / "target", "llama", seed=0)
-    make_tiny_checkpoint(root / "draft", "llama", seed=1, num_hidden_layers=1)
-    make_eagle3_head(root / "eagle", seed=0)
-    return {k: str(root / k) for k in ("target", "draft", "eagle")}
-
 
 GREEDY_CASES = {
     "ngram-k4": dict(method="ngram", num_speculative_tokens=4),
@@ -42,13 +32,6 @@ GREEDY_PARAMS = [SamplingParams(max_tokens=48, temperature=0, json_schema=SCHEMA
                  SamplingParams(max_tokens=48, temperature=0)]  # unconstrained, in the same batch
 
 
-def _spec(ckpts, case):
-    case = dict(case)
-    if "model" in case:
-        case["model"] = ckpts[case["model"]]
-    return SpeculativeConfig(**case)
-
-
 @pytest.fixture(scope="module")
 def plain(ckpts):
     return LLM(ckpts["target"], **SMALL).generate(PROMPTS, GREEDY_PARAMS)
@@ -56,7 +39,7 @@ def plain(ckpts):
 
 @pytest.mark.parametrize("name", sorted(GREEDY_CASES))
 def test_greedy_speculation_under_grammar_equals_plain(ckpts, plain, name):
-    llm = LLM(ckpts["target"], speculative=_spec(ckpts, GREEDY_CASES[name]), **SMALL)
+    llm = LLM(ckpts["target"], speculative=spec_config(ckpts, GREEDY_CASES[name]), **SMALL)
     outs = llm.generate(PROMPTS, GREEDY_PARAMS)
     for o, b in zip(outs, plain):
         assert o.token_ids == b.token_ids and o.finish_reason == b.finish_reason
@@ -108,7 +91,7 @@ def hf_target(ckpts):
 def test_speculative_sampling_under_grammar_is_lossless(ckpts, hf_target, name):
     spec, sampling = SAMPLING_CASES[name]
     params = SamplingParams(max_tokens=MAX_TOKENS, regex=REGEX, **sampling)
-    llm = LLM(ckpts["target"], device="cpu", max_num_seqs=NUM_SAMPLES, speculative=_spec(ckpts, spec))
+    llm = LLM(ckpts["target"], device="cpu", max_num_seqs=NUM_SAMPLES, speculative=spec_config(ckpts, spec))
     outs = llm.generate([PROMPT] * NUM_SAMPLES, params)
     samples = [o.token_ids for o in outs]
     assert all(len(s) == MAX_TOKENS for s in samples)  # the regex never ends at 5 tokens
@@ -126,7 +109,7 @@ def test_speculative_sampling_under_grammar_is_lossless(ckpts, hf_target, name):
 
 def test_bad_constraint_with_speculation_leaves_the_engine_usable(ckpts):
     from lightspeed.errors import InvalidRequestError
-    llm = LLM(ckpts["target"], speculative=_spec(ckpts, GREEDY_CASES["ngram-k4"]), **SMALL)
+    llm = LLM(ckpts["target"], speculative=spec_config(ckpts, GREEDY_CASES["ngram-k4"]), **SMALL)
     with pytest.raises(InvalidRequestError):
         llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, json_schema=json.dumps({"type": 3})))
     (o,) = llm.generate(PROMPTS[:1], GREEDY_PARAMS[0])
