@@ -24,6 +24,7 @@ GREEDY_CASES = {
     "draft-self-k3": dict(method="draft", model="target", num_speculative_tokens=3),
     "draft-other-k4": dict(method="draft", model="draft", num_speculative_tokens=4),
     "draft-self-tree": dict(method="draft", model="target", num_speculative_tokens=3, tree_topk=2),
+    "eagle3-k3": dict(method="eagle3", model="eagle", num_speculative_tokens=3),
     "eagle3-tree": dict(method="eagle3", model="eagle", num_speculative_tokens=3, tree_topk=2),
 }
 GREEDY_PARAMS = [SamplingParams(max_tokens=48, temperature=0, json_schema=SCHEMAS["nested"]),
