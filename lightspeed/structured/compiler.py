@@ -1,10 +1,10 @@
 """Grammar compilation with xgrammar: the vocabulary once per tokenizer, each grammar once
-per constraint (xgrammar's own cache, bounded in bytes), off the engine loop (a thread pool)."""
+per constraint (xgrammar's own cache, bounded in bytes). Callers compile off the engine loop
+(the server's handlers in a worker thread before queueing, server/structured.py; the engine
+process on a worker thread before adding the request, server/engine_process.py)."""
 from __future__ import annotations
 
-import asyncio
 import functools
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from lightspeed.errors import InvalidRequestError, UnsupportedModelError
 from lightspeed.structured.spec import GuidedSpec, guided_spec
@@ -50,7 +50,7 @@ def json_schema_grammar(schema_json: str, strict_mode: bool = True) -> str:
 class StructuredOutputs:
     """Compiles the constraints of one model's requests; thread-safe."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_workers: int = 2):
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: list[int], max_threads: int = 2):
         if tokenizer is None:
             raise InvalidRequestError("structured outputs need a tokenizer; this model has none (shape: models)")
         if not stop_token_ids:
@@ -59,13 +59,13 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.info = tokenizer_info(tokenizer, vocab_size, self.stop_token_ids)
-        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_workers, cache_enabled=True,
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True,
                                             cache_limit_bytes=CACHE_LIMIT_BYTES)
-        self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="lightspeed-grammar")
 
     def compile(self, params_or_spec):
         """SamplingParams (or a GuidedSpec) -> xgrammar.CompiledGrammar, or None when it has
-        no constraint; InvalidRequestError with xgrammar's reason for a bad one. Blocks."""
+        no constraint; InvalidRequestError with xgrammar's reason for a bad one. Blocks (a
+        cache hit: microseconds; a new schema: milliseconds to a second)."""
         spec = params_or_spec if isinstance(params_or_spec, GuidedSpec) else guided_spec(params_or_spec)
         if spec is None:
             return None
@@ -83,13 +83,6 @@ class StructuredOutputs:
             reason = reason.split(": ", 1)[1] if reason.startswith("[") and ": " in reason else reason
             raise InvalidRequestError(f"cannot compile the {spec.kind.replace('_', ' ')} constraint: {reason}") from e
 
-    def submit(self, params) -> Future:
-        """compile(params) on the pool -> a Future (its exception: InvalidRequestError)."""
-        return self.pool.submit(self.compile, params)
-
-    async def compile_async(self, params):
-        """compile(params) on the pool, awaited from an event loop (the server's handlers)."""
-        return await asyncio.wrap_future(self.submit(params))
 
 
 @functools.lru_cache(maxsize=4)
