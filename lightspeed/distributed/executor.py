@@ -84,7 +84,7 @@ class _AuxLayers:
 
 def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, conn) -> None:
     """A worker process: its shard, its runner, one SchedulerOutput per step until None."""
-    from lightspeed.engine.engine import resolve_device_dtype
+    from lightspeed.loader.model import resolve_device_dtype
     from lightspeed.engine.runner import ModelRunner
     parent = mp.parent_process()
     try:

@@ -17,18 +17,8 @@ from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
 from lightspeed.kernels.settings import KernelSettings
-from lightspeed.loader.model import load_model
+from lightspeed.loader.model import load_model, resolve_device_dtype  # noqa: F401 -- also this module's API
 from lightspeed.tokenizer import IncrementalDetokenizer
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return dev, _DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
-
 
 def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
     if cfg.num_kv_blocks:
@@ -141,10 +131,19 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise InvalidRequestError(f"request id {rid!r} is already running")
+        grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None)
         self.scheduler.add_request(req)
+        if grammar is not None:  # NOTE: a method call, so it reaches a TensorParallelRunner's own runner
+            self.runner.constrain(rid, grammar, self.structured)
         return rid
+
+    @property
+    def structured(self):
+        """The structured.StructuredOutputs compiling this model's constraints (built on first use)."""
+        from lightspeed.structured import structured_outputs
+        return structured_outputs(self.tokenizer, self.model_config.vocab_size, self._eos_ids())
 
     def _eos_ids(self) -> set[int]:
         return set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
@@ -165,6 +164,9 @@ class Engine:
             state = self._states[req.request_id]
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
+                    and self.runner.grammar.is_ended(req.request_id):
+                req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
             outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
