@@ -17,7 +17,7 @@ from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
 from lightspeed.kernels.settings import KernelSettings
-from lightspeed.loader.model import load_model, resolve_device_dtype  # noqa: F401 -- also this module's API
+from lightspeed.loader.model import load_model, resolve_device_dtype
 from lightspeed.tokenizer import IncrementalDetokenizer
 
 def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
@@ -165,7 +165,7 @@ class Engine:
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
-                    and self.runner.grammar.is_ended(req.request_id):
+                    and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
                 req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
             outputs.append(state.output(req))
             if req.is_finished:

@@ -34,6 +34,7 @@ class GrammarBatch:
         self.never_ids = set(structured.info.special_token_ids) - self.stop_token_ids
         self.grammars: dict = {}  # request id -> CompiledGrammar (matcher built at its first step)
         self.matchers: dict = {}
+        self.num_accepted: dict[str, int] = {}  # request id -> emitted tokens its matcher accepted
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
         self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
 
@@ -43,6 +44,7 @@ class GrammarBatch:
     def drop(self, request_id: str) -> None:
         self.grammars.pop(request_id, None)
         self.matchers.pop(request_id, None)
+        self.num_accepted.pop(request_id, None)
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.grammars
@@ -120,6 +122,7 @@ class GrammarBatch:
                 if not m.accept_token(t):
                     raise RuntimeError(f"internal error: request {rid} emitted token {t}, which its grammar "
                                        "rejects although its logits were masked")
+                self.num_accepted[rid] = self.num_accepted.get(rid, 0) + 1
 
     def trim_drafts(self, out) -> None:
         """Cut each constrained chain of proposed drafts before its first token the grammar
@@ -136,11 +139,17 @@ class GrammarBatch:
             if keep < len(drafts):
                 out.draft_token_ids[rid] = drafts[:keep]
 
-    def is_ended(self, request_id: str) -> bool:
-        """True when the request's grammar admits nothing but a stop token (its output is whole)."""
+    def is_ended(self, request_id: str, num_output_tokens: int | None = None) -> bool:
+        """True when the request's grammar admits nothing but a stop token (its output is whole).
+        num_output_tokens: the request's output was cut there (max_tokens inside a verified
+        chain): the matcher is first rolled back to it, so tokens past the cut do not count."""
         if request_id not in self.grammars:
             return False
         m = self._matcher(request_id)
+        extra = self.num_accepted.get(request_id, 0) - num_output_tokens if num_output_tokens is not None else 0
+        if extra > 0:
+            m.rollback(extra)
+            self.num_accepted[request_id] -= extra
         if m.is_terminated():
             return True
         if not m.is_completed():

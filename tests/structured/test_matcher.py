@@ -57,3 +57,18 @@ def test_advance_trim_and_end(batch):
         batch.advance(RunnerOutput(sampled_token_ids={"r": [z]}))
     batch.drop("r")
     assert "r" not in batch
+
+
+def test_is_ended_counts_only_the_tokens_the_output_kept(batch):
+    """A verified chain can emit past max_tokens; the output is cut there, and the grammar's
+    end after the cut must not make the request look complete."""
+    a, b, c, e = (ord(x) for x in "abce")
+    batch.add("cut", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    batch.advance(RunnerOutput(sampled_token_ids={"cut": [a, b, c, e]}))
+    assert not batch.is_ended("cut", 3)  # the output kept "abc": not whole
+    assert batch.is_ended("cut", 4) is False  # rolled back: the matcher now stands after "abc"
+    batch.drop("cut")
+    batch.add("cut", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    batch.advance(RunnerOutput(sampled_token_ids={"cut": [a, b, c, e]}))
+    assert batch.is_ended("cut", 4)
+    batch.drop("cut")
