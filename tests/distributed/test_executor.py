@@ -5,6 +5,7 @@ fails the step with a DistributedError within the timeout; bad sizes are refused
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -138,3 +139,17 @@ def test_real_gguf_tp3_equals_tp1(smollm2_path):
         assert [o.token_ids for o in llm.generate(prompts, params)] == plain
     finally:
         llm.engine.runner.shutdown()
+
+
+def test_structured_outputs_under_tp_equal_tp1(ckpt):
+    """Grammars live on rank 0's runner (reached through TensorParallelRunner.constrain)."""
+    pytest.importorskip("xgrammar")
+    params = SamplingParams(max_tokens=12, temperature=0.0, regex=r"[a-c]{2,5}")
+    want = [(o.token_ids, o.finish_reason) for o in LLM(ckpt, **SMALL).generate(PROMPTS, params)]
+    llm = LLM(ckpt, tensor_parallel_size=2, distributed_timeout_s=60, **SMALL)
+    try:
+        got = llm.generate(PROMPTS, params)
+    finally:
+        llm.engine.runner.shutdown()
+    assert [(o.token_ids, o.finish_reason) for o in got] == want
+    assert all(re.fullmatch(r"[a-c]{2,5}", o.text) and o.finish_reason == "stop" for o in got)
