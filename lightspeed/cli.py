@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from lightspeed.errors import LightspeedError
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # NOTE: before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Measured with
+    # SmolLM2 on a busy 2-core machine, 2 threads: 0.19 tok/s spinning, 1.73 tok/s passive.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "threads", None) is not None and args.threads < 1:

@@ -72,24 +72,29 @@ class _AuxLayers:
     """A worker's stand-in for rank 0's proposer: asks the model for the same aux hidden
     states (the same forward, the same CUDA-graph shapes), proposes nothing."""
 
+    needs_hidden_states = True
+
     def __init__(self, aux_layer_ids: tuple[int, ...]):
         self.aux_layer_ids = aux_layer_ids
 
     def drop(self, request_id: str) -> None:
         pass
 
-    def propose(self, *args) -> None:
+    def set_kernel_settings(self, settings) -> None:
         pass
 
+    def propose(self, inputs):
+        from lightspeed.speculative.proposer import Drafts
+        return Drafts()
 
-def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, conn) -> None:
+
+def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, device: torch.device,
+                dtype: torch.dtype, conn) -> None:
     """A worker process: its shard, its runner, one SchedulerOutput per step until None."""
-    from lightspeed.loader.model import resolve_device_dtype
     from lightspeed.engine.runner import ModelRunner
     parent = mp.parent_process()
     try:
-        device, dtype = resolve_device_dtype(config.device, config.dtype)
-        device = rank_device(device, rank)
+        device = rank_device(device, rank)  # rank 0's resolved device and dtype
         ctx = init_group(rank, world, init_file, device, config.distributed_timeout_s, config.expert_parallel)
         model, _ = load_rank_model(config, ctx, device, dtype)
         s = conn.recv()
@@ -133,7 +138,7 @@ class TensorParallelGroup:
         self.conns, self.procs = [], []
         for rank in range(1, n):
             ours, theirs = spawn.Pipe()
-            p = spawn.Process(target=worker_main, args=(rank, n, init_file, config, theirs), daemon=True,
+            p = spawn.Process(target=worker_main, args=(rank, n, init_file, config, device, dtype, theirs), daemon=True,
                               name=f"lightspeed-tp-rank{rank}")
             p.start()
             self.conns.append(ours)
@@ -155,10 +160,13 @@ class TensorParallelGroup:
     def start(self, runner) -> "TensorParallelRunner":
         """Send the runner's settings to the workers and wait until each has built its runner."""
         head = getattr(runner.proposer, "head", None)
-        if head is not None and getattr(head, "embed_tokens", False) is None:
+        shard_embed = getattr(getattr(runner.model, "model", runner.model), "embed_tokens", None)
+        if head is not None and (head.embed_tokens is None or head.embed_tokens is shard_embed):
             # NOTE: an EAGLE-3 head without its own embedding shares the target's, which is
-            # split over ranks here; the head (rank 0 only) gets the whole one, read once.
+            # split over ranks here (its forward all-reduces); the head (rank 0 only) gets the
+            # whole one, read once.
             try:
+                head.embed_tokens = None
                 head.set_embedding(self._full_embedding(runner.device, runner.dtype))
             except BaseException:
                 self.shutdown()  # the workers wait for settings: stop them

@@ -17,8 +17,18 @@ from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
 from lightspeed.kernels.settings import KernelSettings
-from lightspeed.loader.model import load_model, resolve_device_dtype
+from lightspeed.loader.model import load_model
 from lightspeed.tokenizer import IncrementalDetokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev, _DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
+
 
 def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
     if cfg.num_kv_blocks:

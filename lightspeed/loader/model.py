@@ -13,21 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from lightspeed.errors import InvalidRequestError
 from lightspeed.layers.linear import quantize_model_
 from lightspeed.loader import open_checkpoint, resolve_model
 from lightspeed.models import get_model_class
 
 SHAPE_PREFIX = "shape:"
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidRequestError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return dev, _DTYPES[dtype or ("bfloat16" if dev.type == "cuda" else "float32")]
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype, quantization: str | None = None):

@@ -10,7 +10,7 @@ import os
 import torch
 
 from lightspeed.config import SamplingParams
-from lightspeed.engine.input_prep import build_host_inputs, prepare_inputs
+from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
 from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
 
 BLOCK_SIZE, BLOCKS_PER_SEQ = 4, 8
@@ -42,7 +42,9 @@ class Paged:
                                                   list(range(i * BLOCKS_PER_SEQ, (i + 1) * BLOCKS_PER_SEQ)), 0,
                                                   True, SamplingParams(), 0) for i, toks in enumerate(new_tokens)])
         self.lens = [n + len(t) for n, t in zip(self.lens, new_tokens)]
-        inputs = prepare_inputs(sched, BLOCK_SIZE, torch.device("cpu"), build_host_inputs(sched, BLOCK_SIZE))
+        tables = BlockTables()
+        tables.update(sched)
+        inputs = inputs_from_host(build_host_inputs(sched, BLOCK_SIZE, tables), torch.device("cpu"))
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.attn_meta)
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
