@@ -10,6 +10,7 @@ from lightspeed.errors import LightspeedError
 from lightspeed.options import (add_model_args, add_sampling_args, add_serve_args, engine_options, sampling_params,
                                 speculative_config)
 
+
 def _llm(args):
     from lightspeed.engine.llm import LLM
     from lightspeed.spec_advice import speculation_warnings
@@ -107,6 +108,11 @@ def cmd_bench_fp8_accuracy(args) -> None:
     run_fp8_accuracy(args)
 
 
+def cmd_bench_structured(args) -> None:
+    from lightspeed.bench.structured import run_structured_bench
+    run_structured_bench(args)
+
+
 def cmd_eval_spec(args) -> None:
     from lightspeed.bench.eval_spec import run_eval_spec
     run_eval_spec(args)
@@ -198,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     from lightspeed.bench.fp8_accuracy import add_fp8_accuracy_args
     add_fp8_accuracy_args(p)
     p.set_defaults(func=cmd_bench_fp8_accuracy)
+    p = bench.add_parser("structured", help="structured outputs: compile time, per-token overhead, speculation's speedup")
+    add_model_args(p)
+    from lightspeed.bench.structured import add_structured_bench_args
+    add_structured_bench_args(p)
+    p.set_defaults(func=cmd_bench_structured)
 
     p = sub.add_parser("eval-spec", help="speculative methods side by side: AL, per-position acceptance, tok/s/user")
     add_model_args(p, speculative=False)

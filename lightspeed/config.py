@@ -211,6 +211,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0; 1: off (lightspeed/engine/penalties.py)
     frequency_penalty: float = 0.0  # [-2, 2]
     presence_penalty: float = 0.0  # [-2, 2]
+    # structured outputs (at most one; lightspeed/structured/): a JSON Schema (dict or JSON
+    # text), any JSON object, a regular expression, or one of a list of strings
+    json_schema: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -236,6 +242,7 @@ class SamplingParams:
              f"logprobs must be an integer in [0, 20], got {self.logprobs!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids must be non-negative integers"),
+            *_guided_checks(self),
         ]
         for ok, msg in checks:
             if not ok:
@@ -244,6 +251,25 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def is_guided(self) -> bool:
+        """The output is constrained (json_schema, json_object, regex or choice)."""
+        return self.json_schema is not None or self.json_object or self.regex is not None or self.choice is not None
+
+
+def _guided_checks(p: SamplingParams) -> list[tuple[bool, str]]:
+    num = (p.json_schema is not None) + bool(p.json_object) + (p.regex is not None) + (p.choice is not None)
+    return [
+        (num <= 1, "give at most one of json_schema, json_object, regex and choice"),
+        (p.json_schema is None or isinstance(p.json_schema, (dict, str)), "json_schema must be a dict or JSON text"),
+        (p.regex is None or (isinstance(p.regex, str) and p.regex != ""), "regex must be a non-empty string"),
+        (p.choice is None or (isinstance(p.choice, (list, tuple)) and len(p.choice) > 0
+                              and all(isinstance(c, str) and c for c in p.choice)),
+         "choice must be a non-empty list of non-empty strings"),
+        (not (num and p.ignore_eos), "ignore_eos cannot be combined with structured outputs (the grammar ends "
+                                     "with an end-of-sequence token)"),
+    ]
 
 
 @dataclass

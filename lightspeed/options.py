@@ -5,7 +5,7 @@ EngineConfig / SamplingParams / SpeculativeConfig here.
     add_model_args(parser)                 --model, --device, ..., --speculative ...
     engine_options(args)  -> dict          EngineConfig keyword arguments of the model options
     speculative_config(args)               SpeculativeConfig or None
-    sampling_params(args)                  SamplingParams (add_sampling_args)
+    sampling_params(args)                  SamplingParams (add_sampling_args; structured outputs too)
 """
 from __future__ import annotations
 
@@ -66,12 +66,44 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide positive / multiply negative logits of tokens already seen (1: off)")
+    g = p.add_argument_group("structured outputs (at most one)")
+    g.add_argument("--json-schema", default=None, metavar="FILE", help="output JSON valid under this JSON Schema file")
+    g.add_argument("--json-object", action="store_true", help="output one JSON object")
+    g.add_argument("--regex", default=None, help="output a full match of this regular expression")
+    g.add_argument("--choice", action="append", default=None, help="output one of these strings (repeatable)")
 
 
 def sampling_params(args) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
-                          repetition_penalty=args.repetition_penalty)
+    return checked_guided(SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                         top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                                         repetition_penalty=args.repetition_penalty, **guided_options(args)))
+
+
+def guided_options(args) -> dict:
+    """SamplingParams keyword arguments of the structured-output options (the schema file read)."""
+    return dict(json_schema=_read_schema(getattr(args, "json_schema", None)),
+                json_object=getattr(args, "json_object", False), regex=getattr(args, "regex", None),
+                choice=getattr(args, "choice", None))
+
+
+def checked_guided(params: SamplingParams) -> SamplingParams:
+    """`params`, its constraint validated before any model loads (a schema that is not valid
+    JSON Schema, or uses a keyword structured outputs cannot enforce: InvalidRequestError)."""
+    from lightspeed.structured.spec import guided_spec
+    guided_spec(params)
+    return params
+
+
+def _read_schema(path: str | None) -> str | None:
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from lightspeed.errors import InvalidRequestError
+    try:
+        return Path(path).read_text()
+    except OSError as e:
+        raise InvalidRequestError(f"--json-schema: cannot read {path}: {e.strerror}") from e
 
 
 def speculative_config(args, spec: str | None = None, k: int | None = None) -> SpeculativeConfig | None:

@@ -42,7 +42,9 @@ def chat_params(args) -> SamplingParams:
     model_defaults = generation_defaults(args.model)
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else model_defaults.get(k, v)
               for k, v in CHAT_DEFAULTS.items()}
-    return SamplingParams(max_tokens=args.max_tokens, min_p=args.min_p, seed=args.seed, stop=args.stop, **chosen)
+    from lightspeed.options import checked_guided, guided_options
+    return checked_guided(SamplingParams(max_tokens=args.max_tokens, min_p=args.min_p, seed=args.seed, stop=args.stop,
+                                         **chosen, **guided_options(args)))
 
 
 def _setup_readline():

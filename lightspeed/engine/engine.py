@@ -146,10 +146,19 @@ class Engine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.scheduler.requests:
             raise InvalidRequestError(f"request id {rid!r} is already running")
+        grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None)
         self.scheduler.add_request(req)
+        if grammar is not None:  # NOTE: a method call, so it reaches a TensorParallelRunner's own runner
+            self.runner.constrain(rid, grammar, self.structured)
         return rid
+
+    @property
+    def structured(self):
+        """The structured.StructuredOutputs compiling this model's constraints (built on first use)."""
+        from lightspeed.structured import structured_outputs
+        return structured_outputs(self.tokenizer, self.model_config.vocab_size, self._eos_ids())
 
     def _eos_ids(self) -> set[int]:
         return set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else ())
@@ -170,6 +179,9 @@ class Engine:
             state = self._states[req.request_id]
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
+                    and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
+                req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
             outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)

@@ -38,9 +38,11 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], contexts
 
     def column(name: str) -> torch.Tensor:
         return torch.tensor([getattr(params[i], name) for i in rows], dtype=logits.dtype, device=dev)[:, None]
-    r = column("repetition_penalty")
+    info = torch.finfo(logits.dtype)
+    # NOTE: a penalty past the dtype's range (1e-300 -> 0) must not make inf or nan logits (0 / 0, 0 * -inf)
+    r = column("repetition_penalty").clamp(info.tiny, info.max)
     x = logits[rows]
-    x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    x = torch.where(seen, torch.where(x > 0, (x / r).clamp_max(info.max), x * r), x)
     x = x - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0).to(x.dtype)
     out = logits.clone()
     out[rows] = x

@@ -47,6 +47,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
+        self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
@@ -60,6 +61,14 @@ class ModelRunner:
         for part in (self.proposer, self.verifier):
             if part is not None:
                 part.set_kernel_settings(settings)
+
+    def constrain(self, request_id: str, compiled, structured) -> None:
+        """Constrain a request's output to its compiled grammar (structured outputs): its
+        logits rows are masked, its drafts trimmed, its matcher advanced by what it emits."""
+        if self.grammar is None:
+            from lightspeed.structured import GrammarBatch
+            self.grammar = GrammarBatch(structured)
+        self.grammar.add(request_id, compiled)
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator:
         g = self.generators.get(request_id)
@@ -78,6 +87,8 @@ class ModelRunner:
             self.penalty_contexts.drop(rid)
             if self.proposer is not None:
                 self.proposer.drop(rid)
+            if self.grammar is not None:
+                self.grammar.drop(rid)
         self.block_tables.update(sched)
         out = RunnerOutput()
         if sched.is_empty:
@@ -102,6 +113,8 @@ class ModelRunner:
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
+        if self.grammar is not None:  # NOTE: the host fills the masks while the device runs the step
+            self.grammar.mask_logits(sched, inputs, logits)
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
             rows = [inputs.logits_rows[i][0] for i, _ in plain]
@@ -116,6 +129,8 @@ class ModelRunner:
                 if lp is not None:
                     out.logprobs[s.request_id] = [lp]
         accepted = self._verify(sched, inputs, logits, out) if self.verifier is not None else {}
+        if self.grammar is not None:  # the masks made every emitted token grammatical
+            self.grammar.advance(out)
         if self.proposer is not None:
             self._propose(sched, inputs, aux_hidden, accepted, out)
         return out
@@ -162,6 +177,8 @@ class ModelRunner:
         self.draft_probs.update(drafts.probs)
         out.draft_token_ids.update(drafts.token_ids)
         out.draft_parents.update(drafts.parents)
+        if self.grammar is not None:  # NOTE: a trimmed chain keeps its q rows; verify reads the first n
+            self.grammar.trim_drafts(out)
 
 
 def _slot(block_table: list[int], index: int, block_size: int) -> int:

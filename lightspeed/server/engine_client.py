@@ -50,11 +50,12 @@ class EngineInfo:
     vocab_size: int
     max_model_len: int
     max_num_seqs: int
+    eos_token_ids: tuple[int, ...] = ()  # the ids that end a grammar (structured outputs)
 
     @classmethod
     def of(cls, engine) -> "EngineInfo":
         return cls(engine.tokenizer, engine.config.model, engine.model_config.vocab_size, engine.max_model_len,
-                   engine.config.max_num_seqs)
+                   engine.config.max_num_seqs, tuple(sorted(engine._eos_ids())))
 
     @property
     def max_prompt_chars(self) -> int:

@@ -8,13 +8,16 @@ same loop in a process of its own).
             ("dead", message)                           the loop gave up; nothing follows
 
 A step that raises fails the requests it ran (aborted, reported in "step"), not the loop;
-only `MAX_STEP_FAILURES` failed steps in a row (a device that stays broken) end it.
+only `MAX_STEP_FAILURES` failed steps in a row (a device that stays broken) end it. A
+constrained request (structured outputs) is added once its grammar has compiled on the
+loop's grammar thread (GrammarCompiles), so a new schema never stalls the others' steps.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from lightspeed.errors import LightspeedError
 from lightspeed.server.engine_client import EngineInfo, RequestFailedError
@@ -23,24 +26,83 @@ from lightspeed.server.metrics import StepStats
 _log = logging.getLogger("lightspeed.server")
 
 MAX_STEP_FAILURES = 3
+GRAMMAR_POLL_S = 0.005  # idle with grammars compiling: how often the loop looks at them
 
 
-def run_engine_loop(engine, recv, send) -> None:
-    """Serve `engine` until a None message: recv(block) -> list of messages; send(message)."""
+class GrammarCompiles:
+    """Constrained requests waiting for their grammar, compiled on one worker thread (the
+    model's vocabulary too, on first use); Engine.add_request's own compile is then a cache hit."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._pool: ThreadPoolExecutor | None = None  # started by the first constrained request
+        self.pending: dict[str, tuple[list[int], object, Future]] = {}  # request id -> (prompt ids, params, compile)
+
+    def submit(self, request_id: str, prompt_ids: list[int], params) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="lightspeed-grammar")
+        # NOTE: engine.structured too on the worker: its first use builds the vocabulary (or raises)
+        fut = self._pool.submit(lambda: self.engine.structured.compile(params))
+        self.pending[request_id] = (prompt_ids, params, fut)
+
+    def cancel(self, request_id: str) -> bool:
+        """Forget a pending request (aborted before it was added); False: it is not pending."""
+        return self.pending.pop(request_id, None) is not None
+
+    def ready(self) -> list[tuple[str, list[int], object, BaseException | None]]:
+        """Pop the compiled ones -> (request id, prompt ids, params, the compile's error or None)."""
+        done = [rid for rid, (_, _, fut) in self.pending.items() if fut.done()]
+        out = []
+        for rid in done:
+            prompt_ids, params, fut = self.pending.pop(rid)
+            out.append((rid, prompt_ids, params, fut.exception()))
+        return out
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def run_engine_loop(engine, recv, send, compiles: GrammarCompiles | None = None) -> None:
+    """Serve `engine` until a None message: recv(timeout) -> list of messages (timeout None:
+    wait for one, 0: do not wait, else at most that many seconds); send(message)."""
+    compiles = compiles if compiles is not None else GrammarCompiles(engine)
+    try:
+        _loop(engine, recv, send, compiles)
+    finally:
+        compiles.shutdown()
+
+
+def _add(engine, send, rid: str, prompt_ids: list[int], params, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            raise error
+        engine.add_request(prompt_ids, params, request_id=rid)
+    except Exception as e:  # noqa: BLE001 -- a bad request fails alone
+        send(("error", rid, e if isinstance(e, LightspeedError) else RequestFailedError(repr(e))))
+
+
+def _loop(engine, recv, send, compiles: GrammarCompiles) -> None:
     failures = 0
     while True:
-        items = recv(not engine.has_unfinished_requests())
+        if engine.has_unfinished_requests():
+            timeout = 0
+        else:  # NOTE: idle with compiles pending: poll for them
+            timeout = GRAMMAR_POLL_S if compiles.pending else None
+        items = recv(timeout)
         for item in items:
             if item is None:
                 return
             if item[0] == "add":
                 _, rid, prompt_ids, params = item
-                try:
-                    engine.add_request(prompt_ids, params, request_id=rid)
-                except Exception as e:  # noqa: BLE001 -- a bad request fails alone
-                    send(("error", rid, e if isinstance(e, LightspeedError) else RequestFailedError(repr(e))))
-            else:
+                if params.is_guided:
+                    compiles.submit(rid, prompt_ids, params)
+                else:
+                    _add(engine, send, rid, prompt_ids, params)
+            elif not compiles.cancel(item[1]):
                 engine.abort_request(item[1])
+        for rid, prompt_ids, params, error in compiles.ready():
+            _add(engine, send, rid, prompt_ids, params, error)
         if not engine.has_unfinished_requests():
             if items:  # idle after aborts: the metrics still hear of it
                 send(("step", [], StepStats.of(engine), []))
@@ -74,6 +136,7 @@ class ThreadTransport:
         self.idle_wait_s = idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._compiles = GrammarCompiles(engine)
 
     def start(self, on_message, on_lost, on_ready) -> None:
         del on_ready  # ready from the start
@@ -86,7 +149,7 @@ class ThreadTransport:
         self._inbox.put(message)
 
     def is_idle(self) -> bool:
-        return self._inbox.empty() and not self.engine.has_unfinished_requests()
+        return self._inbox.empty() and not self._compiles.pending and not self.engine.has_unfinished_requests()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._inbox.put(None)
@@ -94,10 +157,13 @@ class ThreadTransport:
             self._thread.join(timeout)
             self._thread = None
 
-    def _recv(self, block: bool) -> list:
+    def _recv(self, timeout: float | None) -> list:
         items = []
         try:
-            items.append(self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait())
+            if timeout == 0:
+                items.append(self._inbox.get_nowait())
+            else:  # NOTE: wakes up every idle_wait_s while idle
+                items.append(self._inbox.get(timeout=min(timeout or self.idle_wait_s, self.idle_wait_s)))
             while True:
                 items.append(self._inbox.get_nowait())
         except queue.Empty:
@@ -110,6 +176,6 @@ class ThreadTransport:
             except Exception as e:  # noqa: BLE001 -- a delivery bug must not stop the engine
                 _log.error("handling an engine message failed (%r)", e, exc_info=e)
         try:
-            run_engine_loop(self.engine, self._recv, send)
+            run_engine_loop(self.engine, self._recv, send, self._compiles)
         except BaseException as e:  # noqa: BLE001 -- every waiting client must hear of it
             on_lost(f"engine loop failed: {e!r}", e)

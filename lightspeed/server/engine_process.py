@@ -39,9 +39,10 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         return
     outbox.put(("ready", EngineInfo.of(engine)))
 
-    def recv(block: bool) -> list:
-        items = [inbox.get()] if block else []
+    def recv(timeout: float | None) -> list:
+        items = []
         try:
+            items.append(inbox.get_nowait() if timeout == 0 else inbox.get(timeout=timeout))
             while True:
                 items.append(inbox.get_nowait())
         except queue.Empty:

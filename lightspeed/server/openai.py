@@ -29,6 +29,7 @@ from lightspeed.server.middleware import BodyLimitMiddleware
 from lightspeed.server.openapi import document_errors
 from lightspeed.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                         CompletionResponse, ModelCard, ModelList, error_body)
+from lightspeed.server.structured import compile_constraints
 
 
 class APIError(Exception):
@@ -181,11 +182,13 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
 
 async def _prepare(state: ServerState, body, build) -> serving.Job:
-    """Admit the request's choices, then tokenize in a worker thread (off the event loop)."""
+    """Admit the request's choices, then tokenize and compile its grammar in worker threads
+    (off the event loop): a bad schema or regex is a 400 before anything is queued."""
     num = body.num_choices()
     state.admit(num)
     try:
         job = await asyncio.to_thread(build, state, body)
+        await compile_constraints(state, job)
     except BaseException:
         state.num_in_flight -= num
         raise

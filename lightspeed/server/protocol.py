@@ -1,5 +1,6 @@
 """OpenAI request / response schemas (pydantic), plus the vLLM extensions lightspeed reads
-(top_k, min_p, ignore_eos, stop_token_ids, include_stop_str_in_output).
+(top_k, min_p, ignore_eos, stop_token_ids, include_stop_str_in_output, repetition_penalty,
+guided_json / guided_regex / guided_choice); structured outputs: server/structured.py.
 
 Requests are strict: booleans are JSON booleans, integers JSON integers, text valid
 Unicode (a lone UTF-16 surrogate is refused), roles from the OpenAI set; every failure is a
@@ -15,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 
 from lightspeed.config import MAX_SEED, MAX_TOP_K, SamplingParams
 from lightspeed.errors import InvalidRequestError
+from lightspeed.server.structured import guided_fields
 
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
@@ -53,6 +55,24 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema under the key "schema" (OpenAI's name)."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: Text = "response"
+    description: Text | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text, any JSON object, or JSON valid under a schema."""
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown fields are ignored, as in vLLM
 
@@ -75,6 +95,11 @@ class _Request(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0, description="vLLM extension; 1: off")
     logit_bias: dict[str, float] | None = None
     user: Text | None = None
+    # structured outputs (server/structured.py): OpenAI's response_format, vLLM's guided_*
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
 
     def check_unsupported(self) -> None:
         if self.logit_bias:
@@ -89,7 +114,7 @@ class _Request(BaseModel):
             seed=None if seed is None else seed % (MAX_SEED + 1), stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], ignore_eos=self.ignore_eos,
             logprobs=num_logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             repetition_penalty=self.repetition_penalty or 1.0, frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0)
+            presence_penalty=self.presence_penalty or 0.0, **guided_fields(self))
 
     @property
     def include_usage(self) -> bool:
@@ -151,7 +176,6 @@ class ChatCompletionRequest(_Request):
     add_generation_prompt: StrictBool = True
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
@@ -159,8 +183,6 @@ class ChatCompletionRequest(_Request):
             raise InvalidRequestError("top_logprobs needs logprobs to be true")
         if self.tools:
             raise InvalidRequestError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequestError("response_format other than text is not supported")
 
     def conversation(self) -> list[dict[str, Any]]:
         return [{**m.model_dump(exclude_none=True), "content": m.text()} for m in self.messages]

@@ -221,10 +221,10 @@ class CompletionJob(Job):
         for item in out.logprobs[start:]:
             tok = text(item.token_id)
             lp.tokens.append(tok)
-            lp.token_logprobs.append(item.logprob)
+            lp.token_logprobs.append(max(item.logprob, -9999.0))  # NOTE: -inf (a grammar's masked token) is no JSON
             top: dict[str, float] = {}
             for t, v in [*item.top, (item.token_id, item.logprob)]:  # the sampled token is always listed
-                top.setdefault(text(t), v)
+                top.setdefault(text(t), max(v, -9999.0))
             lp.top_logprobs.append(top)
             lp.text_offset.append(offset)
             offset += len(tok)

@@ -5,6 +5,7 @@ fails the step with a DistributedError within the timeout; bad sizes are refused
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -146,3 +147,17 @@ def test_tree_speculation_under_tp_is_refused(tmp_path):
     with pytest.raises(InvalidRequestError, match="tree speculation"):
         LLM(str(tmp_path / "never-loaded"), tensor_parallel_size=2,
             speculative=SpeculativeConfig("ngram", num_speculative_tokens=3, tree_topk=2))
+
+
+def test_structured_outputs_under_tp_equal_tp1(ckpt):
+    """Grammars live on rank 0's runner (reached through TensorParallelRunner.constrain)."""
+    pytest.importorskip("xgrammar")
+    params = SamplingParams(max_tokens=12, temperature=0.0, regex=r"[a-c]{2,5}")
+    want = [(o.token_ids, o.finish_reason) for o in LLM(ckpt, **SMALL).generate(PROMPTS, params)]
+    llm = LLM(ckpt, tensor_parallel_size=2, distributed_timeout_s=60, **SMALL)
+    try:
+        got = llm.generate(PROMPTS, params)
+    finally:
+        llm.engine.runner.shutdown()
+    assert [(o.token_ids, o.finish_reason) for o in got] == want
+    assert all(re.fullmatch(r"[a-c]{2,5}", o.text) and o.finish_reason == "stop" for o in got)

@@ -1,0 +1,23 @@
+"""`lightspeed bench structured` end to end on a tiny model (the GPU run's command, tiny sizes)."""
+import json
+
+from lightspeed.cli import main
+from tests.tiny import make_tiny_checkpoint
+
+
+def test_bench_structured_writes_every_row(tmp_path):
+    make_tiny_checkpoint(tmp_path / "m", "llama")
+    out = tmp_path / "structured.json"
+    assert main(["bench", "structured", "--model", str(tmp_path / "m"), "--device", "cpu", "--max-tokens", "4",
+                 "--batch-sizes", "1,2", "--num-prompts", "2", "--speculative", "ngram", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert {"device", "git_commit", "command", "date", "results"} <= record.keys()
+    rows = {r["name"]: r for r in record["results"]}
+    assert rows["compile vocabulary (TokenizerInfo)"]["compile_ms"] > 0
+    assert all(rows[f"compile schema {n}"]["compile_ms"] > 0 for n in ("natural", "endless-array", "defs"))
+    for bs in (1, 2):
+        row = rows[f"json-schema overhead bs{bs}"]
+        assert row["batch_size"] == bs and row["ms_per_step"] > 0 and row["num_length_finished"] == bs
+    for label in ("unconstrained", "json-schema"):
+        assert rows[f"speculation {label} bs1"]["tokens_per_s_user"] > 0
+    assert rows["speculation speedup ratio json-schema / unconstrained"]["speedup_ratio"] > 0

@@ -1,0 +1,74 @@
+"""GrammarBatch on its own (no model): masks along a draft tree, rollback, advance, trims."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightspeed.config import SamplingParams
+from lightspeed.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lightspeed.structured import GrammarBatch, StructuredOutputs
+from lightspeed.tokenizer import Tokenizer
+from tests.tiny import EOS_ID, VOCAB, save_byte_tokenizer
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory):
+    path = tmp_path_factory.mktemp("byte-tok")
+    save_byte_tokenizer(path)
+    structured = StructuredOutputs(Tokenizer.from_hf_dir(path), VOCAB, [EOS_ID])
+    b = GrammarBatch(structured)
+    b.add("r", structured.compile(SamplingParams(regex="ab(c|d)e")))
+    return b
+
+
+def _allowed(row: torch.Tensor) -> set[int]:
+    return set((row > float("-inf")).nonzero()[:, 0].tolist())
+
+
+def test_masks_along_a_draft_tree_and_rollback(batch):
+    a, b, c, d, e, z = (ord(x) for x in "abcdez")
+    #   root -> a (0) -> b (1) -> c (3)
+    #            `-> z (2, rejected by the grammar)
+    drafts, parents = [a, b, z, c], [-1, 0, 0, 1]
+    s = ScheduledRequest("r", [7] + drafts, 10, [0], num_draft_tokens=4, is_last_chunk=True,
+                         sampling_params=SamplingParams(), num_output_tokens=0, draft_parents=parents)
+    logits = torch.zeros(1 + len(drafts), VOCAB)
+    batch.mask_logits(SchedulerOutput([s]), SimpleNamespace(logits_rows=[(0, 5)]), logits)
+    assert _allowed(logits[0]) == {a} and _allowed(logits[1]) == {b} and _allowed(logits[2]) == {c, d}
+    assert _allowed(logits[3]) == set(range(VOCAB))  # the rejected draft's row: nothing reads it
+    assert _allowed(logits[4]) == {e}
+    # the matcher is back at the root: a plain step masks to "a" again
+    plain = ScheduledRequest("r", [7], 10, [0], 0, True, SamplingParams(), 0)
+    logits = torch.zeros(1, VOCAB)
+    batch.mask_logits(SchedulerOutput([plain]), SimpleNamespace(logits_rows=[(0, 1)]), logits)
+    assert _allowed(logits[0]) == {a}
+
+
+def test_advance_trim_and_end(batch):
+    a, b, c, e, z = (ord(x) for x in "abcez")
+    batch.advance(RunnerOutput(sampled_token_ids={"r": [a, b], "other": [z]}))
+    out = RunnerOutput(draft_token_ids={"r": [c, z, e]})
+    batch.trim_drafts(out)
+    assert out.draft_token_ids["r"] == [c]
+    assert not batch.is_ended("r")
+    batch.advance(RunnerOutput(sampled_token_ids={"r": [c, e]}))
+    assert batch.is_ended("r")  # only the end-of-sequence token is left
+    with pytest.raises(RuntimeError, match="rejects"):
+        batch.advance(RunnerOutput(sampled_token_ids={"r": [z]}))
+    batch.drop("r")
+    assert "r" not in batch
+
+
+def test_is_ended_counts_only_the_tokens_the_output_kept(batch):
+    """A verified chain can emit past max_tokens; the output is cut there, and the grammar's
+    end after the cut must not make the request look complete."""
+    a, b, c, e = (ord(x) for x in "abce")
+    batch.add("cut", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    batch.advance(RunnerOutput(sampled_token_ids={"cut": [a, b, c, e]}))
+    assert not batch.is_ended("cut", 3)  # the output kept "abc": not whole
+    assert batch.is_ended("cut", 4) is False  # rolled back: the matcher now stands after "abc"
+    batch.drop("cut")
+    batch.add("cut", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    batch.advance(RunnerOutput(sampled_token_ids={"cut": [a, b, c, e]}))
+    assert batch.is_ended("cut", 4)
+    batch.drop("cut")
