@@ -67,7 +67,9 @@ def run_fp8_accuracy(args) -> dict:
     def engine(quantization):  # NOTE: a fixed KV size, as two engines share the GPU
         return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=4.0,
                    max_model_len=args.max_model_len or max(4096, args.ppl_window + 16),
-                   **dict(engine_options(args), quantization=quantization))
+                   # NOTE: the default length is capped at a smaller model's context
+                   **dict(engine_options(args), quantization=quantization,
+                          allow_long_context=args.allow_long_context or args.max_model_len is None))
     ref, fp8 = engine(None), engine("fp8")
     tok, mc = ref.engine.tokenizer, ref.engine.model_config
     prompts = load_prompts(args.prompts, args.num_prompts, 128, tok, mc.vocab_size)
