@@ -8,7 +8,7 @@ weight bytes: every weight a step reads (FP8 scales included; the input embeddin
 all of it when lm_head shares it); of a MoE layer's routed experts only those the step's
 tokens pick (active_weight_bytes). `--shape NAME` runs random weights of a real model's shape
 (no checkpoint, prompts of random token ids; `--num-layers N`: its first N layers only);
-`--context-len N` decodes after N-token prompts; `--ablate` adds rows with PDL off and with
+`--context-len N` decodes after N-token prompts; `--ablate` adds rows with fused layers off, with PDL off and with
 CUDA graphs off, in the same run; `--step-tokens 1,4` adds rows timing single steps of that
 many new tokens (decode, and verify-shaped k + 1 = 4) as the engine runs them.
 """
@@ -214,7 +214,7 @@ def progress(total_or_items, desc: str, unit: str, leave: bool = False):
 
 def _configs(args) -> list[tuple[str | None, int, dict]]:
     """(speculative spec or None, k, engine switches): the plain baseline first, its
-    ablations (--ablate: PDL off, CUDA graphs off), then each speculative k."""
+    ablations (--ablate: fused layers off, PDL off, CUDA graphs off), then each speculative k."""
     base = dict(enable_pdl=args.enable_pdl, enable_cuda_graph=args.enable_cuda_graph,
                 enable_fused_layers=args.enable_fused_layers)
     out = [(None, 0, base)]

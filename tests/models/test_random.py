@@ -98,7 +98,7 @@ def test_bench_latency_shape_cpu(tmp_path):
                  "--output-len", "6", "--num-iters", "1", "--ablate", "--compare-hf", "--quantization", "fp8",
                  "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
-    assert len(rows) == 3 and all(r["quantization"] == "fp8" and r["input_len"] == 40 for r in rows)
+    assert len(rows) == 4 and all(r["quantization"] == "fp8" and r["input_len"] == 40 for r in rows)
     assert rows[0]["fraction_of_floor"] > 0 and rows[0]["peer"] == "hf-transformers-eager"
     assert all(r["outputs_identical_to_plain"] for r in rows[1:])
 
