@@ -28,7 +28,7 @@ from lightspeed.kernels.fp8_gemv import (FP8_DTYPE, fp8_gemv_ref, fp8_gemv_trito
                                          quantize_fp8_per_channel)
 from lightspeed.kernels.fused_moe import ExpertWeights, fused_moe_ref, fused_moe_triton
 from lightspeed.kernels.fused_moe import MAX_TOKENS as MOE_MAX_TOKENS
-from lightspeed.kernels.fused_gemv import MAX_ROWS as FUSED_MAX_ROWS
+from lightspeed.kernels.fused_gemv import FAST_ROWS as FUSED_FAST_ROWS, MAX_ROWS as FUSED_MAX_ROWS
 from lightspeed.kernels.fused_gemv import fused_gemv_ref, fused_gemv_triton
 from lightspeed.kernels.gemv import MAX_M, gemv_triton
 from lightspeed.kernels.paged_attention import attention_bound, paged_attention_meta_ref

@@ -42,6 +42,10 @@ from lightspeed.kernels.qkv_rope_cache import qkv_rope_cache_ref
 PLAIN, RESIDUAL, SWIGLU, ROPE_KV = 0, 1, 2, 3
 ROW_PIECE = 16
 MAX_ROWS = 64
+# NOTE: outside batch-invariant mode the model fuses steps of <= FAST_ROWS rows only: on the
+# H200 (Qwen2.5-1.5B shape, 1k context) fused vs per-op steps were 1.623 vs 1.721 ms at 1 row,
+# 1.665 vs 1.816 at 2 and 1.869 vs 1.771 at 4 (bench/results/step-kernels-after*.json)
+FAST_ROWS = 2
 
 
 @triton.jit
