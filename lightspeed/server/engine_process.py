@@ -9,6 +9,7 @@ supervisor, which starts it again when it dies (a device error, an OOM kill, a c
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import queue
@@ -31,7 +32,7 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         import torch
         torch.set_num_threads(num_threads)
     from lightspeed.engine.engine import Engine
-    from lightspeed.server.engine_loop import run_engine_loop
+    from lightspeed.server.engine_loop import drain, run_engine_loop
     try:
         engine = Engine(config, speculative)
     except BaseException as e:  # noqa: BLE001 -- the server reports it and exits
@@ -39,16 +40,8 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         return
     outbox.put(("ready", EngineInfo.of(engine)))
 
-    def recv(timeout: float | None) -> list:
-        items = []
-        try:
-            items.append(inbox.get_nowait() if timeout == 0 else inbox.get(timeout=timeout))
-            while True:
-                items.append(inbox.get_nowait())
-        except queue.Empty:
-            return items
     try:
-        run_engine_loop(engine, recv, outbox.put)
+        run_engine_loop(engine, functools.partial(drain, inbox), outbox.put)
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
 

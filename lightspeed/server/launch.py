@@ -8,7 +8,6 @@ engine, exit 0. ServerThread runs the same app in a thread of this process (test
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import socket
