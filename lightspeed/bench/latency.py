@@ -230,7 +230,7 @@ def _configs(args) -> list[tuple[str | None, int, dict]]:
 def _switches(eng) -> tuple[bool, bool]:
     """(CUDA graphs, PDL) as the engine really runs (both off on CPU)."""
     ks = eng.runner.kernel_settings
-    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_caches[0])
+    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_data(0))
 
 
 def run_latency_bench(args) -> list[dict]:

@@ -199,7 +199,7 @@ class RopeKV(NamedTuple):
     positions: torch.Tensor  # [M] int
     cos_sin_cache: torch.Tensor  # [max_pos, D] float32 = |cos|sin| (rotary dim == head_dim)
     slot_mapping: torch.Tensor  # [M] int, -1 = not written
-    kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] (the reference also takes an FP8 KVCache)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -252,6 +252,9 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
             raise ValueError("fused_gemv: ROPE_KV needs rope=RopeKV(...)")
         hq, hkv, d = rope.num_heads, rope.num_kv_heads, rope.head_dim
         cs, kv = rope.cos_sin_cache, rope.kv_cache
+        if not isinstance(kv, torch.Tensor) or kv.dtype == torch.float8_e4m3fn:
+            raise ValueError("fused_gemv: ROPE_KV writes a KV cache in the model dtype; an FP8 KV cache takes the "
+                             "per-op layers (qkv_rope_cache)")
         if n != (hq + 2 * hkv) * d or d != next_pow2(d) or d < 32:
             raise ValueError(f"fused_gemv: ROPE_KV needs weight [(Hq + 2 Hkv) D, K] with D a power of two >= 32, "
                              f"got N = {n}, D = {d}")
