@@ -63,3 +63,33 @@ def test_fp8_kv_about_doubles_the_blocks(tmp_path):
 def test_bad_kv_cache_dtype():
     with pytest.raises(InvalidRequestError, match="kv_cache_dtype must be auto or fp8"):
         EngineConfig(kv_cache_dtype="fp4")
+
+
+# ---------------------------------------------------------------------------- GPU (skipped without CUDA)
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec", [None, "ngram", "tree"])
+def test_fp8_kv_gpu_graphs_equal_eager(tmp_path, spec):
+    """The Triton path (qkv_rope_cache writes, decode / verify / prefill kernels read) in CUDA
+    graphs and eagerly: the same tokens; close to the CPU reference's logits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    make_tiny_checkpoint(tmp_path / "t", "qwen2", seed=0)
+    make_tiny_checkpoint(tmp_path / "d", "qwen2", seed=1, num_hidden_layers=1)
+    speculative = None if spec is None else (
+        SpeculativeConfig(method="ngram", num_speculative_tokens=3) if spec == "ngram" else
+        SpeculativeConfig(method="draft", model=str(tmp_path / "d"), num_speculative_tokens=3, tree_topk=2,
+                          tree_num_nodes=5))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() * 2 for n in (7, 30, 12)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    runs = []
+    for graphs in (False, True):
+        llm = LLM(str(tmp_path / "t"), device="cuda", dtype="bfloat16", kv_cache_dtype="fp8", block_size=4,
+                  enable_cuda_graph=graphs, speculative=speculative)
+        runs.append([o.token_ids for o in llm.generate(prompts, params)])
+    assert runs[0] == runs[1]
+    cpu = LLM(str(tmp_path / "t"), device="cpu").engine.runner.model
+    ids = prompts[1] + runs[0][1]
+    a = sequence_logits(cpu, ids, kv_cache_dtype="fp8")
+    b = sequence_logits(llm.engine.runner.model, ids, kv_cache_dtype="fp8").cpu()
+    assert float((a - b).norm() / a.norm()) < 0.05
