@@ -112,7 +112,8 @@ def run_fp8_accuracy(args) -> dict:
     dtype = str(ref.engine.dtype).replace("torch.", "")
     what = " + ".join(name for name, on in (("fp8 weights", quant == "fp8"), ("fp8 kv", kv_dtype == "fp8")) if on)
     row = {"name": f"{args.model} {what} vs {dtype}", "model": args.model, "dtype": dtype,
-           "quantization": quant or "none", "kv_cache_dtype": kv_dtype, "kv_blocks_ref": ref.engine.block_manager.num_blocks,
+           "quantization": quant or "none", "kv_cache_dtype": kv_dtype,
+           "kv_blocks_ref": ref.engine.block_manager.num_blocks,
            "kv_blocks_fp8": fp8.engine.block_manager.num_blocks, "prompts": args.prompts, "num_prompts": len(prompts),
            "output_len": args.output_len,
            "greedy_outputs_identical": sum(d == len(a) == len(b) for d, a, b in zip(diffs, ref_out, fp8_out)) / len(diffs),

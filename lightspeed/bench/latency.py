@@ -281,7 +281,8 @@ def run_latency_bench(args) -> list[dict]:
             graph_on, pdl_on = _switches(eng)
             fused_on = eng.kernel_settings.fused_layers and eng.device.type == "cuda"
             kv_dtype = eng.config.kv_cache_dtype
-            name = f"{label} {quant}{' kv=fp8' if kv_dtype == 'fp8' else ''} bs{b} {source}{input_len if source == 'random' else ''} out{args.output_len}"
+            name = (f"{label} {quant}{' kv=fp8' if kv_dtype == 'fp8' else ''} bs{b} "
+                    f"{source}{input_len if source == 'random' else ''} out{args.output_len}")
             row = {"name": name + (f" spec={spec} k={k}" if spec else
                                    f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"
                                    f" fused={'on' if fused_on else 'off'}"),

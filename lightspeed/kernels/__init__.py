@@ -74,8 +74,9 @@ def qkv_rope_cache(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torc
                               num_kv_heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor | KVCache, meta, scale: float, sliding_window: int | None = None,
-                    chunk_size: int | None = None, ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor | KVCache, meta, scale: float,
+                    sliding_window: int | None = None, chunk_size: int | None = None,
+                    ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
     """q [T, Hq, D] over an AttentionMetadata (layers/attention.py) -> [T, Hq, D]: on the
     Triton path decode (one token per sequence), verify (<= 64 tokens, causal or tree) or
     prefill by meta.max_q_len, with no host sync or host lists (the grid bound is
@@ -174,7 +175,8 @@ def rejection_verify(target_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
 
 
 __all__ = [
-    "HAS_TRITON", "FP8_DTYPE", "KVCache", "split_kv", "MAX_VERIFY_Q", "KernelSettings", "KernelState", "DEFAULT_SETTINGS", "use_pdl",
+    "HAS_TRITON", "FP8_DTYPE", "KVCache", "split_kv",
+    "MAX_VERIFY_Q", "KernelSettings", "KernelState", "DEFAULT_SETTINGS", "use_pdl",
     "pdl_supported", "add_rmsnorm", "qkv_rope_cache", "fused_gemv", "paged_attention", "pack_tree_masks", "silu_mul", "gemv",
     "fp8_linear", "quantize_fp8_per_channel", "fused_moe", "ExpertWeights", "argmax", "rejection_verify",
 ]

@@ -137,7 +137,8 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
         *((kv_scale.stride(0), kv_scale.stride(2), kv_scale.stride(3)) if kv_scale is not None else (0, 0, 0)),
         q_out.stride(0), q_out.stride(1),
         HQ=hq, HKV=hkv, D=d, HALF_R=r // 2, BLOCK_HALF=next_pow2(r // 2), BLOCK_D=next_pow2(d),
-        HAS_BIAS=bias is not None, KV_FP8=kv_scale is not None, USE_PDL=pdl, num_warps=1 if d <= 128 else 2, launch_pdl=pdl,
+        HAS_BIAS=bias is not None, KV_FP8=kv_scale is not None, USE_PDL=pdl, num_warps=1 if d <= 128 else 2,
+        launch_pdl=pdl,
     )
     return q_out
 

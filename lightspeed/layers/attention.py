@@ -91,7 +91,8 @@ class Attention(nn.Module):
         return o.reshape(t, self.num_heads * self.head_dim)
 
     def forward_qkv(self, qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
-                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor | KVCache, meta: AttentionMetadata) -> torch.Tensor:
+                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor | KVCache,
+                    meta: AttentionMetadata) -> torch.Tensor:
         """qkv: [T, (Hq + 2 Hkv) D] without bias; positions [T]; cos_sin_cache [max_pos, D]
         float32 = |cos|sin| -> [T, Hq * D]. K/V land at meta.slot_mapping (-1: skipped)."""
         t = qkv.shape[0]
