@@ -46,10 +46,12 @@ def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None
                    help="CPU threads of the engine (default: the physical cores this process may use; `serve` "
                         "leaves one of them to its HTTP process)")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                   help="pick the settings for a goal; flags given explicitly win. min-latency (default): bf16 "
-                        "weights and KV, --max-num-seqs 64, --max-num-batched-tokens 2048, speculation allowed. "
-                        "max-throughput: --quantization fp8 --kv-cache-dtype fp8, --max-num-seqs 512 (CUDA graphs up "
-                        "to batch 512), --max-num-batched-tokens 8192, no speculation unless --speculative")
+                   help="the settings for a goal; flags given explicitly win. " + "; ".join(
+                       f"{name}{' (default)' if name == DEFAULT_PRESET else ''}: " + " ".join(
+                           f"--{key.replace('_', '-')} {value}" for key, value in preset.items())
+                       for name, preset in PRESETS.items())
+                   + ". Both: CUDA graphs (batch buckets up to --max-num-seqs, at most 512) and PDL; speculation "
+                     "only with --speculative")
     p.add_argument("--quantization", default=None, choices=["none", "fp8"],
                    help=_preset_help("quantization", "fp8: e4m3 linear weights with per-channel scales (lm_head "
                                                      "stays in --dtype)"))
