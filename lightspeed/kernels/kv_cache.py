@@ -34,14 +34,6 @@ class KVCache(NamedTuple):
     data: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] float8_e4m3fn
     scale: torch.Tensor  # [2, num_blocks, block_size, Hkv] float32
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
 
 def split_kv(kv_cache: torch.Tensor | KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's cache -> (data [2, blocks, block_size, Hkv, D], scale [2, blocks, block_size, Hkv]
