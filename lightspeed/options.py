@@ -19,7 +19,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # --preset NAME: one flag picks these settings; a flag given explicitly wins (their parser
 # defaults are None, filled by resolve_preset). Both presets keep CUDA graphs (batch buckets up
 # to --max-num-seqs, at most 512), PDL and the fused small-step layers (which run with bf16
-# weights and a bf16 KV cache only). Speculation runs only when --speculative is given.
+# weights only). Speculation runs only when --speculative is given.
 PRESETS = {
     # today's defaults: bf16 everything, small batches, speculation allowed
     "min-latency": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=64, max_num_batched_tokens=2048),

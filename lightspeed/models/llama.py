@@ -175,10 +175,8 @@ class LlamaModel(nn.Module):
     def rope_inputs(self, hidden: torch.Tensor, positions: torch.Tensor) -> RopeInputs:
         return rope_inputs(self.rotary_emb, hidden, positions, self.kernel_settings)
 
-    def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs, kv_cache) -> bool:
-        """The fused layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary,
-        a KV cache in the model dtype (an FP8 KVCache takes the per-op path: the throughput setup's
-        large batches run it anyway)."""
+    def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
+        """The fused layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
         ks = self.kernel_settings
         limit = kernels.FUSED_MAX_ROWS if ks.batch_invariant else kernels.MAX_M
         d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
@@ -187,14 +185,14 @@ class LlamaModel(nn.Module):
         return (ks.fused_layers and ks.use_triton(hidden) and rope.cache is not None and hidden.shape[0] <= limit
                 and not kernels.needs_grad(hidden) and all(type(layer) is LlamaDecoderLayer for layer in self.layers)
                 and self.layers[0].self_attn.qkv_proj.weight_scale is None
-                and rope.cache.shape[1] == d and d >= 32 and d & (d - 1) == 0 and isinstance(kv_cache, torch.Tensor))
+                and rope.cache.shape[1] == d and d >= 32 and d & (d - 1) == 0)
 
     def forward(self, input_ids, positions, kv_caches, attn_meta, aux_layer_ids=()):
         hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
         rope = self.rope_inputs(hidden, positions)
         aux = {}  # layer id -> [T, H]
-        if self.can_fuse(hidden, rope, kv_caches[0] if len(kv_caches) else None):
+        if self.can_fuse(hidden, rope):
             for i, layer in enumerate(self.layers):
                 if i in aux_layer_ids:
                     aux[i] = hidden  # HF hidden_states[i]

@@ -132,3 +132,27 @@ def test_fp8_cache_needs_its_scales(device):
         paged_decode_attention_triton(q, data, bt, sl, 0.1, 16)
     with pytest.raises(ValueError, match="kv_scale"):
         paged_decode_attention_triton(q, kv, bt, sl, 0.1, 16, kv_scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,cfg", [(2, None), (3, dict(split_k=3, block_k=32))])
+def test_fused_gemv_rope_kv_fp8(device, m, cfg):
+    """The fused QKV epilogue writes the FP8 cache as qkv_rope_cache does."""
+    from lightspeed.kernels.fused_gemv import ROPE_KV, RopeKV, fused_gemv_ref, fused_gemv_triton
+    hq, hkv, d, k, nb, bs = 4, 2, 32, 96, 6, 4
+    x = torch.randn(m, k, device=device)
+    w = torch.randn((hq + 2 * hkv) * d, k, device=device) / k ** 0.5
+    b = torch.randn((hq + 2 * hkv) * d, device=device)
+    slots = torch.randperm(nb * bs, device=device)[:m]
+    slots[0] = -1  # a padding row writes nothing
+    kv = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE, device=device),
+                 torch.full((2, nb, bs, hkv), -1.0, device=device))
+    kv_ref = KVCache(kv.data.clone(), kv.scale.clone())
+    rope = RopeKV(torch.randint(0, 50, (m,), device=device), torch.randn(64, d, device=device), slots, kv, hq, hkv, d)
+    q = fused_gemv_triton(x, w, epilogue=ROPE_KV, bias=b, rope=rope, config=cfg)
+    q_ref = fused_gemv_ref(x, w, epilogue=ROPE_KV, bias=b, rope=rope._replace(kv_cache=kv_ref))
+    assert rel_err(q, q_ref) < 1e-5
+    sc, sc_ref = kv.scale.view(2, -1, hkv), kv_ref.scale.view(2, -1, hkv)
+    assert torch.equal(sc == -1, sc_ref == -1) and int((sc != -1).sum()) == 2 * (m - 1) * hkv
+    torch.testing.assert_close(sc, sc_ref, rtol=1e-5, atol=0)
+    assert rel_err(dequantize_kv_ref(kv.data, kv.scale), dequantize_kv_ref(kv_ref.data, kv_ref.scale)) < 1e-2
