@@ -105,11 +105,11 @@ def test_triton_path_emulated_in_the_interpreter(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", [None, "ngram", "tree"])
 def test_fp8_kv_gpu_graphs_equal_eager(tmp_path, spec):
-    """The Triton path (qkv_rope_cache writes, decode / verify / prefill kernels read) in CUDA
-    graphs and eagerly: the same tokens; close to the CPU reference's logits."""
+    """The Triton path (qkv_rope_cache and the fused QKV epilogue write, decode / verify / prefill
+    kernels read) in CUDA graphs and eagerly: the same tokens; close to the CPU reference's logits."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    make_tiny_checkpoint(tmp_path / "t", "qwen2", seed=0)
+    make_tiny_checkpoint(tmp_path / "t", "qwen2", seed=0, hidden_size=128)  # head_dim 32: the fused layers too
     make_tiny_checkpoint(tmp_path / "d", "qwen2", seed=1, num_hidden_layers=1)
     speculative = None if spec is None else (
         SpeculativeConfig(method="ngram", num_speculative_tokens=3) if spec == "ngram" else
