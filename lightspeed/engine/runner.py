@@ -170,8 +170,14 @@ class ModelRunner:
         emitted = out.sampled_token_ids
         gens = {s.request_id: self._generator(s.request_id, s.sampling_params.seed) for s in sched.scheduled
                 if s.request_id in emitted and not s.sampling_params.is_greedy}
-        drafts = self.proposer.propose(ProposeInputs(sched, emitted, accepted, inputs.attn_meta.query_start_loc_cpu,
-                                                     aux_hidden, gens, self.graphs is not None))
+        masks = self.grammar.draft_masks() if self.grammar is not None else None
+        try:
+            drafts = self.proposer.propose(ProposeInputs(sched, emitted, accepted,
+                                                         inputs.attn_meta.query_start_loc_cpu, aux_hidden, gens,
+                                                         self.graphs is not None, masks))
+        finally:
+            if masks is not None:
+                masks.close()
         for s in sched.scheduled:
             self.draft_probs.pop(s.request_id, None)
         self.draft_probs.update(drafts.probs)

@@ -122,7 +122,8 @@ class ModelDrafter(Proposer):
 
     def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], out: Drafts) -> None:
         self._ensure_kv()
-        k = self._graph_depth(inputs, jobs)
+        masks = inputs.masks if inputs.masks is not None and any(j.request_id in inputs.masks for j in jobs) else None
+        k = None if masks is not None else self._graph_depth(inputs, jobs)
         seqs, plans = self._catch_up_seqs(inputs, jobs)
         if not seqs:
             return
@@ -138,14 +139,16 @@ class ModelDrafter(Proposer):
         if not roots:
             return
         if self.config.is_tree:
-            self._draft_trees(roots, out)
+            self._draft_trees(roots, out, masks)
         elif k is None or not self._chain_in_graph(roots, k, out):
-            self._draft_chains(roots, out)
+            self._draft_chains(roots, out, masks)
 
     # -- graphs ------------------------------------------------------------------------
     def _graph_depth(self, inputs: ProposeInputs, jobs: list[DraftJob]) -> int | None:
         """k when these jobs can draft in a graph: the runner replays graphs (CUDA), chains,
-        every request greedy with the same depth k; else None."""
+        every request greedy with the same depth k; else None.
+        NOTE: a step with a constrained request drafts eagerly (draft() does not ask): each
+        draft's grammar mask depends on the draft before it, chosen on the device."""
         if not inputs.use_graphs or self.config.is_tree or not jobs:
             return None
         k = jobs[0].max_depth
@@ -173,13 +176,18 @@ class ModelDrafter(Proposer):
         self._after_draft(roots, tokens)
 
     # -- chains ------------------------------------------------------------------------
-    def _draft_chains(self, roots: list[Root], out) -> None:
+    def _draft_chains(self, roots: list[Root], out, masks=None) -> None:
         tokens: dict[str, list[int]] = {r.job.request_id: [] for r in roots}
         probs: dict[str, list[torch.Tensor]] = {r.job.request_id: [] for r in roots}
         active = roots
         logits = torch.stack([r.logits for r in roots])  # [B, V]
         hid = [r.hidden for r in roots]
         for step in range(max(r.job.max_depth for r in roots)):
+            live = self._constrain(masks, active, logits, [tokens[r.job.request_id] for r in active])
+            if len(live) < len(active):  # their grammar ended or admits nothing the drafter can say
+                active, logits, hid = [active[i] for i in live], logits[live], [hid[i] for i in live]
+                if not active:
+                    break
             chosen = self._choose(active, logits)
             for r, (t, q) in zip(active, chosen):
                 tokens[r.job.request_id].append(t)
@@ -203,9 +211,21 @@ class ModelDrafter(Proposer):
                 out.probs[rid] = torch.stack(probs[rid])
         self._after_draft(roots, tokens)
 
+    @staticmethod
+    def _constrain(masks, roots: list[Root], logits: torch.Tensor, paths: list[list[int]]) -> list[int]:
+        """Mask each constrained row of `logits` ([B, V], in place) to what its grammar allows
+        after its path of drafts (structured/drafting.py) -> the rows to draft from: not
+        those whose path ended the output or whose mask leaves no token the drafter can say."""
+        if masks is None or not any(r.job.request_id in masks for r in roots):
+            return list(range(len(roots)))
+        live = masks.mask(logits, [r.job.request_id for r in roots], paths)
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
+        return [i for i, (a, b) in enumerate(zip(live, finite)) if a and b]
+
     def _choose(self, roots: list[Root], logits: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """One draft per row: argmax for greedy requests, else a sample from the drafter's
-        sampling distribution q (same temperature / top-k / top-p / min-p as the target)."""
+        sampling distribution q (same temperature / top-k / top-p / min-p as the target; of
+        the masked logits for a constrained request, so q is renormalised over the grammar)."""
         greedy = logits.argmax(dim=-1).tolist()
         sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
         result: list[tuple[int, torch.Tensor | None]] = [(t, None) for t in greedy]
@@ -227,12 +247,16 @@ class ModelDrafter(Proposer):
         sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
         if sampled:
             out[sampled] = sampling_logits(logits[sampled], [roots[i].job.params for i in sampled]).log_softmax(-1)
-        return out
+        return out.masked_fill_(out.isnan(), float("-inf"))  # NOTE: a row masked entirely (grammar): no children
 
-    def _draft_trees(self, roots: list[Root], out) -> None:
+    def _draft_trees(self, roots: list[Root], out, masks=None) -> None:
+        """EAGLE-2 expansion (tree.py); a constrained request's rows are masked to its grammar
+        along each node's path, so only grammatical children are expanded."""
         cfg = self.config
         trees = [TreeBuilder(cfg.tree_topk, r.job.max_nodes) for r in roots]
-        root_lp = self._logprobs(roots, torch.stack([r.logits for r in roots]))
+        root_logits = torch.stack([r.logits for r in roots])
+        self._constrain(masks, roots, root_logits, [[] for _ in roots])
+        root_lp = self._logprobs(roots, root_logits)
         out_hidden: list[dict[int, torch.Tensor]] = [{} for _ in roots]  # candidate -> output hidden
         for i, (tree, r) in enumerate(zip(trees, roots)):
             tree.expand([-1], root_lp[i: i + 1])
@@ -255,6 +279,8 @@ class ModelDrafter(Proposer):
                 frontiers.append(frontier)
                 row_roots += [r] * len(frontier)
             logits, h = self._forward(seqs)
+            self._constrain(masks, row_roots, logits,
+                            [trees[i].path(c) for i, frontier in zip(live, frontiers) for c in frontier])
             lp = self._logprobs(row_roots, logits)
             start = 0
             for i, frontier in zip(live, frontiers):
