@@ -58,6 +58,7 @@ def run_fp8_accuracy(args) -> dict:
     import torch
 
     from lightspeed import SamplingParams
+    from lightspeed.bench.latency import progress
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
     from lightspeed.engine.forward import sequence_logits
@@ -74,14 +75,14 @@ def run_fp8_accuracy(args) -> dict:
     tok, mc = ref.engine.tokenizer, ref.engine.model_config
     prompts = load_prompts(args.prompts, args.num_prompts, 128, tok, mc.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0)
-    ref_out = [o.token_ids for o in ref.generate(prompts, params)]
-    fp8_out = [o.token_ids for o in fp8.generate(prompts, params)]
+    ref_out = [o.token_ids for o in ref.generate(prompts, params, progress="answers (reference)")]
+    fp8_out = [o.token_ids for o in fp8.generate(prompts, params, progress="answers (fp8)")]
     diffs = [first_difference(a, b) for a, b in zip(ref_out, fp8_out)]
 
     m_ref, m_fp8 = ref.engine.runner.model, fp8.engine.runner.model
     agree = positions = 0
     kl = 0.0
-    for p, answer in zip(prompts, ref_out):
+    for p, answer in zip(progress(prompts, "teacher-forced logits", "prompt"), ref_out):
         ids = list(p) + list(answer)
         a, k = compare_logits(sequence_logits(m_ref, ids)[len(p) - 1:-1], sequence_logits(m_fp8, ids)[len(p) - 1:-1])
         agree, kl, positions = agree + a, kl + k, positions + len(answer)
@@ -90,7 +91,8 @@ def run_fp8_accuracy(args) -> dict:
     windows = [text[i:i + args.ppl_window] for i in range(0, len(text), args.ppl_window)]
     windows = [w for w in windows if len(w) > 1]
     scored = sum(len(w) - 1 for w in windows)
-    ppl = {name: math.exp(sum(nll_sum(m, w) for w in windows) / scored) for name, m in (("ref", m_ref), ("fp8", m_fp8))}
+    ppl = {name: math.exp(sum(nll_sum(m, w) for w in progress(windows, f"perplexity ({name})", "window")) / scored)
+           for name, m in (("ref", m_ref), ("fp8", m_fp8))}
 
     row = {"name": f"{args.model} fp8 vs {str(ref.engine.dtype).replace('torch.', '')}", "model": args.model,
            "dtype": str(ref.engine.dtype).replace("torch.", ""), "prompts": args.prompts, "num_prompts": len(prompts),
