@@ -123,16 +123,16 @@ class ModelDrafter(Proposer):
     def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], out: Drafts) -> None:
         self._ensure_kv()
         masks = inputs.masks if inputs.masks is not None and any(j.request_id in inputs.masks for j in jobs) else None
-        k = None if masks is not None else self._graph_depth(inputs, jobs)
+        k = self._graph_depth(inputs, jobs)
         seqs, plans = self._catch_up_seqs(inputs, jobs)
         if not seqs:
             return
         rooted = [j for j in plans if j is not None]
         if k is not None and len(rooted) == len(plans):  # catch-up pass and chain in one graph replay
             feed = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
-            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed)
+            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed, candidates=masks is not None)
             if drafts is not None:
-                self._emit_chains(self._roots(rooted, None, None), drafts, out)
+                self._emit_chains(self._roots(rooted, None, None), drafts, out, masks)
                 return
         logits, h = self._forward(seqs)
         roots = self._roots(rooted, logits, h)
@@ -140,15 +140,16 @@ class ModelDrafter(Proposer):
             return
         if self.config.is_tree:
             self._draft_trees(roots, out, masks)
-        elif k is None or not self._chain_in_graph(roots, k, out):
+        elif k is None or not self._chain_in_graph(roots, k, out, masks):
             self._draft_chains(roots, out, masks)
 
     # -- graphs ------------------------------------------------------------------------
     def _graph_depth(self, inputs: ProposeInputs, jobs: list[DraftJob]) -> int | None:
         """k when these jobs can draft in a graph: the runner replays graphs (CUDA), chains,
         every request greedy with the same depth k; else None.
-        NOTE: a step with a constrained request drafts eagerly (draft() does not ask): each
-        draft's grammar mask depends on the draft before it, chosen on the device."""
+        NOTE: a grammar's mask cannot enter the graph (each depends on the draft before it,
+        chosen on the device): constrained chains are drafted unmasked there and repaired
+        after it (DraftMasks.repair: masked greedy drafting up to the first rejected draft)."""
         if not inputs.use_graphs or self.config.is_tree or not jobs:
             return None
         k = jobs[0].max_depth
@@ -159,19 +160,25 @@ class ModelDrafter(Proposer):
                                            self.max_num_seqs, self.device, self.kernel_settings)
         return k
 
-    def _chain_in_graph(self, roots: list[Root], k: int, out) -> bool:
+    def _chain_in_graph(self, roots: list[Root], k: int, out, masks=None) -> bool:
         """The chain after an eager catch-up: one replay from the roots' logits (+ hidden)."""
         seqs = [DraftSeq(r.job.request_id, [0], [r.feed_base], r.feed_base, [0]) for r in roots]
         hidden = torch.stack([r.hidden for r in roots]) if roots[0].hidden is not None else None
-        drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden))
+        drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden),
+                                 candidates=masks is not None)
         if drafts is None:
             return False
-        self._emit_chains(roots, drafts, out)
+        self._emit_chains(roots, drafts, out, masks)
         return True
 
-    def _emit_chains(self, roots: list[Root], drafts: list[list[int]], out) -> None:
+    def _emit_chains(self, roots: list[Root], drafts, out, masks=None) -> None:
+        """drafts: [S][k] from a graph, or (drafts, candidates) when it kept candidates for
+        the constrained requests' repairs; the drafter's cache holds the graph's drafts."""
+        drafts, candidates = drafts if masks is not None else (drafts, None)
         tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
-        for rid, d in tokens.items():
+        for i, (rid, d) in enumerate(tokens.items()):
+            if masks is not None and rid in masks:
+                d = masks.repair(rid, d, candidates[i])
             self.emit(out, rid, d, None)
         self._after_draft(roots, tokens)
 

@@ -11,7 +11,8 @@ context:
 
 Model drafters (draft model, EAGLE-3) mask their logits rows before argmax / sampling (a
 sampled draft's q is then the masked, renormalised distribution, so rejection sampling
-stays lossless) and tree expansion; n-gram chains and trees are cut at the first token the
+stays lossless) and tree expansion; a greedy chain drafted in a CUDA graph, where no mask
+can enter, is repaired after it (`repair`); n-gram chains and trees are cut at the first token the
 grammar rejects (GrammarBatch.trim_drafts). Correctness never depends on this: the
 verifier masks the target's rows along the draft path (matcher.py).
 """
@@ -91,6 +92,27 @@ class DraftMasks:
                                                  vocab_size=min(logits.shape[-1], self.batch.vocab_size),
                                                  indices=rows)
         return live
+
+    def repair(self, request_id: str, drafts: list[int], candidates: list[list[int]]) -> list[int]:
+        """A greedy chain drafted without masks -> what masked greedy drafting gives, as far
+        as it is known: the drafts up to the first one the grammar rejects, then the best of
+        that position's candidates (the drafter's top tokens, best first) that it allows; the
+        chain ends there (the later drafts followed a rejected token). A stop token is kept
+        where the grammar may end, and ends the chain."""
+        w = self._walk(request_id)
+        stops = self.batch.stop_token_ids
+        for i, t in enumerate(drafts):
+            for c in [t] + [c for c in candidates[i] if c != t]:
+                if c in stops:
+                    if w.goto(drafts[:i]) and w.m.is_completed():
+                        return drafts[:i] + [c]
+                elif w.goto(drafts[:i] + [c]):
+                    if c != t:
+                        return drafts[:i] + [c]
+                    break
+            else:
+                return drafts[:i]
+        return list(drafts)
 
     def close(self) -> None:
         """Roll every walked matcher back to where the proposal found it."""

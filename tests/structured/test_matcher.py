@@ -105,3 +105,20 @@ def test_draft_masks_walk_paths_and_roll_back(batch):
     masks.close()
     batch.advance(RunnerOutput(sampled_token_ids={"m": [a]}))  # back at the root
     batch.drop("m")
+
+
+def test_draft_masks_repair_a_chain_drafted_without_masks(batch):
+    """A graph's unmasked greedy chain -> masked greedy drafting as far as it is known."""
+    a, b, c, d, e, z = (ord(x) for x in "abcdez")
+    batch.add("g", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    masks = batch.draft_masks()
+    # position 1 drafted z (rejected): its best allowed candidate b replaces it, the chain ends
+    assert masks.repair("g", [a, z, c], [[a, z], [z, e, b, c], [c]]) == [a, b]
+    assert masks.repair("g", [a, b, d, e], [[a]] * 4) == [a, b, d, e]  # all allowed: unchanged
+    assert masks.repair("g", [z, a], [[z, e], [a]]) == []  # no allowed candidate: nothing
+    # a stop token where the grammar may end is kept and ends the chain; elsewhere it is replaced
+    assert masks.repair("g", [a, b, c, e, EOS_ID, a], [[0]] * 6) == [a, b, c, e, EOS_ID]
+    assert masks.repair("g", [a, EOS_ID, c], [[a], [EOS_ID, b], [c]]) == [a, b]
+    masks.close()
+    batch.advance(RunnerOutput(sampled_token_ids={"g": [a]}))  # rolled back to the root
+    batch.drop("g")
