@@ -65,9 +65,10 @@ def _decode_ms(outs) -> float:
 
 def _run(llm, prompts: list[str], params, batch: bool, desc: str):
     """Outputs of `prompts` (warmed up once); batch: all at once, else one at a time; a
-    progress bar `desc` over the prompts."""
+    progress bar `desc` over the prompts.
+    NOTE: a batch warms up as the whole batch: its CUDA graphs are captured before it is timed."""
     from lightspeed.bench.latency import progress
-    llm.generate(prompts[:1], params)
+    llm.generate(prompts if batch else prompts[:1], params)
     if batch:
         return llm.generate(prompts, params, progress=desc)
     return [llm.generate([p], params)[0] for p in progress(prompts, desc, "prompt")]
