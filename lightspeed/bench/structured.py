@@ -64,13 +64,16 @@ def _decode_ms(outs) -> float:
 
 
 def _run(llm, prompts: list[str], params, batch: bool, desc: str):
-    """Outputs of `prompts` (warmed up once); batch: all at once, else one at a time; a
-    progress bar `desc` over the prompts.
-    NOTE: a batch warms up as the whole batch: its CUDA graphs are captured before it is timed."""
+    """Outputs of `prompts` after one warm-up pass of the same runs; batch: all at once,
+    else one at a time; a progress bar `desc` over the prompts.
+    NOTE: the warm-up captures every CUDA graph the timed pass uses: each batch size, and each
+    verify length (trimmed drafts under a grammar have many) and attention bound."""
     from lightspeed.bench.latency import progress
-    llm.generate(prompts if batch else prompts[:1], params)
     if batch:
+        llm.generate(prompts, params)
         return llm.generate(prompts, params, progress=desc)
+    for p in progress(prompts, f"{desc} (warm-up)", "prompt"):
+        llm.generate([p], params)
     return [llm.generate([p], params)[0] for p in progress(prompts, desc, "prompt")]
 
 
