@@ -79,8 +79,8 @@ class GrammarBatch:
     def _indices(self, rows: list[int], logits: torch.Tensor) -> list[int] | torch.Tensor | None:
         """The masked rows for apply_token_bitmask_inplace: None when they are all of them (batch
         1), else an int32 tensor on the logits' device copied from a reused pinned buffer.
-        NOTE: a list would be copied from pageable memory, a copy that waits for the device
-        (the step) before the mask kernel can even be queued."""
+        NOTE: xgrammar would build a new tensor from the list every step and copy it from
+        pageable memory (an allocation and a driver staging copy on the step's path)."""
         if rows == list(range(logits.shape[0])):
             return None
         if logits.device.type != "cuda":
