@@ -89,11 +89,12 @@ def parse_configs(specs: list[str], default_ks: str):
 def run_eval_spec(args) -> list[dict]:
     import torch
 
-    from lightspeed.bench.latency import progress, time_lightspeed
+    from lightspeed.bench.latency import time_lightspeed
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
+    from lightspeed.progress import progress
 
     configs = parse_configs(args.speculative, args.num_speculative_tokens)
     if args.num_prompts < 1 or args.output_len < 1 or args.batch_size < 1 or args.num_iters < 1:

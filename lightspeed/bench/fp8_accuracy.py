@@ -49,6 +49,7 @@ def nll_sum(model, ids: list[int]) -> float:
     """Sum of -log p(ids[i+1] | ids[:i+1]) over the window."""
     import torch
     import torch.nn.functional as F
+
     from lightspeed.engine.forward import sequence_logits
     logits = sequence_logits(model, ids)[:-1]
     return float(F.cross_entropy(logits, torch.tensor(ids[1:], device=logits.device), reduction="sum"))
@@ -58,12 +59,12 @@ def run_fp8_accuracy(args) -> dict:
     import torch
 
     from lightspeed import SamplingParams
-    from lightspeed.bench.latency import progress
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
     from lightspeed.engine.forward import sequence_logits
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
+    from lightspeed.progress import progress
 
     def engine(quantization):  # NOTE: a fixed KV size, as two engines share the GPU
         return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=4.0,

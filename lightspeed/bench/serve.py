@@ -79,7 +79,7 @@ async def _run_level(base: str, prompts: list, concurrency: int, output_len: int
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
-        from lightspeed.bench.latency import progress
+        from lightspeed.progress import progress
         bar = progress(len(payloads), f"c={concurrency}", "request")
 
         async def bounded(pl):
@@ -243,7 +243,7 @@ def run_serve_bench(args) -> list[dict]:
     if not levels or min(levels) < 1:
         from lightspeed.errors import InvalidRequestError
         raise InvalidRequestError(f"--concurrency needs positive integers, got {args.concurrency!r}")
-    from lightspeed.bench.latency import progress
+    from lightspeed.progress import progress
     configs = [True, False] if args.speculative and args.baseline else [bool(args.speculative)]
     rows = []
     for speculative in progress(configs, "bench serve", "run", leave=True):

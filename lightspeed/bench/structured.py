@@ -68,7 +68,7 @@ def _run(llm, prompts: list[str], params, batch: bool, desc: str):
     else one at a time; a progress bar `desc` over the prompts.
     NOTE: the warm-up captures every CUDA graph the timed pass uses: each batch size, and each
     verify length (trimmed drafts under a grammar have many) and attention bound."""
-    from lightspeed.bench.latency import progress
+    from lightspeed.progress import progress
     if batch:
         llm.generate(prompts, params)
         return llm.generate(prompts, params, progress=desc)

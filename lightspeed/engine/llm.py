@@ -50,7 +50,7 @@ class LLM:
         final: dict[str, RequestOutput] = {}
         bar = None
         if progress is not None:
-            from lightspeed.bench.latency import progress as progress_bar
+            from lightspeed.progress import progress as progress_bar
             bar = progress_bar(len(ids), progress, "prompt")
         try:
             while self.engine.has_unfinished_requests():
