@@ -50,9 +50,10 @@ class ModelRunner:
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
         self.meter = None  # spec_advice.SpeculationMeter: is speculation slower than plain here (CPU)
-        if proposer is not None and device.type == "cpu":
+        method = getattr(getattr(proposer, "config", None), "method", None)  # NOTE: a TP worker's stand-in has none
+        if method is not None and device.type == "cpu":
             from lightspeed.spec_advice import SpeculationMeter
-            self.meter = SpeculationMeter(proposer.config.method)
+            self.meter = SpeculationMeter(method)
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
