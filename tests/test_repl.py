@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pexpect
 
+from lightspeed.config import SamplingParams
 from lightspeed.repl import CHAT_DEFAULTS, chat_params
 from tests.tiny import make_tiny_checkpoint
 
@@ -62,3 +63,23 @@ def test_chat_sampling_defaults(tmp_path):
     assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (0.3, 0.8, 20, 1.2)
     args.temperature = 0.0  # the command line wins
     assert chat_params(args).temperature == 0.0
+
+
+def test_cut_reply_notes():
+    from types import SimpleNamespace
+
+    from lightspeed.repl import _finish_note
+    params = SamplingParams(max_tokens=4)
+    assert "--max-tokens 4" in _finish_note(SimpleNamespace(finish_reason="length", token_ids=[1] * 4), params, 64)
+    assert "context limit of 64" in _finish_note(SimpleNamespace(finish_reason="length", token_ids=[1]), params, 64)
+    assert _finish_note(SimpleNamespace(finish_reason="stop", token_ids=[1]), params, 64) is None
+
+
+def test_readline_history_is_kept(tmp_path, monkeypatch):
+    from lightspeed.repl import _setup_readline
+    monkeypatch.setenv("LIGHTSPEED_HOME", str(tmp_path))
+    (tmp_path / "chat_history").write_text("first question\nsecond question\n")
+    rl, history = _setup_readline()
+    assert history == tmp_path / "chat_history"
+    assert [rl.get_history_item(i) for i in (1, 2)] == ["first question", "second question"]
+    rl.clear_history()

@@ -94,6 +94,7 @@ def run_eval_spec(args) -> list[dict]:
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
+    from lightspeed.progress import progress
 
     configs = parse_configs(args.speculative, args.num_speculative_tokens)
     if args.num_prompts < 1 or args.output_len < 1 or args.batch_size < 1 or args.num_iters < 1:
@@ -104,7 +105,7 @@ def run_eval_spec(args) -> list[dict]:
         # NOTE: this comparison's choice, per row: the plain row in the arithmetic of the speculative
         # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
         options["batch_invariant"] = True
-    for label, spec in configs:
+    for label, spec in progress(configs, "bench eval-spec", "run", leave=True):
         # NOTE: no prefix caching: a prompt's KV computed by an earlier prefill (the warm-up, a shared
         # prefix) is not bitwise that of its own prefill, and EAGLE-3 engines never reuse it
         llm = LLM(args.model, device=args.device, dtype=args.dtype, speculative=spec, max_num_seqs=args.batch_size,

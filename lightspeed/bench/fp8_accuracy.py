@@ -53,6 +53,7 @@ def nll_sum(model, ids: list[int], kv_cache_dtype: str = "auto") -> float:
     """Sum of -log p(ids[i+1] | ids[:i+1]) over the window."""
     import torch
     import torch.nn.functional as F
+
     from lightspeed.engine.forward import sequence_logits
     logits = sequence_logits(model, ids, kv_cache_dtype)[:-1]
     return float(F.cross_entropy(logits, torch.tensor(ids[1:], device=logits.device), reduction="sum"))
@@ -75,6 +76,7 @@ def run_fp8_accuracy(args) -> dict:
     from lightspeed.engine.forward import sequence_logits
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
+    from lightspeed.progress import progress
 
     options = engine_options(args)
     quant, kv_dtype = tested(options)
@@ -89,14 +91,14 @@ def run_fp8_accuracy(args) -> dict:
     tok, mc = ref.engine.tokenizer, ref.engine.model_config
     prompts = load_prompts(args.prompts, args.num_prompts, 128, tok, mc.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0)
-    ref_out = [o.token_ids for o in ref.generate(prompts, params)]
-    fp8_out = [o.token_ids for o in fp8.generate(prompts, params)]
+    ref_out = [o.token_ids for o in ref.generate(prompts, params, progress="answers (reference)")]
+    fp8_out = [o.token_ids for o in fp8.generate(prompts, params, progress="answers (fp8)")]
     diffs = [first_difference(a, b) for a, b in zip(ref_out, fp8_out)]
 
     m_ref, m_fp8 = ref.engine.runner.model, fp8.engine.runner.model
     agree = positions = 0
     kl = 0.0
-    for p, answer in zip(prompts, ref_out):
+    for p, answer in zip(progress(prompts, "teacher-forced logits", "prompt"), ref_out):
         ids = list(p) + list(answer)
         a, k = compare_logits(sequence_logits(m_ref, ids)[len(p) - 1:-1],
                               sequence_logits(m_fp8, ids, kv_dtype)[len(p) - 1:-1])
@@ -106,7 +108,8 @@ def run_fp8_accuracy(args) -> dict:
     windows = [text[i:i + args.ppl_window] for i in range(0, len(text), args.ppl_window)]
     windows = [w for w in windows if len(w) > 1]
     scored = sum(len(w) - 1 for w in windows)
-    ppl = {name: math.exp(sum(nll_sum(m, w, kv) for w in windows) / scored)
+    ppl = {name: math.exp(sum(nll_sum(m, w, kv) for w in progress(windows, f"perplexity ({name})", "window"))
+                          / scored)
            for name, m, kv in (("ref", m_ref, "auto"), ("fp8", m_fp8, kv_dtype))}
 
     dtype = str(ref.engine.dtype).replace("torch.", "")

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
-from tqdm import tqdm
+from lightspeed.progress import progress
 
 
 def add_latency_args(p: argparse.ArgumentParser) -> None:
@@ -203,13 +202,6 @@ def time_hf(model_path, prompts: list[list[int]], output_len: int, num_iters: in
         full = statistics.median(run(ids, output_len) for _ in range(num_iters))
         rates.append((output_len - 1) / max(full - first, 1e-9))
     return {"tokens_per_s_user": statistics.median(rates)}
-
-
-def progress(total_or_items, desc: str, unit: str, leave: bool = False):
-    """A progress bar on stderr (count, rate, ETA) over a count or an iterable."""
-    items = None if isinstance(total_or_items, int) else total_or_items
-    total = total_or_items if items is None else len(items)
-    return tqdm(items, total=total, desc=desc, unit=unit, leave=leave, file=sys.stderr, dynamic_ncols=True)
 
 
 def _configs(args) -> list[tuple[str | None, int, dict]]:

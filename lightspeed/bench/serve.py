@@ -80,11 +80,17 @@ async def _run_level(base: str, prompts: list, concurrency: int, output_len: int
     sem = asyncio.Semaphore(concurrency)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+        from lightspeed.progress import progress
+        bar = progress(len(payloads), f"c={concurrency}", "request")
+
         async def bounded(pl):
             async with sem:
-                return await _one(session, base + "/v1/completions", pl, headers)
+                record = await _one(session, base + "/v1/completions", pl, headers)
+            bar.update(1)
+            return record
         t0 = time.perf_counter()
-        records = await asyncio.gather(*(bounded(pl) for pl in payloads))
+        with bar:
+            records = await asyncio.gather(*(bounded(pl) for pl in payloads))
         return records, time.perf_counter() - t0
 
 
@@ -239,9 +245,10 @@ def run_serve_bench(args) -> list[dict]:
     if not levels or min(levels) < 1:
         from lightspeed.errors import InvalidRequestError
         raise InvalidRequestError(f"--concurrency needs positive integers, got {args.concurrency!r}")
+    from lightspeed.progress import progress
     configs = [True, False] if args.speculative and args.baseline else [bool(args.speculative)]
     rows = []
-    for speculative in configs:
+    for speculative in progress(configs, "bench serve", "run", leave=True):
         label = args.speculative if speculative else "none"
         if args.url:
             rows += bench_server(args, args.url.rstrip("/"), levels, label)

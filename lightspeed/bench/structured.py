@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 TOPICS = ["a book you like", "the city of Lyon", "a healthy breakfast", "the planet Mars", "a used car for sale",
@@ -44,7 +45,7 @@ def add_structured_bench_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated batch sizes for the overhead rows (empty: no overhead rows)")
     p.add_argument("--max-tokens", type=int, default=128, help="decode steps per request")
     p.add_argument("--num-prompts", type=int, default=8, help="prompts of the batch-1 rows (one at a time)")
-    p.add_argument("--out", default="bench/results/structured.json")
+    p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
 def _prompts(llm, num: int) -> list[str]:
@@ -62,12 +63,18 @@ def _decode_ms(outs) -> float:
     return statistics.median(per) if per else float("nan")
 
 
-def _run(llm, prompts: list[str], params, batch: bool):
-    """Outputs of `prompts` (warmed up once); batch: all at once, else one at a time."""
-    llm.generate(prompts[:1], params)
+def _run(llm, prompts: list[str], params, batch: bool, desc: str):
+    """Outputs of `prompts` after one warm-up pass of the same runs; batch: all at once,
+    else one at a time; a progress bar `desc` over the prompts.
+    NOTE: the warm-up captures every CUDA graph the timed pass uses: each batch size, and each
+    verify length (trimmed drafts under a grammar have many) and attention bound."""
+    from lightspeed.progress import progress
     if batch:
-        return llm.generate(prompts, params)
-    return [llm.generate([p], params)[0] for p in prompts]
+        llm.generate(prompts, params)
+        return llm.generate(prompts, params, progress=desc)
+    for p in progress(prompts, f"{desc} (warm-up)", "prompt"):
+        llm.generate([p], params)
+    return [llm.generate([p], params)[0] for p in progress(prompts, desc, "prompt")]
 
 
 def compile_rows(llm) -> list[dict]:
@@ -93,8 +100,8 @@ def overhead_rows(llm, batch_sizes: list[int], max_tokens: int, model: str) -> l
     rows = []
     for bs in batch_sizes:
         prompts = _prompts(llm, bs)
-        a = _decode_ms(_run(llm, prompts, plain, batch=True))
-        outs = _run(llm, prompts, guided, batch=True)
+        a = _decode_ms(_run(llm, prompts, plain, batch=True, desc=f"bs{bs} unconstrained"))
+        outs = _run(llm, prompts, guided, batch=True, desc=f"bs{bs} json-schema")
         b = _decode_ms(outs)
         rows.append({"name": f"json-schema overhead bs{bs}", "model": model, "batch_size": bs,
                      "ms_per_step": b, "ms_per_step_unconstrained": a, "overhead": b / a - 1,
@@ -109,8 +116,8 @@ def speculation_rows(args, llm, spec_llm, model: str) -> list[dict]:
              "json-schema": SamplingParams(max_tokens=args.max_tokens, temperature=0, json_schema=NATURAL)}
     rows, speedups = [], {}
     for label, params in cases.items():
-        base = _run(llm, prompts, params, batch=False)
-        spec = _run(spec_llm, prompts, params, batch=False)
+        base = _run(llm, prompts, params, batch=False, desc=f"{label} plain")
+        spec = _run(spec_llm, prompts, params, batch=False, desc=f"{label} {args.speculative}")
         tps = [1000.0 / _decode_ms(x) for x in (base, spec)]
         steps = sum(o.metrics.num_verify_steps for o in spec)
         emitted = sum((o.metrics.acceptance_length or 0) * o.metrics.num_verify_steps for o in spec)
@@ -141,4 +148,5 @@ def run_structured_bench(args) -> None:
                        "tokens_per_s_user", "tokens_per_s_user_plain", "speedup", "acceptance_length",
                        "speedup_ratio"])
     path = save_results(args.out, llm.engine.device, rows)
-    print(f"saved {path}")
+    if path is not None:
+        print(f"saved {path}", file=sys.stderr)

@@ -42,19 +42,30 @@ class LLM:
         return [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run prompts (strings or token-id lists) to completion; outputs in input order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 progress: str | None = None) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs in input order.
+        progress: a bar of that name (finished prompts, rate, ETA) on stderr."""
         ids = self._add_all(_as_prompt_list(prompts), sampling_params)
         final: dict[str, RequestOutput] = {}
+        bar = None
+        if progress is not None:
+            from lightspeed.progress import progress as progress_bar
+            bar = progress_bar(len(ids), progress, "prompt")
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished:
                         final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
         except BaseException:
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [final[r] for r in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:

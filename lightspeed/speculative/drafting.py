@@ -122,6 +122,7 @@ class ModelDrafter(Proposer):
 
     def draft(self, inputs: ProposeInputs, jobs: list[DraftJob], out: Drafts) -> None:
         self._ensure_kv()
+        masks = inputs.masks if inputs.masks is not None and any(j.request_id in inputs.masks for j in jobs) else None
         k = self._graph_depth(inputs, jobs)
         seqs, plans = self._catch_up_seqs(inputs, jobs)
         if not seqs:
@@ -129,23 +130,26 @@ class ModelDrafter(Proposer):
         rooted = [j for j in plans if j is not None]
         if k is not None and len(rooted) == len(plans):  # catch-up pass and chain in one graph replay
             feed = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
-            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed)
+            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed, candidates=masks is not None)
             if drafts is not None:
-                self._emit_chains(self._roots(rooted, None, None), drafts, out)
+                self._emit_chains(self._roots(rooted, None, None), drafts, out, masks)
                 return
         logits, h = self._forward(seqs)
         roots = self._roots(rooted, logits, h)
         if not roots:
             return
         if self.config.is_tree:
-            self._draft_trees(roots, out)
-        elif k is None or not self._chain_in_graph(roots, k, out):
-            self._draft_chains(roots, out)
+            self._draft_trees(roots, out, masks)
+        elif k is None or not self._chain_in_graph(roots, k, out, masks):
+            self._draft_chains(roots, out, masks)
 
     # -- graphs ------------------------------------------------------------------------
     def _graph_depth(self, inputs: ProposeInputs, jobs: list[DraftJob]) -> int | None:
         """k when these jobs can draft in a graph: the runner replays graphs (CUDA), chains,
-        every request greedy with the same depth k; else None."""
+        every request greedy with the same depth k; else None.
+        NOTE: a grammar's mask cannot enter the graph (each depends on the draft before it,
+        chosen on the device): constrained chains are drafted unmasked there and repaired
+        after it (DraftMasks.repair: masked greedy drafting up to the first rejected draft)."""
         if not inputs.use_graphs or self.config.is_tree or not jobs:
             return None
         k = jobs[0].max_depth
@@ -156,30 +160,41 @@ class ModelDrafter(Proposer):
                                            self.max_num_seqs, self.device, self.kernel_settings)
         return k
 
-    def _chain_in_graph(self, roots: list[Root], k: int, out) -> bool:
+    def _chain_in_graph(self, roots: list[Root], k: int, out, masks=None) -> bool:
         """The chain after an eager catch-up: one replay from the roots' logits (+ hidden)."""
         seqs = [DraftSeq(r.job.request_id, [0], [r.feed_base], r.feed_base, [0]) for r in roots]
         hidden = torch.stack([r.hidden for r in roots]) if roots[0].hidden is not None else None
-        drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden))
+        drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden),
+                                 candidates=masks is not None)
         if drafts is None:
             return False
-        self._emit_chains(roots, drafts, out)
+        self._emit_chains(roots, drafts, out, masks)
         return True
 
-    def _emit_chains(self, roots: list[Root], drafts: list[list[int]], out) -> None:
+    def _emit_chains(self, roots: list[Root], drafts, out, masks=None) -> None:
+        """drafts: [S][k] from a graph, or (drafts, candidates) when it kept candidates for
+        the constrained requests' repairs; the drafter's cache holds the graph's drafts."""
+        drafts, candidates = drafts if masks is not None else (drafts, None)
         tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
-        for rid, d in tokens.items():
+        for i, (rid, d) in enumerate(tokens.items()):
+            if masks is not None and rid in masks:
+                d = masks.repair(rid, d, candidates[i])
             self.emit(out, rid, d, None)
         self._after_draft(roots, tokens)
 
     # -- chains ------------------------------------------------------------------------
-    def _draft_chains(self, roots: list[Root], out) -> None:
+    def _draft_chains(self, roots: list[Root], out, masks=None) -> None:
         tokens: dict[str, list[int]] = {r.job.request_id: [] for r in roots}
         probs: dict[str, list[torch.Tensor]] = {r.job.request_id: [] for r in roots}
         active = roots
         logits = torch.stack([r.logits for r in roots])  # [B, V]
         hid = [r.hidden for r in roots]
         for step in range(max(r.job.max_depth for r in roots)):
+            live = self._constrain(masks, active, logits, [tokens[r.job.request_id] for r in active])
+            if len(live) < len(active):  # their grammar ended or admits nothing the drafter can say
+                active, logits, hid = [active[i] for i in live], logits[live], [hid[i] for i in live]
+                if not active:
+                    break
             chosen = self._choose(active, logits)
             for r, (t, q) in zip(active, chosen):
                 tokens[r.job.request_id].append(t)
@@ -203,9 +218,21 @@ class ModelDrafter(Proposer):
                 out.probs[rid] = torch.stack(probs[rid])
         self._after_draft(roots, tokens)
 
+    @staticmethod
+    def _constrain(masks, roots: list[Root], logits: torch.Tensor, paths: list[list[int]]) -> list[int]:
+        """Mask each constrained row of `logits` ([B, V], in place) to what its grammar allows
+        after its path of drafts (structured/drafting.py) -> the rows to draft from: not
+        those whose path ended the output or whose mask leaves no token the drafter can say."""
+        if masks is None or not any(r.job.request_id in masks for r in roots):
+            return list(range(len(roots)))
+        live = masks.mask(logits, [r.job.request_id for r in roots], paths)
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()
+        return [i for i, (a, b) in enumerate(zip(live, finite)) if a and b]
+
     def _choose(self, roots: list[Root], logits: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
         """One draft per row: argmax for greedy requests, else a sample from the drafter's
-        sampling distribution q (same temperature / top-k / top-p / min-p as the target)."""
+        sampling distribution q (same temperature / top-k / top-p / min-p as the target; of
+        the masked logits for a constrained request, so q is renormalised over the grammar)."""
         greedy = logits.argmax(dim=-1).tolist()
         sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
         result: list[tuple[int, torch.Tensor | None]] = [(t, None) for t in greedy]
@@ -227,12 +254,16 @@ class ModelDrafter(Proposer):
         sampled = [i for i, r in enumerate(roots) if r.job.generator is not None]
         if sampled:
             out[sampled] = sampling_logits(logits[sampled], [roots[i].job.params for i in sampled]).log_softmax(-1)
-        return out
+        return out.masked_fill_(out.isnan(), float("-inf"))  # NOTE: a row masked entirely (grammar): no children
 
-    def _draft_trees(self, roots: list[Root], out) -> None:
+    def _draft_trees(self, roots: list[Root], out, masks=None) -> None:
+        """EAGLE-2 expansion (tree.py); a constrained request's rows are masked to its grammar
+        along each node's path, so only grammatical children are expanded."""
         cfg = self.config
         trees = [TreeBuilder(cfg.tree_topk, r.job.max_nodes) for r in roots]
-        root_lp = self._logprobs(roots, torch.stack([r.logits for r in roots]))
+        root_logits = torch.stack([r.logits for r in roots])
+        self._constrain(masks, roots, root_logits, [[] for _ in roots])
+        root_lp = self._logprobs(roots, root_logits)
         out_hidden: list[dict[int, torch.Tensor]] = [{} for _ in roots]  # candidate -> output hidden
         for i, (tree, r) in enumerate(zip(trees, roots)):
             tree.expand([-1], root_lp[i: i + 1])
@@ -255,6 +286,8 @@ class ModelDrafter(Proposer):
                 frontiers.append(frontier)
                 row_roots += [r] * len(frontier)
             logits, h = self._forward(seqs)
+            self._constrain(masks, row_roots, logits,
+                            [trees[i].path(c) for i, frontier in zip(live, frontiers) for c in frontier])
             lp = self._logprobs(row_roots, logits)
             start = 0
             for i, frontier in zip(live, frontiers):

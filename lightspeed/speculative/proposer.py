@@ -11,7 +11,8 @@ were chosen deterministically (q one-hot). proposer.drop(rid) forgets a finished
 
 A proposer never touches the runner: it reads only its inputs (the runner's generators
 of sampled requests are passed in, drawn from in the runner's order) and keeps its own
-state (its drafter's KV cache). It declares what it needs:
+state (its drafter's KV cache). Constrained requests (structured outputs) are drafted
+under their grammar through inputs.masks (structured/drafting.py). It declares what it needs:
     needs_hidden_states    the runner passes the target's hidden states of aux_layer_ids
     supports_prefix_cache  False: the engine turns prefix caching off (a hit skips positions)
 """
@@ -54,6 +55,7 @@ class ProposeInputs:
     aux_hidden: torch.Tensor | None  # [T, len(aux_layer_ids) * H] when needs_hidden_states
     generators: dict[str, torch.Generator]  # request id -> generator, for sampled requests with emitted tokens
     use_graphs: bool  # the runner replays CUDA graphs (drafters may too)
+    masks: object | None = None  # structured.DraftMasks: constrained requests' grammars, to draft under
 
 
 @dataclass

@@ -51,6 +51,14 @@ class TreeBuilder:
         new.sort(key=lambda c: -self.scores[c])
         self.frontier = new[: self.topk]
 
+    def path(self, c: int) -> list[int]:
+        """Tokens from the root's first child down to candidate c."""
+        tokens = []
+        while c >= 0:
+            tokens.append(self.tokens[c])
+            c = self.parents[c]
+        return tokens[::-1]
+
     def feed_frontier(self) -> list[int]:
         """Mark the frontier as fed; returns the rows (indices into `fed`) of the frontier."""
         start = len(self.fed)

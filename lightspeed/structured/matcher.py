@@ -37,6 +37,7 @@ class GrammarBatch:
         self.num_accepted: dict[str, int] = {}  # request id -> emitted tokens its matcher accepted
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
         self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
+        self._host_rows: torch.Tensor | None = None  # [>= rows] int32 pinned buffer of the masked rows (CUDA)
 
     def add(self, request_id: str, compiled) -> None:
         self.grammars[request_id] = compiled
@@ -72,8 +73,23 @@ class GrammarBatch:
             rows += self._fill_tree(self._matcher(s.request_id), bitmask, first, s.token_ids[len(s.token_ids) - n:],
                                     parents)
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                              vocab_size=logits.shape[-1], indices=rows)
+                                              vocab_size=logits.shape[-1], indices=self._indices(rows, logits))
         self.num_masked_rows += len(rows)
+
+    def _indices(self, rows: list[int], logits: torch.Tensor) -> list[int] | torch.Tensor | None:
+        """The masked rows for apply_token_bitmask_inplace: None when they are all of them (batch
+        1), else an int32 tensor on the logits' device copied from a reused pinned buffer.
+        NOTE: xgrammar would build a new tensor from the list every step and copy it from
+        pageable memory (an allocation and a driver staging copy on the step's path)."""
+        if rows == list(range(logits.shape[0])):
+            return None
+        if logits.device.type != "cuda":
+            return rows
+        if self._host_rows is None or self._host_rows.shape[0] < len(rows):
+            self._host_rows = torch.empty(max(len(rows), 64), dtype=torch.int32, pin_memory=True)
+        host = self._host_rows[: len(rows)]
+        host.copy_(torch.tensor(rows, dtype=torch.int32))
+        return host.to(logits.device, non_blocking=True)
 
     def _bitmask(self, logits: torch.Tensor) -> torch.Tensor:
         """A view of the reused host buffer for this step's rows.
@@ -124,20 +140,48 @@ class GrammarBatch:
                                        "rejects although its logits were masked")
                 self.num_accepted[rid] = self.num_accepted.get(rid, 0) + 1
 
+    def draft_masks(self):
+        """A structured.DraftMasks for this step's proposal (drafting under the grammars)."""
+        from lightspeed.structured.drafting import DraftMasks
+        return DraftMasks(self)
+
     def trim_drafts(self, out) -> None:
-        """Cut each constrained chain of proposed drafts before its first token the grammar
-        rejects (it would be rejected by verification anyway); trees are left whole."""
+        """Cut each constrained request's proposed drafts to what its grammar accepts (the rest
+        would be rejected by verification anyway): a chain before its first rejected token,
+        a tree without its rejected nodes and their subtrees. A stop token stays as a last
+        draft where the grammar may end."""
         for rid, drafts in out.draft_token_ids.items():
-            if rid not in self.grammars or rid in out.draft_parents or not drafts:
+            if rid not in self.grammars or not drafts:
                 continue
-            m = self._matcher(rid)
-            keep = 0
-            while keep < len(drafts) and not m.is_terminated() and self._accepts(m, drafts[keep]):
-                keep += 1
-            if keep:
-                m.rollback(keep)
-            if keep < len(drafts):
-                out.draft_token_ids[rid] = drafts[:keep]
+            parents = out.draft_parents.get(rid, list(range(-1, len(drafts) - 1)))
+            keep = self._valid_nodes(self._matcher(rid), drafts, parents)
+            if len(keep) == len(drafts):
+                continue
+            index = {c: i for i, c in enumerate(keep)}
+            out.draft_token_ids[rid] = [drafts[c] for c in keep]
+            if rid in out.draft_parents:
+                out.draft_parents[rid] = [index.get(parents[c], -1) for c in keep]
+
+    def _valid_nodes(self, m, drafts: list[int], parents: list[int]) -> list[int]:
+        """The draft nodes whose path the grammar accepts, in draft order (parents first)."""
+        kids = children_of(parents)
+        keep: list[int] = []
+        stack = [(c, False) for c in reversed(kids.get(-1, ()))]
+        while stack:  # depth first, as _fill_tree
+            c, leaving = stack.pop()
+            if leaving:
+                m.rollback(1)
+                continue
+            if drafts[c] in self.stop_token_ids:
+                if m.is_completed():
+                    keep.append(c)  # the output may end here; nothing after a stop token is read
+                continue
+            if m.is_terminated() or not self._accepts(m, drafts[c]):
+                continue
+            keep.append(c)
+            stack.append((c, True))
+            stack += [(k, False) for k in reversed(kids.get(c, ()))]
+        return sorted(keep)
 
     def is_ended(self, request_id: str, num_output_tokens: int | None = None) -> bool:
         """True when the request's grammar admits nothing but a stop token (its output is whole).

@@ -32,7 +32,9 @@ def test_eval_spec_table_and_json(target_and_head, tmp_path, capsys):
                "--speculative", "none", "--speculative", "ngram@k=2", "--speculative", f"eagle3:{head}",
                "--speculative", f"eagle3:{head}@tree=2x3x5", "--out", str(out)])
     assert rc == 0
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
+    assert "bench eval-spec" in captured.err and "5/5" in captured.err  # runs, with the prompts' bars
     assert "acceptance_length" in text and "per_position" in text and str(out) in text
     rec = json.loads(out.read_text())
     assert {"device", "git_commit", "command", "date"} <= set(rec)

@@ -5,11 +5,13 @@ from lightspeed.cli import main
 from tests.tiny import make_tiny_checkpoint
 
 
-def test_bench_structured_writes_every_row(tmp_path):
+def test_bench_structured_writes_every_row(tmp_path, capsys):
     make_tiny_checkpoint(tmp_path / "m", "llama")
     out = tmp_path / "structured.json"
     assert main(["bench", "structured", "--model", str(tmp_path / "m"), "--device", "cpu", "--max-tokens", "4",
                  "--batch-sizes", "1,2", "--num-prompts", "2", "--speculative", "ngram", "--out", str(out)]) == 0
+    err = capsys.readouterr().err  # progress bars: prompts, rate and ETA of every run
+    assert "bs2 json-schema" in err and "json-schema ngram" in err and "prompt" in err
     record = json.loads(out.read_text())
     assert {"device", "git_commit", "command", "date", "results"} <= record.keys()
     rows = {r["name"]: r for r in record["results"]}
@@ -21,3 +23,13 @@ def test_bench_structured_writes_every_row(tmp_path):
     for label in ("unconstrained", "json-schema"):
         assert rows[f"speculation {label} bs1"]["tokens_per_s_user"] > 0
     assert rows["speculation speedup ratio json-schema / unconstrained"]["speedup_ratio"] > 0
+
+
+def test_bench_structured_prints_only_without_out(tmp_path, monkeypatch, capsys):
+    make_tiny_checkpoint(tmp_path / "m", "llama")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["bench", "structured", "--model", str(tmp_path / "m"), "--device", "cpu", "--max-tokens", "2",
+                 "--batch-sizes", "1", "--num-prompts", "1"]) == 0
+    assert "json-schema overhead bs1" in capsys.readouterr().out and not any(work.rglob("*"))

@@ -1,6 +1,7 @@
 """End to end through LLM: greedy output equals HF transformers token for token (tiny random
 models of every supported architecture), plus the API's sampling, stop and error behaviour."""
 import json
+import os
 
 import pytest
 import torch
@@ -126,3 +127,22 @@ def test_declared_context_beyond_the_rope_table_is_capped(tmp_path):
     assert llm.engine.runner.model.model.rotary_emb.cos_sin_cache.shape[0] == MAX_ROPE_POSITIONS
     assert llm.engine.max_model_len <= MAX_ROPE_POSITIONS
     assert llm.generate([1, 2, 3], SamplingParams(max_tokens=4))[0].finished
+
+
+def test_cpu_kv_cache_costs_memory_only_as_it_is_used():
+    """Issue 15: a 135M model's engine held 2.9 GB; the CPU KV cache (2 GiB by default) is
+    calloc'd, so its pages become resident only when blocks are written."""
+    import torch
+
+    from lightspeed.engine.runner import lazy_zeros
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    kv = lazy_zeros((2, 4096, 16, 8, 64), torch.float32, torch.device("cpu"))  # 512 MiB
+    assert kv.shape == (2, 4096, 16, 8, 64) and kv.dtype == torch.float32
+    assert rss() - before < 64 << 20
+    kv[:, :4] = 1.0  # writing a few blocks maps only their pages
+    assert rss() - before < 64 << 20 and float(kv[:, 4:].abs().sum()) == 0.0

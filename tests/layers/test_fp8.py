@@ -120,7 +120,7 @@ def test_fp8_on_gpu_matches_the_cpu_reference_and_graphs(tmp_path):
     assert runs[0][0].token_ids == runs[1][0].token_ids
 
 
-def test_bench_fp8_accuracy_cli(tmp_path):
+def test_bench_fp8_accuracy_cli(tmp_path, capsys):
     """The accuracy report on a tiny checkpoint: every figure present and in range; FP8
     keeps most greedy choices of fp32 and a perplexity close to fp32's."""
     import json
@@ -132,6 +132,8 @@ def test_bench_fp8_accuracy_cli(tmp_path):
     assert main(["bench", "fp8-accuracy", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float32",
                  "--prompts", "random", "--num-prompts", "3", "--output-len", "12", "--ppl-tokens", "300",
                  "--ppl-window", "100", "--out", str(out)]) == 0
+    err = capsys.readouterr().err  # progress: answers, teacher-forced prompts, perplexity windows
+    assert "answers (fp8)" in err and "teacher-forced logits" in err and "perplexity (ref)" in err
     row = json.loads(out.read_text())["results"][0]
     assert row["teacher_forced_positions"] == 36 and row["ppl_tokens"] == 297
     assert 0.7 <= row["teacher_forced_agreement"] <= 1 and 0 <= row["mean_kl"] < 0.05

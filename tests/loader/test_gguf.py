@@ -215,3 +215,29 @@ def test_unknown_tensor_name_is_rejected(tmp_path, gguf_writer, gguf_llama_kv):
     to_file = dict(state) | {"blk.0.ffn_gate_exps.weight": np.zeros((4, 4), np.float32)}
     with pytest.raises(UnsupportedModelError, match="ffn_gate_exps"):
         open_checkpoint(synthetic(tmp_path, gguf_writer, gguf_llama_kv, "qwen2", state, to_file=to_file))
+
+
+def test_metadata_parsing_shows_progress(tmp_path, gguf_writer, gguf_llama_kv, monkeypatch):
+    """The metadata bar counts entries while the reader parses (a 20,000-token vocabulary)."""
+    from lightspeed.loader import gguf as gguf_mod
+    updates = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    state = hf_state(np.random.default_rng(0), "llama")
+    path = synthetic(tmp_path, gguf_writer, gguf_llama_kv, "llama", state,
+                     extra_kv={"tokenizer.ggml.tokens": [f"t{i}" for i in range(20_000)]})
+    monkeypatch.setattr(gguf_mod, "tqdm", Bar)
+    gguf_mod.open_gguf_reader(path)
+    assert len(updates) >= 4 and sum(updates) > 20_000  # several updates during the parse, every entry counted

