@@ -11,6 +11,7 @@ from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
 from lightspeed.engine.penalties import has_penalties
+from lightspeed.engine.profile import NULL_TIMER
 from lightspeed.engine.prompt import check_prompt
 from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
@@ -56,6 +57,16 @@ def engine_kernel_settings(config: EngineConfig, speculative: bool, device: torc
     fused = config.enable_fused_layers and config.tensor_parallel_size == 1
     base = KernelSettings(batch_invariant=invariant, fused_layers=fused)
     return base if config.enable_pdl else base.replace(pdl=False)
+
+
+def use_overlap(config: EngineConfig, speculative, device: torch.device) -> bool:
+    """Overlap scheduling per config.overlap_schedule; None: on for CUDA without speculation or
+    tensor parallelism. NOTE: speculation and tensor parallelism need each step's tokens on
+    the host before the next step is scheduled; they always run one step at a time."""
+    supported = speculative is None and config.tensor_parallel_size == 1
+    if config.overlap_schedule is None:
+        return supported and device.type == "cuda"
+    return config.overlap_schedule and supported
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -125,6 +136,8 @@ class Engine:
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
+        self.overlap = use_overlap(config, speculative, self.device)
+        self.timer = NULL_TIMER  # engine/profile.py StepTimer: host time per phase
 
     @property
     def kernel_settings(self) -> KernelSettings:
@@ -172,10 +185,15 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        timer = self.timer
+        timer.start()
         sched = self.scheduler.schedule()
+        timer.mark("schedule")
         result = self.runner.execute(sched)
         outputs = []
-        for req in self.scheduler.update_from_output(sched, result):
+        updated = self.scheduler.update_from_output(sched, result)
+        timer.mark("update")
+        for req in updated:
             state = self._states[req.request_id]
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
@@ -186,6 +204,7 @@ class Engine:
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
                 del self._states[req.request_id]
+        timer.mark("output")
         return outputs
 
 

@@ -9,6 +9,7 @@ import torch
 
 from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
 from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
+from lightspeed.engine.profile import NULL_TIMER
 from lightspeed.engine.penalties import ContextTracker, apply_penalties
 from lightspeed.engine.sampler import Sampler
 from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
@@ -48,6 +49,7 @@ class ModelRunner:
         self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
+        self.timer = NULL_TIMER  # engine/profile.py: the engine's StepTimer while profiling
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
@@ -95,6 +97,7 @@ class ModelRunner:
             return out
         self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size, self.block_tables)
+        self.timer.mark("input_prep")
         proposer = self.proposer
         aux_ids = tuple(proposer.aux_layer_ids) if proposer is not None and proposer.needs_hidden_states else ()
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
@@ -113,6 +116,7 @@ class ModelRunner:
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
+        self.timer.mark("forward")
         if self.grammar is not None:  # NOTE: the host fills the masks while the device runs the step
             self.grammar.mask_logits(sched, inputs, logits)
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
@@ -128,6 +132,7 @@ class ModelRunner:
                 out.sampled_token_ids[s.request_id] = [t]
                 if lp is not None:
                     out.logprobs[s.request_id] = [lp]
+        self.timer.mark("sample")
         accepted = self._verify(sched, inputs, logits, out) if self.verifier is not None else {}
         if self.grammar is not None:  # the masks made every emitted token grammatical
             self.grammar.advance(out)
