@@ -199,10 +199,13 @@ class CudaGraphRunner:
             capture(g, lambda: self._body(g, aux_ids), self.pool)
         return g
 
-    def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = ()):
+    def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = (),
+            fill: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Replay (capturing first if new) the graph of `shape` for this step -> (inputs,
         hidden [T, H], aux [T, n*H] or None, logits [T, vocab]) of the real rows; views of
-        the graph's static buffers, valid until its next replay. None: too many graphs."""
+        the graph's static buffers, valid until its next replay. None: too many graphs.
+        fill (rows, token ids) on the device: input ids written after the host's copy
+        (placeholders of overlap scheduling)."""
         lay = Layout.make(shape[0], shape[1], max(host.seq_lens), self.block_size)
         key = (lay, tuple(aux_ids))
         g = self.graphs.get(key)
@@ -211,6 +214,8 @@ class CudaGraphRunner:
                 return None
             g = self.graphs[key] = self._capture(lay, tuple(aux_ids))
         g.load(host)
+        if fill is not None:
+            g.flat.index_copy_(0, fill[0] + g.off["ids"], fill[1])
         if g.graph is not None:
             g.graph.replay()
         else:

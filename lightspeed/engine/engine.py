@@ -3,6 +3,7 @@ detokenize (stop strings) -> outputs."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import torch
@@ -20,6 +21,8 @@ from lightspeed.errors import InvalidRequestError
 from lightspeed.kernels.settings import KernelSettings
 from lightspeed.loader.model import load_model
 from lightspeed.tokenizer import IncrementalDetokenizer
+
+_log = logging.getLogger("lightspeed")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,6 +69,8 @@ def use_overlap(config: EngineConfig, speculative, device: torch.device) -> bool
     supported = speculative is None and config.tensor_parallel_size == 1
     if config.overlap_schedule is None:
         return supported and device.type == "cuda"
+    if config.overlap_schedule and not supported:
+        _log.warning("overlap scheduling is off: speculative decoding and tensor parallelism run one step at a time")
     return config.overlap_schedule and supported
 
 
@@ -137,6 +142,9 @@ class Engine:
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
         self.overlap = use_overlap(config, speculative, self.device)
+        # requests whose steps run one at a time (their tokens are needed on the host first)
+        self._sync_ids: set[str] = set()
+        self._in_flight = None  # (SchedulerOutput, runner.LaunchedStep) launched and not yet read
         self.timer = NULL_TIMER  # engine/profile.py StepTimer: host time per phase
 
     @property
@@ -162,6 +170,8 @@ class Engine:
         grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None)
+        if params.logprobs is not None or has_penalties(params) or grammar is not None:
+            self._sync_ids.add(rid)
         self.scheduler.add_request(req)
         if grammar is not None:  # NOTE: a method call, so it reaches a TensorParallelRunner's own runner
             self.runner.constrain(rid, grammar, self.structured)
@@ -179,20 +189,51 @@ class Engine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._states.pop(request_id, None)
+        self._sync_ids.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
+        # NOTE: a step still in flight then holds only finished requests; the next step reads it
         return self.scheduler.has_unfinished_requests()
 
     # -- the loop --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch a step; return the outputs of the step whose tokens were read.
+
+        Sequential: that is this step. Overlap scheduling: the previous one, read after this
+        one is launched, so the host's scheduling and input prep run while the device computes:
+
+            host:   | sched N+1 | launch N+1 | read N, stop checks, outputs | sched N+2 | ...
+            device: | ......... step N ......... | ............ step N+1 ............ |
+
+        A request that ended at step N (EOS, a stop string) was already scheduled for N + 1;
+        that token is dropped. Steps of requests that need their tokens on the host before the
+        next step is scheduled (logprobs, penalties, structured outputs) run one at a time."""
         timer = self.timer
         timer.start()
+        overlap = self.overlap and not self._sync_ids
+        outputs = []
+        if self._in_flight is not None and not overlap:
+            outputs += self._finish(*self._in_flight)
+            self._in_flight = None
         sched = self.scheduler.schedule()
         timer.mark("schedule")
-        result = self.runner.execute(sched)
-        outputs = []
+        launched = self.runner.launch(sched)
+        if self._in_flight is not None:
+            outputs += self._finish(*self._in_flight)
+            self._in_flight = None
+        if overlap and not sched.is_empty:
+            self._in_flight = (sched, launched)
+        else:
+            outputs += self._finish(sched, launched)
+        return outputs
+
+    def _finish(self, sched, launched) -> list[RequestOutput]:
+        """Read a launched step's tokens; advance its requests; stop checks; outputs."""
+        timer = self.timer
+        result = self.runner.collect(launched)
         updated = self.scheduler.update_from_output(sched, result)
         timer.mark("update")
+        outputs = []
         for req in updated:
             state = self._states[req.request_id]
             if state.process(req):
@@ -204,6 +245,7 @@ class Engine:
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
                 del self._states[req.request_id]
+                self._sync_ids.discard(req.request_id)
         timer.mark("output")
         return outputs
 
