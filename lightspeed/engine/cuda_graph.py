@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lightspeed import kernels
-from lightspeed.engine.input_prep import HostInputs, ModelInputs
+from lightspeed.engine.input_prep import HostInputs, ModelInputs, pack_rows
 from lightspeed.engine.outputs import SchedulerOutput
 from lightspeed.layers.attention import AttentionMetadata, attention_bound
 
@@ -100,9 +100,7 @@ def fill_static_inputs(buf: np.ndarray, lay: Layout, host: HostInputs) -> None:
     buf[o["qsl"]: o["qsl"] + s + 1] = host.query_start_loc
     buf[o["qsl"] + s + 1: o["qsl"] + lay.B + 1] = np.arange(t + 1, t + 1 + lay.B - s)
     tables = buf[o["tab"]: o["tree"]].reshape(lay.B, lay.MB)
-    for i, row in enumerate(host.block_tables):
-        row = row[: lay.MB]
-        tables[i, : len(row)] = row
+    pack_rows(host.block_tables, tables)
     if lay.Q > 1:
         tree = buf[o["tree"]: o["end"]].reshape(lay.B, lay.Q, lay.Q)
         tree[:] = np.tril(np.ones((lay.Q, lay.Q), dtype=np.int64))
