@@ -13,7 +13,7 @@ import argparse
 import random
 import time
 
-from lightspeed.engine.profile import HOST_PHASES, NULL_TIMER, PHASES, StepTimer
+from lightspeed.engine.profile import HOST_PHASES, NULL_TIMER, PHASES, StepTimer, gc_frozen
 
 
 def add_host_step_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +87,8 @@ def run_host_step(args) -> list[dict]:
                                      max_num_batched_tokens=max(2048, max(batches) * args.input_len),
                                      max_model_len=max_len, enable_prefix_caching=False, **options))
         for b in batches:
-            r = profile_batch(engine, b, args.input_len, args.steps, args.warmup)
+            with gc_frozen():
+                r = profile_batch(engine, b, args.input_len, args.steps, args.warmup)
             rows.append({"name": f"{label} host step bs{b} overlap={'on' if engine.overlap else 'off'}",
                          "model": label, "batch_size": b, "overlap_schedule": engine.overlap,
                          "input_len": args.input_len, "num_steps": args.steps, **r})

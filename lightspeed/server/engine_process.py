@@ -33,6 +33,7 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         import torch
         torch.set_num_threads(num_threads)
     from lightspeed.engine.engine import Engine
+    from lightspeed.engine.profile import gc_frozen
     from lightspeed.server.engine_loop import run_engine_loop
     from lightspeed.server.output_deltas import to_deltas
     try:
@@ -56,7 +57,8 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
             msg = ("step", to_deltas(msg[1]), *msg[2:])
         outbox.put(msg)
     try:
-        run_engine_loop(engine, recv, send)
+        with gc_frozen():
+            run_engine_loop(engine, recv, send)
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
 
