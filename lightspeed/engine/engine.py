@@ -158,7 +158,9 @@ class Engine:
         return check_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream_text: bool = True) -> str:
+        """Queue a request -> its id. stream_text=False: outputs before the last carry no text
+        (the text is decoded once, at the end, unless stop strings need it each step)."""
         params = params or SamplingParams()
         ids = self.tokenize_prompt(prompt)
         if self.speculative is not None and has_penalties(params):
@@ -169,7 +171,8 @@ class Engine:
             raise InvalidRequestError(f"request id {rid!r} is already running")
         grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
-        self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None)
+        self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None,
+                                         stream_text)
         if params.logprobs is not None or has_penalties(params) or grammar is not None:
             self._sync_ids.add(rid)
         self.scheduler.add_request(req)
@@ -253,8 +256,11 @@ class Engine:
 class _OutputState:
     """Detokenizes one request's new tokens, applies stop strings, builds RequestOutputs."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None):
+    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream_text: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None  # None: no text
+        # NOTE: two tokenizer decodes per token and step were ~10 us per request; a request read
+        # only when finished (LLM.generate) is decoded once, at the end
+        self.is_deferred = not stream_text and not params.stop
         self.params = params
         self.prompt = prompt
         self.text = ""
@@ -267,6 +273,12 @@ class _OutputState:
         """Detokenize tokens one by one; True when a stop string ended the request (then the
         tokens after it are dropped, exactly as if they had never been sampled)."""
         stops = self.params.stop
+        if self.is_deferred:
+            self.num_processed = len(req.output_token_ids)
+            if req.is_finished and self.detok is not None:
+                eos = () if self.params.ignore_eos else req.eos_token_ids
+                self.text = self.detok.add([t for t in req.output_token_ids if t not in eos]) + self.detok.flush()
+            return False
         while self.num_processed < len(req.output_token_ids):
             tid = req.output_token_ids[self.num_processed]
             self.num_processed += 1

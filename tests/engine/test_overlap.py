@@ -66,8 +66,9 @@ def test_overlap_equals_sequential_greedy_seeded_and_stops(ckpt):
     if stop_str.strip():
         assert a[3].finish_reason == "stop"
     # the streamed deltas add up to the same outputs
-    chunks = list(ovl.stream(prompts[3], params[3]))
-    assert "".join(c.new_text for c in chunks) == a[3].text and chunks[-1].finished
+    for i in (0, 3):  # generate decodes text at the end (no stop strings), stream each step
+        chunks = list(ovl.stream(prompts[i], params[i]))
+        assert "".join(c.new_text for c in chunks) == a[i].text and chunks[-1].finished
     for llm in (seq, ovl):
         bm = llm.engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks and not llm.engine.has_unfinished_requests()
