@@ -158,9 +158,9 @@ class Engine:
         return check_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, stream_text: bool = True) -> str:
-        """Queue a request -> its id. stream_text=False: outputs before the last carry no text
-        (the text is decoded once, at the end, unless stop strings need it each step)."""
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queue a request -> its id. stream=False: one output, when it finishes (its text
+        decoded then, unless stop strings need it each step)."""
         params = params or SamplingParams()
         ids = self.tokenize_prompt(prompt)
         if self.speculative is not None and has_penalties(params):
@@ -172,7 +172,7 @@ class Engine:
         grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None,
-                                         stream_text)
+                                         stream)
         if params.logprobs is not None or has_penalties(params) or grammar is not None:
             self._sync_ids.add(rid)
         self.scheduler.add_request(req)
@@ -213,27 +213,27 @@ class Engine:
         next step is scheduled (logprobs, penalties, structured outputs) run one at a time."""
         timer = self.timer
         timer.start()
-        overlap = self.overlap and not self._sync_ids
         outputs = []
-        if self._in_flight is not None and not overlap:
-            outputs += self._finish(*self._in_flight)
+        sequential = not self.overlap or bool(self._sync_ids)
+        if sequential and self._in_flight is not None:
+            outputs += self._read(*self._in_flight)
             self._in_flight = None
         sched = self.scheduler.schedule()
         timer.mark("schedule")
+        if sequential:  # NOTE: execute: a tensor-parallel runner's one entry point
+            return outputs + self._update(sched, self.runner.execute(sched))
         launched = self.runner.launch(sched)
         if self._in_flight is not None:
-            outputs += self._finish(*self._in_flight)
-            self._in_flight = None
-        if overlap and not sched.is_empty:
-            self._in_flight = (sched, launched)
-        else:
-            outputs += self._finish(sched, launched)
+            outputs += self._read(*self._in_flight)
+        self._in_flight = None if sched.is_empty else (sched, launched)
         return outputs
 
-    def _finish(self, sched, launched) -> list[RequestOutput]:
-        """Read a launched step's tokens; advance its requests; stop checks; outputs."""
+    def _read(self, sched, launched) -> list[RequestOutput]:
+        return self._update(sched, self.runner.collect(launched))
+
+    def _update(self, sched, result) -> list[RequestOutput]:
+        """Advance the step's requests by its tokens; stop checks; outputs."""
         timer = self.timer
-        result = self.runner.collect(launched)
         updated = self.scheduler.update_from_output(sched, result)
         timer.mark("update")
         outputs = []
@@ -244,7 +244,8 @@ class Engine:
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
                     and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
                 req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
-            outputs.append(state.output(req))
+            if state.stream or req.is_finished:
+                outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
                 del self._states[req.request_id]
@@ -256,11 +257,12 @@ class Engine:
 class _OutputState:
     """Detokenizes one request's new tokens, applies stop strings, builds RequestOutputs."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream_text: bool = True):
+    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None  # None: no text
         # NOTE: two tokenizer decodes per token and step were ~10 us per request; a request read
         # only when finished (LLM.generate) is decoded once, at the end
-        self.is_deferred = not stream_text and not params.stop
+        self.is_deferred = not stream and not params.stop
+        self.stream = stream
         self.params = params
         self.prompt = prompt
         self.text = ""
