@@ -5,7 +5,8 @@ For each batch size B, B requests of random --input-len token prompts are prefil
 forward (its launch on CUDA; the compute on CPU), sampling, waiting for the device, the
 scheduler's update and the outputs (detokenization, stop checks). Host time per step is the
 sum of the host phases; per request, that over B. Runs once with overlap scheduling off and
-once on (--overlap-schedule / --no-overlap-schedule: only that one).
+once on (--overlap-schedule / --no-overlap-schedule: only that one). Requests are read as
+LLM.generate reads them (an output when they finish), or with --stream as a server does.
 """
 from __future__ import annotations
 
@@ -20,23 +21,29 @@ def add_host_step_args(p: argparse.ArgumentParser) -> None:
     from lightspeed.models.random import SHAPES
     from lightspeed.options import add_model_args
     add_model_args(p, speculative=False)
-    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="random weights of this shape (default: --model)")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random weights of this shape (default: --model)")
     p.add_argument("--batch-sizes", default="1,64,256", help="comma-separated batch sizes")
     p.add_argument("--input-len", type=int, default=32, help="prompt tokens")
     p.add_argument("--steps", type=int, default=50, help="timed decode steps per batch size")
     p.add_argument("--warmup", type=int, default=5, help="untimed decode steps first")
+    p.add_argument("--stream", action="store_true",
+                   help="an output per request and step, as a server streams (default: LLM.generate's path, "
+                        "outputs when requests finish)")
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
-def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, seed: int = 0) -> dict:
+def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, stream: bool = False,
+                  seed: int = 0) -> dict:
     """Time `steps` decode steps of `batch` requests -> microseconds per step by phase."""
     from lightspeed.config import SamplingParams
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=warmup + steps + 4, temperature=0.0, ignore_eos=True)
     for _ in range(batch):
-        engine.add_request([rng.randrange(vocab) for _ in range(input_len)], params)
-    while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running):
+        engine.add_request([rng.randrange(vocab) for _ in range(input_len)], params, stream=stream)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
         engine.step()  # prefill
     for _ in range(warmup):
         engine.step()
@@ -64,8 +71,8 @@ def _sync(device) -> None:
 
 def run_host_step(args) -> list[dict]:
     from lightspeed.bench.results import print_table, save_results
-    from lightspeed.engine.engine import Engine
     from lightspeed.config import EngineConfig
+    from lightspeed.engine.engine import Engine
     from lightspeed.errors import InvalidRequestError
     from lightspeed.options import engine_options
     try:
@@ -88,9 +95,10 @@ def run_host_step(args) -> list[dict]:
                                      max_model_len=max_len, enable_prefix_caching=False, **options))
         for b in batches:
             with gc_frozen():
-                r = profile_batch(engine, b, args.input_len, args.steps, args.warmup)
-            rows.append({"name": f"{label} host step bs{b} overlap={'on' if engine.overlap else 'off'}",
-                         "model": label, "batch_size": b, "overlap_schedule": engine.overlap,
+                r = profile_batch(engine, b, args.input_len, args.steps, args.warmup, args.stream)
+            rows.append({"name": f"{label} host step bs{b} overlap={'on' if engine.overlap else 'off'}"
+                                 f"{' stream' if args.stream else ''}",
+                         "model": label, "batch_size": b, "overlap_schedule": engine.overlap, "stream": args.stream,
                          "input_len": args.input_len, "num_steps": args.steps, **r})
         del engine
     cols = ["name", "ms_per_step", "host_us_per_step", "host_us_per_request_step"] + [f"{p}_us" for p in PHASES]

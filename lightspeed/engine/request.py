@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
 
 
 @dataclass
@@ -68,6 +71,8 @@ class SpecStats:
 
     @property
     def acceptance_rate_per_position(self) -> list[float]:
+        if not self.proposed_per_position:
+            return []
         return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
 
 
