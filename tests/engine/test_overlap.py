@@ -111,3 +111,13 @@ def test_overlap_runs_steps_needing_the_host_one_at_a_time(ckpt):
     a, b = seq.generate(prompts, params), ovl.generate(prompts, params)
     assert_same(a, b)
     assert [lp.token_id for lp in b[0].logprobs] == b[0].token_ids
+
+
+def test_decode_fast_path_builds_the_general_paths_inputs():
+    from lightspeed.engine.input_prep import BlockTables, decode_host_inputs, host_inputs, scheduled_seq
+    from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
+    tables = BlockTables({"a": [7, 3], "b": [5], "c": [1, 9, 4]})
+    sched = SchedulerOutput([ScheduledRequest(rid, [tok], pos, [], 0, True, SamplingParams(), 1)
+                             for rid, tok, pos in (("a", 11, 5), ("b", 12, 0), ("c", 13, 35))])
+    want = host_inputs([scheduled_seq(s, tables[s.request_id]) for s in sched.scheduled], 16)
+    assert decode_host_inputs(sched, 16, tables) == want
