@@ -193,6 +193,8 @@ class Scheduler:
                 if req.status is RequestStatus.RUNNING:
                     self._cache_blocks(req)
                 continue
+            if not req.num_output_placeholders:
+                continue  # a new request under the id of one that finished after this step was launched
             req.num_output_placeholders -= 1
             if req.status is not RequestStatus.RUNNING:
                 # preempted after the step was launched (overlap scheduling): it keeps the token,
