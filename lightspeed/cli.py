@@ -7,8 +7,8 @@ import os
 import sys
 
 from lightspeed.errors import LightspeedError
-from lightspeed.options import (add_model_args, add_sampling_args, add_serve_args, engine_options, sampling_params,
-                                speculative_config)
+from lightspeed.options import (add_model_args, add_sampling_args, add_serve_args, engine_options, resolve_preset,
+                                sampling_params, speculative_config)
 
 
 def _llm(args):
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Measured with
     # SmolLM2 on a busy 2-core machine, 2 threads: 0.19 tok/s spinning, 1.73 tok/s passive.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    args = build_parser().parse_args(argv)
+    args = resolve_preset(build_parser().parse_args(argv))
     try:
         if getattr(args, "threads", None) is not None and args.threads < 1:
             raise LightspeedError(f"--threads must be >= 1, got {args.threads}")

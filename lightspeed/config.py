@@ -287,6 +287,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by the cache)
     seed: int = 0
     quantization: str | None = None  # "fp8": e4m3 linear weights (per-output-channel scales) but lm_head
+    # "fp8": e4m3 K/V with a scale per (token, kv head), about 2x the blocks (kernels/kv_cache.py);
+    # "auto": the model dtype
+    kv_cache_dtype: str = "auto"
     enable_cuda_graph: bool = True  # CUDA graphs for decode / verify steps (CUDA with Triton only)
     enable_pdl: bool = True  # Programmatic Dependent Launch between Triton kernels (sm_90+)
     # small steps of dense Llama-family layers in 8 launches per layer, not 10 (kernels/fused_gemv.py)
@@ -312,6 +315,9 @@ class EngineConfig:
             raise InvalidRequestError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "fp8"):
             raise InvalidRequestError(f"quantization must be fp8 or None, got {self.quantization!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise InvalidRequestError(f"kv_cache_dtype must be auto or fp8, got {self.kv_cache_dtype!r} (fp8: e4m3 K/V "
+                                      "with a scale per token and kv head)")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise InvalidRequestError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if not self.distributed_timeout_s > 0:

@@ -2,7 +2,8 @@
 server (server/launch.py) and the benchmarks (bench/) all build their parsers and their
 EngineConfig / SamplingParams / SpeculativeConfig here.
 
-    add_model_args(parser)                 --model, --device, ..., --speculative ...
+    add_model_args(parser)                 --model, --device, ..., --preset, --speculative ...
+    resolve_preset(args)                   fill the options left unset from --preset (cli.main does it)
     engine_options(args)  -> dict          EngineConfig keyword arguments of the model options
     speculative_config(args)               SpeculativeConfig or None
     sampling_params(args)                  SamplingParams (add_sampling_args; structured outputs too)
@@ -14,6 +15,23 @@ import argparse
 from lightspeed.config import SamplingParams, SpeculativeConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# --preset NAME: one flag picks these settings; a flag given explicitly wins (their parser
+# defaults are None, filled by resolve_preset). Both presets keep CUDA graphs (batch buckets up
+# to --max-num-seqs, at most 512), PDL and the fused small-step layers (which run with bf16
+# weights only). Speculation runs only when --speculative is given.
+PRESETS = {
+    # today's defaults: bf16 everything, small batches, speculation allowed
+    "min-latency": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=64, max_num_batched_tokens=2048),
+    # FP8 weights and FP8 KV cache (about 2x the KV blocks), large batches and prefill chunks
+    "max-throughput": dict(quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=512, max_num_batched_tokens=8192),
+}
+DEFAULT_PRESET = "min-latency"
+
+
+def _preset_help(key: str, what: str) -> str:
+    values = ", ".join(f"{name}: {preset[key]}" for name, preset in PRESETS.items())
+    return f"{what} (default from --preset: {values})"
 
 
 def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None:
@@ -27,8 +45,19 @@ def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads of the engine (default: the physical cores this process may use; `serve` "
                         "leaves one of them to its HTTP process)")
-    p.add_argument("--quantization", default=None, choices=["fp8"],
-                   help="fp8: e4m3 linear weights with per-channel scales (lm_head stays in --dtype)")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="the settings for a goal; flags given explicitly win. " + "; ".join(
+                       f"{name}{' (default)' if name == DEFAULT_PRESET else ''}: " + " ".join(
+                           f"--{key.replace('_', '-')} {value}" for key, value in preset.items())
+                       for name, preset in PRESETS.items())
+                   + ". Both: CUDA graphs (batch buckets up to --max-num-seqs, at most 512) and PDL; speculation "
+                     "only with --speculative")
+    p.add_argument("--quantization", default=None, choices=["none", "fp8"],
+                   help=_preset_help("quantization", "fp8: e4m3 linear weights with per-channel scales (lm_head "
+                                                     "stays in --dtype)"))
+    p.add_argument("--kv-cache-dtype", default=None, choices=["auto", "fp8"],
+                   help=_preset_help("kv_cache_dtype", "auto: the KV cache in --dtype; fp8: e4m3 K/V with a scale "
+                                                       "per token and kv head, about 2x the blocks"))
     p.add_argument("--no-cuda-graph", dest="enable_cuda_graph", action="store_false",
                    help="run every step eagerly (no CUDA graphs)")
     p.add_argument("--no-pdl", dest="enable_pdl", action="store_false",
@@ -121,9 +150,28 @@ def speculative_config(args, spec: str | None = None, k: int | None = None) -> S
                                       adaptive=getattr(args, "spec_adaptive", None) or None)
 
 
+def preset_of(args) -> dict:
+    return PRESETS[getattr(args, "preset", None) or DEFAULT_PRESET]
+
+
+def resolve_preset(args) -> argparse.Namespace:
+    """Fill every preset option the user left unset (None) from --preset (default min-latency);
+    idempotent. -> args."""
+    for key, value in preset_of(args).items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def engine_options(args) -> dict:
-    """EngineConfig options from the model arguments (quantization, graphs, PDL, batch invariance)."""
-    return dict(quantization=args.quantization, enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
+    """EngineConfig options from the model arguments (quantization, KV cache dtype, graphs, PDL,
+    batch invariance), --preset resolved."""
+    resolve_preset(args)
+    # NOTE: commands without --max-num-batched-tokens (generate, bench) take the preset's
+    batched_tokens = getattr(args, "max_num_batched_tokens", None) or preset_of(args)["max_num_batched_tokens"]
+    return dict(quantization=None if args.quantization == "none" else args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=batched_tokens,
+                enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
                 enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant,
                 overlap_schedule=getattr(args, "overlap_schedule", None),
                 allow_long_context=getattr(args, "allow_long_context", False),
@@ -141,8 +189,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the running batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one step")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help=_preset_help("max_num_seqs", "most requests in the running batch"))
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=_preset_help("max_num_batched_tokens", "token budget of one step"))
     p.add_argument("--max-queue", type=int, default=256,
                    help="most choices (prompts x n) waiting beyond --max-num-seqs; more get 429 (-1: no limit)")
     p.add_argument("--max-choices-per-request", type=int, default=64,

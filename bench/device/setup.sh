@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: install carried wheels (.whl) and assemble the Qwen GGUFs from the
-# chunks earlier calls left in /tmp/chunks, into the lightspeed cache at /tmp/lshome.
+# On the lent GPU machine: install carried wheels (.whl) and assemble the Qwen and SmolLM2 GGUFs
+# from the chunks earlier calls left in /tmp/chunks, into the lightspeed cache at /tmp/lshome.
 # Source it: `source bench/device/setup.sh`.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=/tmp/lshome
@@ -14,4 +14,5 @@ assemble() {  # NAME PREFIX MD5
 }
 assemble qwen2.5-coder-1.5b-instruct q15 136755df932e5b87db9bbc2bea00aba5
 assemble qwen2.5-coder-0.5b-instruct q05 fa36a8a7b86e1a0355ecc8545f26e885
+assemble smollm2-135m-instruct s a1231443440b107ff29f02bdb38c9d0a
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader

@@ -1,5 +1,9 @@
-"""`lightspeed bench fp8-accuracy`: what `--quantization fp8` costs in accuracy, against the
-same model unquantized, in one run.
+"""`lightspeed bench fp8-accuracy`: what FP8 costs in accuracy, against the same model in
+--dtype with a --dtype KV cache, in one run. What is tested:
+
+    (no flag)                 FP8 weights (--quantization fp8), KV cache in --dtype
+    --kv-cache-dtype fp8      the FP8 KV cache, weights as --quantization (default: unquantized)
+    --preset max-throughput   both (FP8 weights and FP8 KV cache)
 
     free-running   both models decode each prompt greedily; the fraction of prompts whose
                    outputs are identical, and the mean position of the first difference
@@ -45,13 +49,21 @@ def compare_logits(ref, test) -> tuple[int, float]:
     return agree, kl
 
 
-def nll_sum(model, ids: list[int]) -> float:
+def nll_sum(model, ids: list[int], kv_cache_dtype: str = "auto") -> float:
     """Sum of -log p(ids[i+1] | ids[:i+1]) over the window."""
     import torch
     import torch.nn.functional as F
     from lightspeed.engine.forward import sequence_logits
-    logits = sequence_logits(model, ids)[:-1]
+    logits = sequence_logits(model, ids, kv_cache_dtype)[:-1]
     return float(F.cross_entropy(logits, torch.tensor(ids[1:], device=logits.device), reduction="sum"))
+
+
+def tested(options: dict) -> tuple[str | None, str]:
+    """The engine options (preset resolved) -> (quantization, kv_cache_dtype) under test: FP8
+    weights alone unless the FP8 KV cache is asked for (module docstring)."""
+    if options["kv_cache_dtype"] == "fp8":
+        return options["quantization"], "fp8"
+    return "fp8", "auto"
 
 
 def run_fp8_accuracy(args) -> dict:
@@ -64,13 +76,16 @@ def run_fp8_accuracy(args) -> dict:
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
 
-    def engine(quantization):  # NOTE: a fixed KV size, as two engines share the GPU
+    options = engine_options(args)
+    quant, kv_dtype = tested(options)
+
+    def engine(quantization, kv_cache_dtype):  # NOTE: a fixed KV size, as two engines share the GPU
         return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_gb=4.0,
                    max_model_len=args.max_model_len or max(4096, args.ppl_window + 16),
                    # NOTE: the default length is capped at a smaller model's context
-                   **dict(engine_options(args), quantization=quantization,
+                   **dict(options, quantization=quantization, kv_cache_dtype=kv_cache_dtype,
                           allow_long_context=args.allow_long_context or args.max_model_len is None))
-    ref, fp8 = engine(None), engine("fp8")
+    ref, fp8 = engine(None, "auto"), engine(quant, kv_dtype)
     tok, mc = ref.engine.tokenizer, ref.engine.model_config
     prompts = load_prompts(args.prompts, args.num_prompts, 128, tok, mc.vocab_size)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0)
@@ -83,17 +98,23 @@ def run_fp8_accuracy(args) -> dict:
     kl = 0.0
     for p, answer in zip(prompts, ref_out):
         ids = list(p) + list(answer)
-        a, k = compare_logits(sequence_logits(m_ref, ids)[len(p) - 1:-1], sequence_logits(m_fp8, ids)[len(p) - 1:-1])
+        a, k = compare_logits(sequence_logits(m_ref, ids)[len(p) - 1:-1],
+                              sequence_logits(m_fp8, ids, kv_dtype)[len(p) - 1:-1])
         agree, kl, positions = agree + a, kl + k, positions + len(answer)
 
     text = tok.encode(reference_text())[:args.ppl_tokens]
     windows = [text[i:i + args.ppl_window] for i in range(0, len(text), args.ppl_window)]
     windows = [w for w in windows if len(w) > 1]
     scored = sum(len(w) - 1 for w in windows)
-    ppl = {name: math.exp(sum(nll_sum(m, w) for w in windows) / scored) for name, m in (("ref", m_ref), ("fp8", m_fp8))}
+    ppl = {name: math.exp(sum(nll_sum(m, w, kv) for w in windows) / scored)
+           for name, m, kv in (("ref", m_ref, "auto"), ("fp8", m_fp8, kv_dtype))}
 
-    row = {"name": f"{args.model} fp8 vs {str(ref.engine.dtype).replace('torch.', '')}", "model": args.model,
-           "dtype": str(ref.engine.dtype).replace("torch.", ""), "prompts": args.prompts, "num_prompts": len(prompts),
+    dtype = str(ref.engine.dtype).replace("torch.", "")
+    what = " + ".join(name for name, on in (("fp8 weights", quant == "fp8"), ("fp8 kv", kv_dtype == "fp8")) if on)
+    row = {"name": f"{args.model} {what} vs {dtype}", "model": args.model, "dtype": dtype,
+           "quantization": quant or "none", "kv_cache_dtype": kv_dtype,
+           "kv_blocks_ref": ref.engine.block_manager.num_blocks,
+           "kv_blocks_fp8": fp8.engine.block_manager.num_blocks, "prompts": args.prompts, "num_prompts": len(prompts),
            "output_len": args.output_len,
            "greedy_outputs_identical": sum(d == len(a) == len(b) for d, a, b in zip(diffs, ref_out, fp8_out)) / len(diffs),
            "mean_first_difference": statistics.mean(diffs),

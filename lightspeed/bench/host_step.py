@@ -90,8 +90,9 @@ def run_host_step(args) -> list[dict]:
     for overlap in modes:
         options["overlap_schedule"] = overlap
         max_len = args.input_len + args.warmup + args.steps + 16
+        # NOTE: every prompt prefilled in one step
+        options["max_num_batched_tokens"] = max(options["max_num_batched_tokens"], max(batches) * args.input_len)
         engine = Engine(EngineConfig(model=model, device=args.device, dtype=args.dtype, max_num_seqs=max(batches),
-                                     max_num_batched_tokens=max(2048, max(batches) * args.input_len),
                                      max_model_len=max_len, enable_prefix_caching=False, **options))
         for b in batches:
             with gc_frozen():

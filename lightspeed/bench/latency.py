@@ -234,7 +234,7 @@ def _configs(args) -> list[tuple[str | None, int, dict]]:
 def _switches(eng) -> tuple[bool, bool]:
     """(CUDA graphs, PDL) as the engine really runs (both off on CPU)."""
     ks = eng.runner.kernel_settings
-    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_caches[0])
+    return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_data(0))
 
 
 def _hf_model(args, eng):
@@ -261,6 +261,7 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.engine.profile import gc_frozen
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
+    from lightspeed.kernels.kv_cache import kv_bytes_per_slot
     from lightspeed.options import engine_options, speculative_config
 
     if args.num_layers is not None and not args.shape:
@@ -289,7 +290,8 @@ def run_latency_bench(args) -> list[dict]:
         eng, mc = llm.engine, llm.engine.model_config
         if bandwidth is None:
             bandwidth = measure_copy_bandwidth(eng.device)
-            kv_per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * eng.dtype.itemsize
+            kv_per_token = mc.num_hidden_layers * kv_bytes_per_slot(mc.num_key_value_heads, mc.head_dim, eng.dtype,
+                                                                    eng.config.kv_cache_dtype)
         is_baseline = spec is None and switches == _configs(args)[0][2]
         for b in batch_sizes:
             prompts = load_prompts(source, args.num_prompts or b, input_len, eng.tokenizer, mc.vocab_size)
@@ -301,13 +303,16 @@ def run_latency_bench(args) -> list[dict]:
             quant = eng.config.quantization or "none"
             graph_on, pdl_on = _switches(eng)
             fused_on = eng.kernel_settings.fused_layers and eng.device.type == "cuda"
-            name = f"{label} {quant} bs{b} {source}{input_len if source == 'random' else ''} out{args.output_len}"
+            kv_dtype = eng.config.kv_cache_dtype
+            name = (f"{label} {quant}{' kv=fp8' if kv_dtype == 'fp8' else ''} bs{b} "
+                    f"{source}{input_len if source == 'random' else ''} out{args.output_len}")
             row = {"name": name + (f" spec={spec} k={k}" if spec else
                                    f" graph={'on' if graph_on else 'off'} pdl={'on' if pdl_on else 'off'}"
                                    f" fused={'on' if fused_on else 'off'}"),
                    "model": label, "batch_size": b, "prompts": source, "num_prompts": len(prompts),
                    "input_len": statistics.mean(len(p) for p in prompts), "output_len": args.output_len,
-                   "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant,
+                   "dtype": str(eng.dtype).replace("torch.", ""), "quantization": quant, "kv_cache_dtype": kv_dtype,
+                   "num_kv_blocks": eng.block_manager.num_blocks,
                    "cuda_graph": graph_on, "pdl": pdl_on, "fused_layers": fused_on,
                    "batch_invariant": eng.kernel_settings.batch_invariant,
                    "num_hidden_layers": mc.num_hidden_layers,

@@ -38,7 +38,8 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--baseline", action="store_true", help="with --speculative: also run a server without it")
     p.add_argument("--compare-hf", action="store_true",
                    help="also run HF transformers' batched generate on the same prompts (one batch of c per level)")
-    p.add_argument("--max-num-seqs", type=int, default=None, help="for the started server (default: max concurrency)")
+    p.add_argument("--max-num-seqs", dest="server_max_num_seqs", type=int, default=None,
+                   help="for the started server (default: max concurrency)")
     p.add_argument("--spec-thresholds", default=None, help="for the started server (see `lightspeed serve`)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for the server to start")
@@ -131,7 +132,8 @@ def _get_json(url: str, api_key: str | None) -> dict:
 def _model_args(args, speculative: bool) -> list[str]:
     out = ["--model", args.model]
     for flag, value in (("--device", args.device), ("--dtype", args.dtype), ("--max-model-len", args.max_model_len),
-                        ("--quantization", args.quantization)):
+                        ("--quantization", args.quantization), ("--kv-cache-dtype", args.kv_cache_dtype),
+                        ("--preset", args.preset)):
         if value is not None:
             out += [flag, str(value)]
     out += [] if args.enable_cuda_graph else ["--no-cuda-graph"]
@@ -244,7 +246,7 @@ def run_serve_bench(args) -> list[dict]:
         if args.url:
             rows += bench_server(args, args.url.rstrip("/"), levels, label)
             continue
-        proc, base = start_server(args, speculative, args.max_num_seqs or max(levels))
+        proc, base = start_server(args, speculative, args.server_max_num_seqs or max(levels))
         try:
             rows += bench_server(args, base, levels, label)
         finally:

@@ -62,7 +62,8 @@ def load_rank_model(config: EngineConfig, ctx: ParallelContext, device: torch.de
 
 def _runner_settings(runner, config: EngineConfig) -> dict:
     """What a worker needs to build a runner like rank 0's (its KernelSettings, fresh state)."""
-    return dict(num_blocks=runner.kv_caches[0].shape[1], block_size=runner.block_size, seed=config.seed,
+    return dict(num_blocks=runner.num_blocks, block_size=runner.block_size, seed=config.seed,
+                kv_cache_dtype=runner.kv_cache_dtype,
                 enable_cuda_graph=runner.graphs is not None, max_num_seqs=config.max_num_seqs,
                 aux_layer_ids=tuple(getattr(runner.proposer, "aux_layer_ids", ())),
                 kernel_settings=runner.kernel_settings.replace())
@@ -103,7 +104,8 @@ def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, dev
         proposer = _AuxLayers(s["aux_layer_ids"]) if s["aux_layer_ids"] else None
         runner = ModelRunner(model, s["num_blocks"], s["block_size"], device, dtype, seed=s["seed"],
                              proposer=proposer, enable_cuda_graph=s["enable_cuda_graph"],
-                             max_num_seqs=s["max_num_seqs"], kernel_settings=s["kernel_settings"])
+                             max_num_seqs=s["max_num_seqs"], kernel_settings=s["kernel_settings"],
+                             kv_cache_dtype=s["kv_cache_dtype"])
         conn.send("ready")
         while True:
             while not conn.poll(1.0):

@@ -31,7 +31,8 @@ from lightspeed.engine.input_prep import HostInputs, ModelInputs, pack_rows
 from lightspeed.engine.outputs import SchedulerOutput
 from lightspeed.layers.attention import AttentionMetadata, attention_bound
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+# NOTE: up to 512 for the max-throughput preset (--max-num-seqs 512)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
 MAX_GRAPHS = 64  # NOTE: each graph holds its own logits [T, vocab]; past this, new buckets run eagerly
 
 

@@ -18,6 +18,7 @@ from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
 from lightspeed.engine.scheduler import Scheduler
 from lightspeed.errors import InvalidRequestError
+from lightspeed.kernels.kv_cache import kv_bytes_per_slot
 from lightspeed.kernels.settings import KernelSettings
 from lightspeed.loader.model import load_model
 from lightspeed.tokenizer import IncrementalDetokenizer
@@ -37,8 +38,9 @@ def resolve_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.d
 def _kv_num_blocks(cfg: EngineConfig, model_config, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
     if cfg.num_kv_blocks:
         return cfg.num_kv_blocks
-    per_block = (2 * model_config.num_hidden_layers * cfg.block_size * model_config.num_key_value_heads
-                 * model_config.head_dim * torch.finfo(dtype).bits // 8)
+    # NOTE: FP8 (kv_cache_dtype fp8) counts its e4m3 values and float32 scales: about 2x the blocks
+    per_block = model_config.num_hidden_layers * cfg.block_size * kv_bytes_per_slot(
+        model_config.num_key_value_heads, model_config.head_dim, dtype, cfg.kv_cache_dtype)
     wanted = cfg.max_num_seqs * -(-max_model_len // cfg.block_size)
     if cfg.kv_cache_gb is not None:
         budget = cfg.kv_cache_gb * 2**30
@@ -122,7 +124,7 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
                                   seed=config.seed, proposer=proposer, verifier=verifier,
                                   enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs,
-                                  kernel_settings=kernel_settings)
+                                  kernel_settings=kernel_settings, kv_cache_dtype=config.kv_cache_dtype)
         if self.tp_group is not None:
             self.runner = self.tp_group.start(self.runner)  # pipes each step to the other ranks
         # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from lightspeed.kernels.kv_cache import new_kv_cache
 from lightspeed.layers.attention import AttentionMetadata
 
 
 @torch.no_grad()
-def packed_forward(model, seqs: list[list[int]], aux_layers: tuple[int, ...] = (), block_size: int = 16):
-    """Sequences in one packed prefill over a fresh paged cache of their own -> final-normed
-    hidden [sum L, H] (and aux hidden [sum L, len(aux) * H] with aux_layers), rows in order.
+def packed_forward(model, seqs: list[list[int]], aux_layers: tuple[int, ...] = (), block_size: int = 16,
+                   kv_cache_dtype: str = "auto"):
+    """Sequences in one packed prefill over a fresh paged cache of their own (kv_cache_dtype
+    fp8: the FP8 cache, written then read as in the engine) -> final-normed hidden [sum L, H]
+    (and aux hidden [sum L, len(aux) * H] with aux_layers), rows in order.
 
         tokens: | seq0: L0 | seq1: L1 | ...      query_start_loc = [0, L0, L0+L1, ...]
         blocks: | seq0: ceil(L0/bs) | seq1 ... | slot of token t of seq s = start_s * bs + t
@@ -21,7 +24,7 @@ def packed_forward(model, seqs: list[list[int]], aux_layers: tuple[int, ...] = (
     lens = [len(s) for s in seqs]
     nbs = [-(-n // block_size) for n in lens]
     starts = torch.tensor([0] + nbs[:-1]).cumsum(0).tolist()
-    caches = [torch.zeros(model.kv_cache_shape(c, sum(nbs), block_size), device=device, dtype=dtype)
+    caches = [new_kv_cache(model.kv_cache_shape(c, sum(nbs), block_size), dtype, kv_cache_dtype, device)
               for _ in range(c.num_hidden_layers)]
     tables = torch.zeros(len(seqs), max(nbs), dtype=torch.int32)
     for i, (s, nb) in enumerate(zip(starts, nbs)):
@@ -37,6 +40,6 @@ def packed_forward(model, seqs: list[list[int]], aux_layers: tuple[int, ...] = (
     return model(ids, positions, caches, meta, aux_layer_ids=tuple(aux_layers))
 
 
-def sequence_logits(model, ids: list[int]) -> torch.Tensor:
+def sequence_logits(model, ids: list[int], kv_cache_dtype: str = "auto") -> torch.Tensor:
     """ids -> next-token logits [n, vocab] float32 at every position."""
-    return model.compute_logits(packed_forward(model, [ids]))
+    return model.compute_logits(packed_forward(model, [ids], kv_cache_dtype=kv_cache_dtype))

@@ -13,6 +13,7 @@ from lightspeed.engine.outputs import PLACEHOLDER, RunnerOutput, SchedulerOutput
 from lightspeed.engine.penalties import ContextTracker, apply_penalties, has_penalties
 from lightspeed.engine.profile import NULL_TIMER
 from lightspeed.engine.sampler import Sampler, to_device
+from lightspeed.kernels.kv_cache import copy_kv_slots, new_kv_cache, split_kv
 from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.linear import ensure_gemv_tuned
 from lightspeed.speculative.proposer import ProposeInputs
@@ -33,13 +34,17 @@ def lazy_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None, enable_cuda_graph: bool = False,
-                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None):
+                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None, kv_cache_dtype: str = "auto"):
         self.model = model
         self.config = model.config
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         shape = model.kv_cache_shape(self.config, num_blocks, block_size)
-        self.kv_caches = [lazy_zeros(shape, dtype, device) for _ in range(self.config.num_hidden_layers)]
+        # per layer: a tensor in the model dtype, or an FP8 KVCache (kernels/kv_cache.py)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_caches = [new_kv_cache(shape, dtype, kv_cache_dtype, device, lazy_zeros)
+                          for _ in range(self.config.num_hidden_layers)]
+        self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.penalty_contexts = ContextTracker()  # token ids of requests with repetition/frequency/presence penalties
         self.proposer = proposer
@@ -55,9 +60,13 @@ class ModelRunner:
         self.timer = NULL_TIMER  # engine/profile.py: the engine's StepTimer while profiling
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
-        if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_caches[0]):
+        if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_data(0)):
             from lightspeed.engine.cuda_graph import CudaGraphRunner
             self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_num_seqs, device)
+
+    def kv_data(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s K/V values [2, blocks, block_size, Hkv, D] (without FP8 scales)."""
+        return split_kv(self.kv_caches[layer])[0]
 
     def set_kernel_settings(self, settings: KernelSettings) -> None:
         """Run the model (and the drafter, the verifier) with `settings` from now on."""
@@ -276,12 +285,3 @@ def to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
 
 def _slot(block_table: list[int], index: int, block_size: int) -> int:
     return block_table[index // block_size] * block_size + index % block_size
-
-
-def copy_kv_slots(kv_caches: list[torch.Tensor], src: list[int], dst: list[int]) -> None:
-    """Copy K and V of slots `src` to slots `dst` in every layer ([2, blocks, block_size, Hkv, D])."""
-    dev = kv_caches[0].device
-    src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
-    for kv in kv_caches:
-        flat = kv.view(2, -1, *kv.shape[3:])  # [2, slots, Hkv, D]
-        flat[:, dst_t] = flat[:, src_t]  # NOTE: the gather copies first, so overlapping slots are safe

@@ -28,9 +28,10 @@ from lightspeed.kernels.fp8_gemv import (FP8_DTYPE, fp8_gemv_ref, fp8_gemv_trito
                                          quantize_fp8_per_channel)
 from lightspeed.kernels.fused_moe import ExpertWeights, fused_moe_ref, fused_moe_triton
 from lightspeed.kernels.fused_moe import MAX_TOKENS as MOE_MAX_TOKENS
-from lightspeed.kernels.fused_gemv import MAX_ROWS as FUSED_MAX_ROWS
+from lightspeed.kernels.fused_gemv import FAST_ROWS as FUSED_FAST_ROWS, MAX_ROWS as FUSED_MAX_ROWS
 from lightspeed.kernels.fused_gemv import fused_gemv_ref, fused_gemv_triton
 from lightspeed.kernels.gemv import MAX_M, gemv_triton
+from lightspeed.kernels.kv_cache import KVCache, split_kv
 from lightspeed.kernels.paged_attention import attention_bound, paged_attention_meta_ref
 from lightspeed.kernels.paged_decode_attention import paged_decode_attention_triton
 from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_triton
@@ -59,41 +60,47 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 
 def qkv_rope_cache(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
-                   cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+                   cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor | KVCache,
                    num_heads: int, num_kv_heads: int, head_dim: int,
                    ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
     """qkv [T, (Hq + 2 Hkv) D] (+ bias), rotary at `positions` from cos_sin_cache
-    [max_pos, R] = |cos|sin| -> q [T, Hq, D]; K, V written at slot_mapping (-1 skipped)."""
+    [max_pos, R] = |cos|sin| -> q [T, Hq, D]; K, V written at slot_mapping (-1 skipped),
+    quantized per (token, kv head) into an FP8 KVCache."""
     if ks.use_triton(qkv):
-        return qkv_rope_cache_triton(qkv, bias, positions, cos_sin_cache, slot_mapping, kv_cache, num_heads,
-                                     num_kv_heads, head_dim, pdl=ks.pdl)
+        data, kv_scale = split_kv(kv_cache)
+        return qkv_rope_cache_triton(qkv, bias, positions, cos_sin_cache, slot_mapping, data, num_heads,
+                                     num_kv_heads, head_dim, pdl=ks.pdl, kv_scale=kv_scale)
     return qkv_rope_cache_ref(qkv, bias, positions, cos_sin_cache, slot_mapping, kv_cache, num_heads,
                               num_kv_heads, head_dim)
 
 
-def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float, sliding_window: int | None = None,
-                    chunk_size: int | None = None, ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor | KVCache, meta, scale: float,
+                    sliding_window: int | None = None, chunk_size: int | None = None,
+                    ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
     """q [T, Hq, D] over an AttentionMetadata (layers/attention.py) -> [T, Hq, D]: on the
     Triton path decode (one token per sequence), verify (<= 64 tokens, causal or tree) or
     prefill by meta.max_q_len, with no host sync or host lists (the grid bound is
     attention_bound(meta.max_seq_len)); elsewhere paged_attention_meta_ref (host lists).
-    NOTE: a tree longer than 64 tokens takes the reference (never in a CUDA graph)."""
+    NOTE: a tree longer than 64 tokens takes the reference (never in a CUDA graph).
+    An FP8 KVCache is dequantized as it is read (kernels/kv_cache.py)."""
+    kv_cache, kv_scale = split_kv(kv_cache)
     if not ks.use_triton(q):
-        return paged_attention_meta_ref(q, kv_cache, meta, scale, sliding_window, chunk_size)
+        return paged_attention_meta_ref(q, kv_cache, meta, scale, sliding_window, chunk_size, kv_scale)
     q = q.contiguous()
     bound = attention_bound(meta.max_seq_len)
     tree = meta.packed_tree_mask(q.device)
     if tree is None and meta.max_q_len == 1 and q.shape[0] == meta.block_tables.shape[0]:
         return paged_decode_attention_triton(q, kv_cache, meta.block_tables, meta.seq_lens, scale, bound,
-                                             sliding_window, chunk_size, pdl=ks.pdl)
+                                             sliding_window, chunk_size, pdl=ks.pdl, kv_scale=kv_scale)
     if meta.max_q_len <= MAX_VERIFY_Q:
         return paged_verify_attention_triton(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                                              scale, bound, meta.max_q_len, tree, sliding_window, chunk_size,
-                                             pdl=ks.pdl)
+                                             pdl=ks.pdl, kv_scale=kv_scale)
     if tree is not None:
-        return paged_attention_meta_ref(q, kv_cache, meta, scale, sliding_window, chunk_size)
+        return paged_attention_meta_ref(q, kv_cache, meta, scale, sliding_window, chunk_size, kv_scale)
     return paged_prefill_attention_triton(q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
-                                          scale, meta.max_q_len, sliding_window, chunk_size, pdl=ks.pdl)
+                                          scale, meta.max_q_len, sliding_window, chunk_size, pdl=ks.pdl,
+                                          kv_scale=kv_scale)
 
 
 def silu_mul(x: torch.Tensor, ks: KernelSettings = DEFAULT_SETTINGS) -> torch.Tensor:
@@ -168,7 +175,8 @@ def rejection_verify(target_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
 
 
 __all__ = [
-    "HAS_TRITON", "FP8_DTYPE", "MAX_VERIFY_Q", "KernelSettings", "KernelState", "DEFAULT_SETTINGS", "use_pdl",
+    "HAS_TRITON", "FP8_DTYPE", "KVCache", "split_kv",
+    "MAX_VERIFY_Q", "KernelSettings", "KernelState", "DEFAULT_SETTINGS", "use_pdl",
     "pdl_supported", "add_rmsnorm", "qkv_rope_cache", "fused_gemv", "paged_attention", "pack_tree_masks", "silu_mul", "gemv",
     "fp8_linear", "quantize_fp8_per_channel", "fused_moe", "ExpertWeights", "argmax", "rejection_verify",
 ]

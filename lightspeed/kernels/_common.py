@@ -65,13 +65,17 @@ def _patch_interpreter() -> None:
     interpreter._patch_lang_tensor = patched
 
     # NOTE: the interpreter also rounds float32 -> bf16 toward zero (the GPU rounds to
-    # nearest even); convert through torch so that interpreted kernels round like the GPU.
+    # nearest even), and float32 -> e4m3 loses the carry of a round-up into the next binade
+    # (31.5 -> 16); convert through torch so that interpreted kernels round like the GPU.
     orig_convert = interpreter._convert_float
 
     def convert_float(data, src_ty, dst_ty, rounding_mode):
         if src_ty == tl.float32 and dst_ty == tl.bfloat16:
             t = torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).to(torch.bfloat16)
             return t.view(torch.int16).numpy().view(np.uint16)
+        if src_ty == tl.float32 and dst_ty == tl.float8e4nv:
+            t = torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).to(torch.float8_e4m3fn)
+            return t.view(torch.uint8).numpy()
         return orig_convert(data, src_ty, dst_ty, rounding_mode)
 
     interpreter._convert_float = convert_float

@@ -7,7 +7,8 @@ instead of 10.
               RESIDUAL:  out = y + residual                    (the residual stream, in x.dtype)
               SWIGLU:    out = silu(y_gate) * y_up             (silu_mul.py numerics)
               ROPE_KV:   y + bias, rotary on q / k heads; q -> out [M, Hq, D],
-                         k, v -> kv_cache at slot_mapping (-1 skipped)   (qkv_rope_cache.py)
+                         k, v -> kv_cache at slot_mapping (-1 skipped; an FP8 KVCache:
+                         quantized per row and head)   (qkv_rope_cache.py)
 
 Each epilogue rounds y to x.dtype first, as the separate kernels read it from memory: the
 arithmetic of the per-op path. NOTE: an RMSNorm prologue (x * norm_weight in the K loop,
@@ -36,12 +37,17 @@ import torch.nn.functional as F
 from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
 from lightspeed.kernels.gemv import _split_counters, tuned_config
+from lightspeed.kernels.kv_cache import KVCache, check_kv_scale, split_kv
 from lightspeed.kernels.settings import KernelState
 from lightspeed.kernels.qkv_rope_cache import qkv_rope_cache_ref
 
 PLAIN, RESIDUAL, SWIGLU, ROPE_KV = 0, 1, 2, 3
 ROW_PIECE = 16
 MAX_ROWS = 64
+# NOTE: outside batch-invariant mode the model fuses steps of <= FAST_ROWS rows only: on the
+# H200 (Qwen2.5-1.5B shape, 1k context) fused vs per-op steps were 1.623 vs 1.721 ms at 1 row,
+# 1.665 vs 1.816 at 2 and 1.869 vs 1.771 at 4 (bench/results/step-kernels-after*.json)
+FAST_ROWS = 2
 
 
 @triton.jit
@@ -86,9 +92,10 @@ def _rounded(acc, cols, n_ok, scale_ptr, bias_ptr, DT: tl.constexpr, HAS_SCALE: 
 
 @triton.jit
 def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr, pos_ptr,
-              cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv, stride_kv_slot,
-              stride_kv_h, EPI: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
-              HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+              cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
+              stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI: tl.constexpr,
+              HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HAS_SCALE: tl.constexpr,
+              HAS_BIAS: tl.constexpr, KV_FP8: tl.constexpr):
     DT = out_ptr.dtype.element_ty
     r64 = rows.to(tl.int64)[:, None]
     mask = row_ok[:, None] & n_ok[None, :]
@@ -116,6 +123,14 @@ def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bia
             dst = kv_ptr + kv_i * stride_kv_kv + slot[:, None] * stride_kv_slot + head * stride_kv_h + offs[None, :]
             ok = mask & (slot >= 0)[:, None]
             ty = kv_ptr.dtype.element_ty
+            if KV_FP8:  # one scale per row's head vector (kv_cache.py: amax / 448, floor 1e-6)
+                amax = tl.maximum(tl.max(tl.where(mask, tl.abs(o1), 0.0), axis=1),
+                                  tl.max(tl.where(mask, tl.abs(o2), 0.0), axis=1))  # [BLOCK_M]
+                kv_sc = tl.maximum(amax, 1e-6) / 448.0
+                o1 = o1 / kv_sc[:, None]
+                o2 = o2 / kv_sc[:, None]
+                tl.store(kv_scale_ptr + kv_i * stride_sc_kv + slot * stride_sc_slot + head * stride_sc_h, kv_sc,
+                         mask=row_ok & (slot >= 0))
             tl.store(dst, o1.to(ty), mask=ok)
             tl.store(dst + HALF, o2.to(ty), mask=ok)
     else:
@@ -142,14 +157,15 @@ def _fused_gemv_kernel(
     pos_ptr,  # [M] positions (ROPE_KV)
     cs_ptr,  # [max_pos, D] float32 |cos|sin| (ROPE_KV)
     slot_ptr,  # [M] slots, -1 = skip (ROPE_KV)
-    kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (ROPE_KV)
+    kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (ROPE_KV; float8_e4m3fn when KV_FP8)
+    kv_scale_ptr,  # [2, num_blocks, block_size, Hkv] float32 (unused unless KV_FP8)
     M, N_OUT, N_W, K, k_split, split_k, num_tiles, second_off,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv, stride_kv_slot,
-    stride_kv_h,
+    stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h,
     EPI: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, TILE_STRIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_SPLIT: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, TWO: tl.constexpr,
-    DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_F32: tl.constexpr, W_K_CONTIG: tl.constexpr, KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -184,13 +200,15 @@ def _fused_gemv_kernel(
                 if TWO:
                     acc2 += tl.load(p + cols2[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
-                      stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
+                      pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs,
+                      stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI, HQ,
+                      HKV, BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
             tl.atomic_xchg(counter_ptr + piece * num_tiles + tile, 0)
     else:
         _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  pos_ptr, cs_ptr, slot_ptr, kv_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
-                  stride_kv_slot, stride_kv_h, EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS)
+                  pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs,
+                  stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI, HQ, HKV,
+                  BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
 
 
 class RopeKV(NamedTuple):
@@ -199,7 +217,7 @@ class RopeKV(NamedTuple):
     positions: torch.Tensor  # [M] int
     cos_sin_cache: torch.Tensor  # [max_pos, D] float32 = |cos|sin| (rotary dim == head_dim)
     slot_mapping: torch.Tensor  # [M] int, -1 = not written
-    kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D]
+    kv_cache: torch.Tensor | KVCache  # [2, num_blocks, block_size, Hkv, D], or FP8 (kernels/kv_cache.py)
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -251,7 +269,10 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         if rope is None:
             raise ValueError("fused_gemv: ROPE_KV needs rope=RopeKV(...)")
         hq, hkv, d = rope.num_heads, rope.num_kv_heads, rope.head_dim
-        cs, kv = rope.cos_sin_cache, rope.kv_cache
+        cs, (kv, kv_scale) = rope.cos_sin_cache, split_kv(rope.kv_cache)
+        check_kv_scale("fused_gemv", kv, kv_scale)
+        if kv_scale is not None and not kv_scale.is_contiguous():
+            raise ValueError("fused_gemv: kv_scale must be contiguous")
         if n != (hq + 2 * hkv) * d or d != next_pow2(d) or d < 32:
             raise ValueError(f"fused_gemv: ROPE_KV needs weight [(Hq + 2 Hkv) D, K] with D a power of two >= 32, "
                              f"got N = {n}, D = {d}")
@@ -266,8 +287,9 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         if tuple(out.shape) != (m, hq, d) or out.stride(2) != 1:
             raise ValueError(f"fused_gemv: q out must be [{m}, {hq}, {d}] with contiguous D")
         n_out, block_n, tiles, tile_stride, second = n, d // 2, hq + 2 * hkv, d, d // 2
-        extra = (rope.positions, cs, rope.slot_mapping, kv, out.stride(1), cs.stride(0), kv.stride(0),
-                 kv.stride(2), kv.stride(3))
+        sc_strides = (kv_scale.stride(0), kv_scale.stride(2), kv_scale.stride(3)) if kv_scale is not None else (0,) * 3
+        extra = (rope.positions, cs, rope.slot_mapping, kv, kv_scale, out.stride(1), cs.stride(0), kv.stride(0),
+                 kv.stride(2), kv.stride(3), *sc_strides)
     else:
         if epilogue == SWIGLU and n % 2:
             raise ValueError(f"fused_gemv: SWIGLU needs an even N (|gate|up|), got {n}")
@@ -277,7 +299,7 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
             raise ValueError(f"fused_gemv: out must be [{m}, {n_out}] with contiguous rows")
         block_n = tiles = tile_stride = None
         second = n_out if epilogue == SWIGLU else 0
-        extra = (x, x, x, x, 0, 0, 0, 0, 0)
+        extra = (x, x, x, x, None, 0, 0, 0, 0, 0, 0, 0, 0)
     if epilogue == RESIDUAL and (residual is None or tuple(residual.shape) != (m, n) or residual.stride(1) != 1):
         raise ValueError(f"fused_gemv: RESIDUAL needs residual [{m}, {n}] with contiguous rows")
     if m == 0:
@@ -297,15 +319,15 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         ws = counters = out
     res = residual if residual is not None else x
     pdl = use_pdl(x.device, pdl)
-    pos, cs, slots, kv, stride_oh, stride_cs, s_kv, s_slot, s_h = extra
+    pos, cs, slots, kv, kv_scale, stride_oh, stride_cs, s_kv, s_slot, s_h, sc_kv, sc_slot, sc_h = extra
     _fused_gemv_kernel[(tiles, split_k, pieces)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, res, out, ws, counters, pos,
-        cs, slots, kv, m, n_out, n, k, k_split, split_k, tiles, second,
+        cs, slots, kv, kv_scale if kv_scale is not None else x, m, n_out, n, k, k_split, split_k, tiles, second,
         x.stride(0), weight.stride(0), weight.stride(1), res.stride(0), out.stride(0), stride_oh, stride_cs, s_kv,
-        s_slot, s_h,
+        s_slot, s_h, sc_kv, sc_slot, sc_h,
         EPI=epilogue, HQ=hq, HKV=hkv, TILE_STRIDE=tile_stride, BLOCK_M=ROW_PIECE, BLOCK_N=block_n,
         BLOCK_K=cfg["block_k"], IS_SPLIT=split_k > 1, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, TWO=two, DOT_F32=dot_in_f32(),
-        W_K_CONTIG=weight.stride(1) == 1, USE_PDL=pdl,
+        W_K_CONTIG=weight.stride(1) == 1, KV_FP8=kv_scale is not None, USE_PDL=pdl,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl,
     )
     return out

@@ -4,6 +4,8 @@
 
     kv_cache [2, num_blocks, block_size, Hkv, D]; key j of sequence s sits in
     block block_tables[s, j // block_size], offset j % block_size.
+    kv_scale [2, num_blocks, block_size, Hkv] float32 with an FP8 cache (kv_cache.py): key j's
+    K scale multiplies its q.k logits, its V scale its softmax weight (dequantized on load).
 
 One program = (sequence s, kv head, q tile, partition): its rows are the Q_TILE query tokens
 of the tile times the G = Hq / Hkv query heads of the kv head, padded to BLOCK_M:
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 
 from lightspeed.kernels._common import (cdiv, dot, dot_in_f32, next_pow2, num_sms, pdl_launch_dependents, pdl_wait,
                                         require_triton, tl, triton, use_pdl)
+from lightspeed.kernels.kv_cache import check_kv_scale, gather_kv_ref
 
 LOG2E = 1.4426950408889634
 
@@ -93,9 +96,9 @@ def _tile_range(s, tile_q0, seq_lens_ptr, qsl_ptr, tree_ptr, stride_tree_s, stri
 
 @triton.jit
 def _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row, kv_base, stride_kv_kv,
-                  stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis, rank, offs_c, BS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, GATHER: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  stride_kv_blk, stride_kv_tok, sc_base, stride_sc_kv, stride_sc_blk, stride_sc_tok, offs_d, d_ok,
+                  vis, rank, offs_c, BS: tl.constexpr, BLOCK_N: tl.constexpr, GATHER: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_CHUNK: tl.constexpr, KV_FP8: tl.constexpr, DOT_F32: tl.constexpr):
     """Online softmax over virtual keys [start, start + BLOCK_N) (< hi) -> (m_i, l_i, acc).
     GATHER: virtual key ctx + a is the row's visible new token of rank a + 1 (a tree row)."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -109,7 +112,13 @@ def _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scal
     kv_mask = n_ok[:, None] & d_ok[None, :]
     k = tl.load(kv_base + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(kv_base + stride_kv_kv + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32) * qk_scale  # [BLOCK_M, BLOCK_N]
+    qk = dot(q, tl.trans(k.to(q.dtype)), DOT_F32)  # [BLOCK_M, BLOCK_N]
+    if KV_FP8:  # dequantize: the scales of the block's keys, [BLOCK_N] each
+        sc_off = blk * stride_sc_blk + (key % BS).to(tl.int64) * stride_sc_tok
+        k_scale = tl.load(sc_base + sc_off, mask=n_ok, other=0.0)
+        v_scale = tl.load(sc_base + stride_sc_kv + sc_off, mask=n_ok, other=0.0)
+        qk = qk * k_scale[None, :]
+    qk = qk * qk_scale
     seen = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])  # virtual keys: positions
     if HAS_WINDOW:
         seen = seen & (offs_n[None, :] > q_pos[:, None] - window)
@@ -121,14 +130,19 @@ def _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scal
     p = tl.exp2(qk - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + dot(p.to(q.dtype), v.to(q.dtype), DOT_F32)
+    if KV_FP8:
+        p_v = p * v_scale[None, :]
+    else:
+        p_v = p
+    acc = acc * alpha[:, None] + dot(p_v.to(q.dtype), v.to(q.dtype), DOT_F32)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _paged_attn_kernel(
     q_ptr,  # [T, Hq, D]
-    kv_ptr,  # [2, num_blocks, BS, Hkv, D]
+    kv_ptr,  # [2, num_blocks, BS, Hkv, D] (float8_e4m3fn when KV_FP8)
+    kv_scale_ptr,  # [2, num_blocks, BS, Hkv] float32 (unused unless KV_FP8)
     block_tables_ptr,  # [S, max_blocks] int32
     seq_lens_ptr,  # [S] int32
     qsl_ptr,  # [S + 1] int32 query_start_loc (unused when IS_DECODE: token s is sequence s)
@@ -138,11 +152,13 @@ def _paged_attn_kernel(
     qk_scale,  # softmax scale * log2(e)
     window, chunk, num_parts, grid_parts,
     stride_q_t, stride_q_h, stride_kv_kv, stride_kv_blk, stride_kv_tok, stride_kv_h,
+    stride_sc_kv, stride_sc_blk, stride_sc_tok, stride_sc_h,
     stride_bt, stride_tree_s, stride_tree_q, stride_o_t, stride_o_h,
     HQ: tl.constexpr, G: tl.constexpr, Q_TILE: tl.constexpr, BLOCK_M: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IS_DECODE: tl.constexpr, HAS_TREE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_CHUNK: tl.constexpr, BLOCK_TQ: tl.constexpr, DOT_F32: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_CHUNK: tl.constexpr, BLOCK_TQ: tl.constexpr, KV_FP8: tl.constexpr, DOT_F32: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     # grid (S, Hkv, q tiles * grid_parts); grid_parts <= num_parts (the rest would be empty)
     s = tl.program_id(0)
@@ -180,6 +196,7 @@ def _paged_attn_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         kv_base = kv_ptr + kvh.to(tl.int64) * stride_kv_h
+        sc_base = kv_scale_ptr + kvh.to(tl.int64) * stride_sc_h
         offs_c = tl.arange(0, BLOCK_TQ)
         vis = offs_c < 0  # (unused without a tree)
         rank = offs_c
@@ -190,12 +207,14 @@ def _paged_attn_kernel(
             tail = tl.minimum(hi, lo + tl.maximum(ctx - lo, 0) // BLOCK_N * BLOCK_N)
         for start in range(lo, tail, BLOCK_N):
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row,
-                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis,
-                                          rank, offs_c, BS, BLOCK_N, False, HAS_WINDOW, HAS_CHUNK, DOT_F32)
+                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, sc_base, stride_sc_kv,
+                                          stride_sc_blk, stride_sc_tok, offs_d, d_ok, vis, rank, offs_c, BS, BLOCK_N,
+                                          False, HAS_WINDOW, HAS_CHUNK, KV_FP8, DOT_F32)
         for start in range(tail, hi, BLOCK_N):  # (none without a tree)
             m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, start, hi, ctx, q_pos, q_lo, window, qk_scale, bt_row,
-                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, offs_d, d_ok, vis,
-                                          rank, offs_c, BS, BLOCK_N, True, HAS_WINDOW, HAS_CHUNK, DOT_F32)
+                                          kv_base, stride_kv_kv, stride_kv_blk, stride_kv_tok, sc_base, stride_sc_kv,
+                                          stride_sc_blk, stride_sc_tok, offs_d, d_ok, vis, rank, offs_c, BS, BLOCK_N,
+                                          True, HAS_WINDOW, HAS_CHUNK, KV_FP8, DOT_F32)
         pdl_launch_dependents(USE_PDL)
         if SPLIT:
             prow = (tok * HQ + head) * grid_parts + part  # [BLOCK_M] row of [T, Hq, grid_parts]
@@ -270,13 +289,15 @@ def launch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
                            max_seq_len: int, max_q_len: int, *, q_tile: int, tree_mask: torch.Tensor | None = None,
                            sliding_window: int | None = None, chunk_size: int | None = None,
                            num_parts: int | None = None, block_n: int | None = None,
-                           out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
+                           out: torch.Tensor | None = None, pdl: bool = True,
+                           kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The common launcher: q [T, Hq, D] -> [T, Hq, D]. query_start_loc None means decode
     (token s is sequence s). max_seq_len / max_q_len: host-side upper bounds of seq_lens and
     of the query lengths; they fix the grid (a CUDA graph captures them). chunk_size: Llama 4
     chunked attention (keys of the query's chunk only). num_parts: the split-KV partitions of
     a row (None: choose_num_parts); more than one needs q_tile 1, and so does a tree mask.
-    pdl: KernelSettings.pdl (used where the GPU supports it)."""
+    pdl: KernelSettings.pdl (used where the GPU supports it). kv_scale: the scales of an FP8
+    kv_cache (kv_cache.py), None for one in the model dtype."""
     require_triton(q)
     if q.dim() != 3 or q.stride(2) != 1:
         raise ValueError(f"paged attention: q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}")
@@ -285,6 +306,7 @@ def launch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         raise ValueError(f"paged attention: kv_cache must be [2, blocks, block_size, Hkv, {d}] with contiguous D, "
                          f"got {tuple(kv_cache.shape)}")
     _, _, bs, hkv, _ = kv_cache.shape
+    check_kv_scale("paged attention", kv_cache, kv_scale)
     if hq % hkv:
         raise ValueError(f"paged attention: {hq} query heads are not a multiple of {hkv} kv heads")
     if d > 256:
@@ -344,13 +366,14 @@ def launch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     tree_strides = (tree.stride(0), tree.stride(1)) if tree_mask is not None else (0, 0)
     block_tq = max(16, next_pow2(max_q_len))
     _paged_attn_kernel[(s, hkv, num_q_tiles * grid_parts)](
-        q, kv_cache, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
+        q, kv_cache, kv_scale if kv_scale is not None else q, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
         scale * LOG2E, window, chunk, num_parts, grid_parts,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        *(kv_scale.stride() if kv_scale is not None else (0, 0, 0, 0)),
         block_tables.stride(0), *tree_strides, out.stride(0), out.stride(1),
         HQ=hq, G=g, Q_TILE=q_tile, BLOCK_M=block_m, D=d, BLOCK_D=max(16, next_pow2(d)), BS=bs, BLOCK_N=block_n,
         SPLIT=split, IS_DECODE=is_decode, HAS_TREE=tree_mask is not None, HAS_WINDOW=window > 0,
-        HAS_CHUNK=chunk > 0, BLOCK_TQ=block_tq, DOT_F32=dot_in_f32(), USE_PDL=pdl,
+        HAS_CHUNK=chunk > 0, BLOCK_TQ=block_tq, KV_FP8=kv_scale is not None, DOT_F32=dot_in_f32(), USE_PDL=pdl,
         num_warps=num_warps, num_stages=2, launch_pdl=pdl,
     )
     if split:
@@ -390,7 +413,7 @@ def visible_mask(num_q: int, seq_len: int, tree_mask: torch.Tensor | None, slidi
 def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                         seq_lens: torch.Tensor, query_start_loc: torch.Tensor | None, scale: float,
                         tree_mask: torch.Tensor | None = None, sliding_window: int | None = None,
-                        chunk_size: int | None = None) -> torch.Tensor:
+                        chunk_size: int | None = None, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch (float32 softmax), the semantics of paged_attention_meta_ref;
     query_start_loc None means one query token per sequence. Syncs with the host."""
     _, _, bs, hkv, d = kv_cache.shape
@@ -404,8 +427,7 @@ def paged_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: t
         if nq <= 0 or n <= 0:
             continue
         blocks = block_tables[i, : (n + bs - 1) // bs].long()
-        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()  # [Hkv, n, D]
-        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n].transpose(0, 1).float()
+        k, v = (x.transpose(0, 1).float() for x in gather_kv_ref(kv_cache, kv_scale, blocks, n))  # [Hkv, n, D]
         k = k.repeat_interleave(hq // hkv, dim=0)
         v = v.repeat_interleave(hq // hkv, dim=0)
         tm = tree_mask[i, :nq, :nq] if tree_mask is not None else None
@@ -423,7 +445,8 @@ def attention_bound(max_seq_len: int) -> int:
 
 
 def paged_attention_meta_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta, scale: float,
-                             sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                             sliding_window: int | None = None, chunk_size: int | None = None,
+                             kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, Hq, D] -> [T, Hq, D] over an AttentionMetadata (layers/attention.py), reading K/V
     of every sequence through its block table; loops over the host lists (the CPU path).
 
@@ -438,8 +461,7 @@ def paged_attention_meta_ref(q: torch.Tensor, kv_cache: torch.Tensor, meta, scal
         if e == s:
             continue
         blocks = meta.block_tables[i, : (n + bs - 1) // bs].long()
-        k = kv_cache[0, blocks].reshape(-1, hkv, d)[:n]  # [n, Hkv, D]
-        v = kv_cache[1, blocks].reshape(-1, hkv, d)[:n]
+        k, v = gather_kv_ref(kv_cache, kv_scale, blocks, n)  # [n, Hkv, D]
         tm = meta.tree_masks[i] if meta.tree_masks is not None else None
         mask = visible_mask(e - s, n, tm, sliding_window, chunk_size, q.device)
         qi = q[s:e].transpose(0, 1)  # [Hq, q, D]

@@ -18,18 +18,19 @@ def paged_prefill_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, quer
                                    max_q_len: int, sliding_window: int | None = None,
                                    chunk_size: int | None = None, *, q_tile: int | None = None,
                                    block_n: int | None = None, out: torch.Tensor | None = None,
-                                   pdl: bool = True) -> torch.Tensor:
+                                   pdl: bool = True, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """max_q_len: a host-side upper bound of the query lengths (fixes the grid)."""
     g = q.shape[1] // kv_cache.shape[3]
     q_tile = q_tile or max(1, 64 // g)
     return launch_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, 1, max(max_q_len, 1),
                                   q_tile=q_tile, sliding_window=sliding_window, chunk_size=chunk_size,
                                   num_parts=1,
-                                  block_n=block_n, out=out, pdl=pdl)
+                                  block_n=block_n, out=out, pdl=pdl, kv_scale=kv_scale)
 
 
 def paged_prefill_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                                 seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                                sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                                sliding_window: int | None = None, chunk_size: int | None = None,
+                                kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     return paged_attention_ref(q, kv_cache, block_tables, seq_lens, query_start_loc, scale,
-                               sliding_window=sliding_window, chunk_size=chunk_size)
+                               sliding_window=sliding_window, chunk_size=chunk_size, kv_scale=kv_scale)

@@ -33,19 +33,22 @@ def paged_verify_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query
                                   max_seq_len: int, max_q_len: int, tree_mask: torch.Tensor | None = None,
                                   sliding_window: int | None = None, chunk_size: int | None = None, *,
                                   num_parts: int | None = None, block_n: int | None = None,
-                                  out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
+                                  out: torch.Tensor | None = None, pdl: bool = True,
+                                  kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """max_seq_len, max_q_len: host-side upper bounds (they fix the grid)."""
     if not 1 <= max_q_len <= MAX_VERIFY_Q:
         raise ValueError(f"paged verify: max_q_len {max_q_len} must be in 1..{MAX_VERIFY_Q} "
                          "(longer queries: paged_prefill_attention)")
     return launch_paged_attention(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, max_seq_len,
                                   max_q_len, q_tile=1, tree_mask=tree_mask, sliding_window=sliding_window,
-                                  chunk_size=chunk_size, num_parts=num_parts, block_n=block_n, out=out, pdl=pdl)
+                                  chunk_size=chunk_size, num_parts=num_parts, block_n=block_n, out=out,
+                                  pdl=pdl, kv_scale=kv_scale)
 
 
 def paged_verify_attention_ref(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                                seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                                tree_mask: torch.Tensor | None = None,
-                               sliding_window: int | None = None, chunk_size: int | None = None) -> torch.Tensor:
+                               sliding_window: int | None = None, chunk_size: int | None = None,
+                               kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     return paged_attention_ref(q, kv_cache, block_tables, seq_lens, query_start_loc, scale, tree_mask=tree_mask,
-                               sliding_window=sliding_window, chunk_size=chunk_size)
+                               sliding_window=sliding_window, chunk_size=chunk_size, kv_scale=kv_scale)

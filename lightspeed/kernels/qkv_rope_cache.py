@@ -8,7 +8,9 @@ write of K and V into the paged cache; returns the rotated q.
     rotate(x)[R/2:R] = x2 cos + x1 sin        x[R:] passes through
 
 Slot of token t: slot_mapping[t] = block * block_size + offset (-1: not written);
-kv_cache [2, num_blocks, block_size, Hkv, D], 0 = K, 1 = V. Math in float32.
+kv_cache [2, num_blocks, block_size, Hkv, D], 0 = K, 1 = V. Math in float32. An FP8 cache
+(kv_cache.py) stores each K and V head vector as e4m3(x / scale), scale = amax(|x|) / 448 in
+kv_scale [2, num_blocks, block_size, Hkv].
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import torch
 
 from lightspeed.kernels._common import (check_last_dim_contiguous, next_pow2, pdl_launch_dependents, pdl_wait,
                                         require_triton, tl, triton, use_pdl)
+from lightspeed.kernels.kv_cache import KVCache, check_kv_scale, write_kv_ref
 
 
 @triton.jit
@@ -25,11 +28,13 @@ def _qkv_rope_cache_kernel(
     pos_ptr,  # [T] int32/int64
     cos_sin_ptr,  # [max_pos, R] float32
     slot_ptr,  # [T] int32/int64, -1 = skip
-    kv_ptr,  # [2, num_blocks, block_size, Hkv, D]
+    kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (float8_e4m3fn when KV_FP8)
+    kv_scale_ptr,  # [2, num_blocks, block_size, Hkv] float32 (unused unless KV_FP8)
     q_out_ptr,  # [T, Hq, D]
-    stride_qkv, stride_cs, stride_kv_kv, stride_kv_slot, stride_kv_h, stride_qo_t, stride_qo_h,
+    stride_qkv, stride_cs, stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h,
+    stride_qo_t, stride_qo_h,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF_R: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, KV_FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # grid (T, Hq + Hkv): head h < Hq is query head h; otherwise kv head h - Hq (K rotated, V copied)
     t = tl.program_id(0).to(tl.int64)
@@ -73,6 +78,16 @@ def _qkv_rope_cache_kernel(
         if slot >= 0:
             k_dst = kv_ptr + slot * stride_kv_slot + j * stride_kv_h
             ty = kv_ptr.dtype.element_ty
+            if KV_FP8:  # one scale per head vector (K: its rotated halves and the rest); kv_cache.py's
+                # FP8_MAX = 448 and AMAX_FLOOR = 1e-6
+                k_amax = tl.maximum(tl.maximum(tl.max(tl.abs(o1), axis=0), tl.max(tl.abs(o2), axis=0)),
+                                    tl.max(tl.abs(xp), axis=0))
+                k_sc = tl.maximum(k_amax, 1e-6) / 448.0
+                v_sc = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-6) / 448.0
+                o1, o2, xp, v = o1 / k_sc, o2 / k_sc, xp / k_sc, v / v_sc
+                sc_dst = kv_scale_ptr + slot * stride_sc_slot + j * stride_sc_h
+                tl.store(sc_dst, k_sc)
+                tl.store(sc_dst + stride_sc_kv, v_sc)
             tl.store(k_dst + offs, o1.to(ty), mask=mh)
             tl.store(k_dst + HALF_R + offs, o2.to(ty), mask=mh)
             tl.store(k_dst + offs_d, xp.to(ty), mask=m_pass)
@@ -82,8 +97,10 @@ def _qkv_rope_cache_kernel(
 def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
                           cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
                           num_heads: int, num_kv_heads: int, head_dim: int, *,
-                          q_out: torch.Tensor | None = None, pdl: bool = True) -> torch.Tensor:
-    """qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D] rotated; K (rotated) and V written to kv_cache."""
+                          q_out: torch.Tensor | None = None, pdl: bool = True,
+                          kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D] rotated; K (rotated) and V written to kv_cache
+    (FP8 kv_cache: quantized, their scales to kv_scale [2, blocks, block_size, Hkv], contiguous)."""
     require_triton(qkv)
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     t = qkv.shape[0]
@@ -104,6 +121,9 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
                          f"got {tuple(kv_cache.shape)}")
     if kv_cache.stride(4) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
         raise ValueError("qkv_rope_cache: kv_cache blocks must be dense along (block, offset) with contiguous D")
+    check_kv_scale("qkv_rope_cache", kv_cache, kv_scale)
+    if kv_scale is not None and not kv_scale.is_contiguous():
+        raise ValueError("qkv_rope_cache: kv_scale must be contiguous")
     q_out = torch.empty((t, hq, d), dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
     if tuple(q_out.shape) != (t, hq, d) or q_out.stride(2) != 1:
         raise ValueError(f"qkv_rope_cache: q_out must be [T, {hq}, {d}] with contiguous D")
@@ -111,19 +131,23 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
         return q_out
     pdl = use_pdl(qkv.device, pdl)
     _qkv_rope_cache_kernel[(t, hq + hkv)](
-        qkv, bias if bias is not None else qkv, positions, cos_sin_cache, slot_mapping, kv_cache, q_out,
+        qkv, bias if bias is not None else qkv, positions, cos_sin_cache, slot_mapping, kv_cache,
+        kv_scale if kv_scale is not None else qkv, q_out,
         qkv.stride(0), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
+        *((kv_scale.stride(0), kv_scale.stride(2), kv_scale.stride(3)) if kv_scale is not None else (0, 0, 0)),
         q_out.stride(0), q_out.stride(1),
         HQ=hq, HKV=hkv, D=d, HALF_R=r // 2, BLOCK_HALF=next_pow2(r // 2), BLOCK_D=next_pow2(d),
-        HAS_BIAS=bias is not None, USE_PDL=pdl, num_warps=1 if d <= 128 else 2, launch_pdl=pdl,
+        HAS_BIAS=bias is not None, KV_FP8=kv_scale is not None, USE_PDL=pdl, num_warps=1 if d <= 128 else 2,
+        launch_pdl=pdl,
     )
     return q_out
 
 
 def qkv_rope_cache_ref(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
-                       cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
+                       cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor | KVCache,
                        num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """Plain torch; same contract as qkv_rope_cache_triton (float32 math, as layers/rotary.py)."""
+    """Plain torch; same contract as qkv_rope_cache_triton (float32 math, as layers/rotary.py);
+    an FP8 cache is a KVCache."""
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     t = qkv.shape[0]
     x = qkv.float() if bias is None else qkv.float() + bias.float()
@@ -140,9 +164,5 @@ def qkv_rope_cache_ref(qkv: torch.Tensor, bias: torch.Tensor | None, positions: 
 
     q, k = rotate(q), rotate(k)
     keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    _, nb, bs, _, _ = kv_cache.shape
-    flat = kv_cache.view(2, nb * bs, hkv, d)
-    flat[0].index_copy_(0, slots, k[keep].to(kv_cache.dtype))
-    flat[1].index_copy_(0, slots, v[keep].to(kv_cache.dtype))
+    write_kv_ref(kv_cache, k[keep], v[keep], slot_mapping[keep].long())
     return q.to(qkv.dtype)

@@ -1,6 +1,7 @@
 """Paged attention: the only layer that knows about the KV cache layout.
 
-KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V).
+KV cache of one layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (0 = K, 1 = V), in
+the model dtype, or FP8 values with a scale per (slot, kv head) (kernels/kv_cache.py KVCache).
 A token at position p of a sequence lives in slot block_table[p // block_size] * block_size
 + p % block_size.
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from lightspeed import kernels
+from lightspeed.kernels.kv_cache import KVCache, write_kv_ref
 from lightspeed.kernels.paged_attention import attention_bound  # noqa: F401  (the grid bound; cuda_graph.py)
 from lightspeed.kernels.settings import DEFAULT_SETTINGS, KernelSettings
 
@@ -61,19 +63,6 @@ class AttentionMetadata:
         return self.tree_mask
 
 
-def write_kv_ref(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [2, num_blocks, block_size, Hkv, D]; k, v: [T, Hkv, D]; slot_mapping: [T],
-    -1 for rows that write nothing (CUDA-graph padding), without a host sync.
-    NOTE: those rows rewrite slot 0 with its own value; slot 0 (a position-0 token) is only
-    ever written by a prefill, never in a padded graph step."""
-    _, nb, bs, hkv, d = kv_cache.shape
-    flat = kv_cache.view(2, nb * bs, hkv, d)
-    valid = (slot_mapping >= 0)[:, None, None]
-    slots = slot_mapping.clamp(min=0)
-    for i, x in ((0, k), (1, v)):
-        flat[i].index_copy_(0, slots, torch.where(valid, x.to(kv_cache.dtype), flat[i].index_select(0, slots)))
-
-
 class Attention(nn.Module):
     """Writes the new tokens' K/V into the paged cache, then attends over the cache.
 
@@ -90,7 +79,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.attention_chunk_size = attention_chunk_size  # None: no chunking (Llama 4 local layers)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
         t = q.shape[0]
@@ -102,7 +91,8 @@ class Attention(nn.Module):
         return o.reshape(t, self.num_heads * self.head_dim)
 
     def forward_qkv(self, qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor,
-                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor | KVCache,
+                    meta: AttentionMetadata) -> torch.Tensor:
         """qkv: [T, (Hq + 2 Hkv) D] without bias; positions [T]; cos_sin_cache [max_pos, D]
         float32 = |cos|sin| -> [T, Hq * D]. K/V land at meta.slot_mapping (-1: skipped)."""
         t = qkv.shape[0]
@@ -110,7 +100,7 @@ class Attention(nn.Module):
                                    self.num_heads, self.num_kv_heads, self.head_dim, self.kernel_settings)  # [T, Hq, D]
         return self.attend(q, kv_cache, meta)
 
-    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv_cache: torch.Tensor | KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D] rotated, the new K/V already in kv_cache -> [T, Hq * D]."""
         o = kernels.paged_attention(q, kv_cache, meta, self.scale, self.sliding_window, self.attention_chunk_size,
                                     self.kernel_settings)

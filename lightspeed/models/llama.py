@@ -11,7 +11,7 @@ projection then one epilogue (bias + rotary + paged KV write), paged attention, 
 nothing syncs with the host, so a step can be CUDA-graph captured. Elsewhere (CPU) the
 same math in torch (rotary cos/sin gathered once per step for all layers).
 
-Small steps (decode, verify, draft: <= 16 rows, <= 64 in batch-invariant mode) carry the
+Small steps (<= 2 rows, fused_gemv.FAST_ROWS; <= 64 in batch-invariant mode) carry the
 residual stream s itself (HF's hidden_states[i]) through 8 launches per layer
 (kernels/fused_gemv.py): norm, QKV+rope+KV write, attention (split + reduce), o_proj + s,
 norm, gate_up+SwiGLU, down_proj + s (KernelSettings.fused_layers; off: the per-op kernels above).
@@ -178,7 +178,7 @@ class LlamaModel(nn.Module):
     def can_fuse(self, hidden: torch.Tensor, rope: RopeInputs) -> bool:
         """The fused layers: Triton, few rows, dense bf16/fp16/fp32 Llama layers, full-width rotary."""
         ks = self.kernel_settings
-        limit = kernels.FUSED_MAX_ROWS if ks.batch_invariant else kernels.MAX_M
+        limit = kernels.FUSED_MAX_ROWS if ks.batch_invariant else kernels.FUSED_FAST_ROWS
         d = self.layers[0].self_attn.head_dim if len(self.layers) else 0
         # NOTE: FP8 weights keep the per-op path: their GEMV (fp8_gemv.py) streams them 2x faster
         # than this kernel's upcast tiles (bench/results/fused-prologue-llama3.1-8b-fp8.json)

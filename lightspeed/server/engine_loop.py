@@ -63,6 +63,18 @@ class GrammarCompiles:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def drain(inbox, timeout: float | None) -> list:
+    """Everything `inbox` (a queue) holds: the first item after waiting up to `timeout` s (0:
+    no wait, None: until one comes), then the rest without waiting; [] if none came."""
+    items = []
+    try:
+        items.append(inbox.get_nowait() if timeout == 0 else inbox.get(timeout=timeout))
+        while True:
+            items.append(inbox.get_nowait())
+    except queue.Empty:
+        return items
+
+
 def run_engine_loop(engine, recv, send, compiles: GrammarCompiles | None = None) -> None:
     """Serve `engine` until a None message: recv(timeout) -> list of messages (timeout None:
     wait for one, 0: do not wait, else at most that many seconds); send(message)."""
@@ -158,16 +170,8 @@ class ThreadTransport:
             self._thread = None
 
     def _recv(self, timeout: float | None) -> list:
-        items = []
-        try:
-            if timeout == 0:
-                items.append(self._inbox.get_nowait())
-            else:  # NOTE: wakes up every idle_wait_s while idle
-                items.append(self._inbox.get(timeout=min(timeout or self.idle_wait_s, self.idle_wait_s)))
-            while True:
-                items.append(self._inbox.get_nowait())
-        except queue.Empty:
-            return items
+        # NOTE: wakes up every idle_wait_s while idle
+        return drain(self._inbox, 0 if timeout == 0 else min(timeout or self.idle_wait_s, self.idle_wait_s))
 
     def _run(self, on_message, on_lost) -> None:
         def send(msg) -> None:

@@ -10,6 +10,7 @@ supervisor, which starts it again when it dies (a device error, an OOM kill, a c
 """
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import queue
@@ -34,7 +35,7 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         torch.set_num_threads(num_threads)
     from lightspeed.engine.engine import Engine
     from lightspeed.engine.profile import gc_frozen
-    from lightspeed.server.engine_loop import run_engine_loop
+    from lightspeed.server.engine_loop import drain, run_engine_loop
     from lightspeed.server.output_deltas import to_deltas
     try:
         engine = Engine(config, speculative)
@@ -43,22 +44,13 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         return
     outbox.put(("ready", EngineInfo.of(engine)))
 
-    def recv(timeout: float | None) -> list:
-        items = []
-        try:
-            items.append(inbox.get_nowait() if timeout == 0 else inbox.get(timeout=timeout))
-            while True:
-                items.append(inbox.get_nowait())
-        except queue.Empty:
-            return items
-
     def send(msg) -> None:
         if msg[0] == "step":  # NOTE: only what is new crosses the process boundary
             msg = ("step", to_deltas(msg[1]), *msg[2:])
         outbox.put(msg)
     try:
         with gc_frozen():
-            run_engine_loop(engine, recv, send)
+            run_engine_loop(engine, functools.partial(drain, inbox), send)
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
 

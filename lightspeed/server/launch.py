@@ -8,7 +8,6 @@ engine, exit 0. ServerThread runs the same app in a thread of this process (test
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import socket
@@ -21,19 +20,20 @@ from lightspeed.options import DEFAULT_SPEC_THRESHOLDS, add_serve_args  # noqa: 
 
 def build_server(args):
     """-> (app, EngineClient, served model name) from parsed `serve` arguments."""
-    from lightspeed.options import engine_options, speculative_config as _speculative
+    from lightspeed.options import engine_options, resolve_preset, speculative_config as _speculative
     from lightspeed.config import EngineConfig
     from lightspeed.server.engine_client import EngineClient
     from lightspeed.server.metrics import ServerMetrics
     from lightspeed.server.openai import build_app
     from lightspeed.threads import physical_cores, set_threads
 
+    resolve_preset(args)  # --max-num-seqs, --max-num-batched-tokens
     spec = _speculative(args)
     if spec is not None:
         import dataclasses
         spec = dataclasses.replace(spec, load_thresholds=args.spec_thresholds)  # validated again
     config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          max_num_seqs=args.max_num_seqs,
                           num_kv_blocks=args.num_kv_blocks, kv_cache_gb=args.kv_cache_gb, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, **engine_options(args))
     from lightspeed.spec_advice import speculation_warnings

@@ -49,6 +49,12 @@ def test_tp2_mixed_chunked_batch_equals_tp1(ckpt, plain_tp1):
     assert [o.token_ids for o in _tp_generate(ckpt)] == plain_tp1
 
 
+def test_fp8_kv_cache_under_tp(ckpt):
+    """Each rank quantizes its own KV heads (a scale per head): TP = 2 gives TP = 1's tokens."""
+    tp1 = [o.token_ids for o in LLM(ckpt, kv_cache_dtype="fp8", **SMALL).generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in _tp_generate(ckpt, kv_cache_dtype="fp8")] == tp1
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft", "eagle3"])
 def test_speculation_under_tp_equals_plain(ckpt, plain_tp1, method, tmp_path):
     """Proposer and verifier on rank 0 (the draft model whole there; an EAGLE-3 head without

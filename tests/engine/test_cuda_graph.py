@@ -31,7 +31,8 @@ def test_buckets():
     assert batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(1) == [1]
     assert batch_buckets(256) == [1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256]
-    assert batch_buckets(1000) == batch_buckets(256)
+    assert batch_buckets(512)[-5:] == [256, 320, 384, 448, 512]  # the max-throughput preset
+    assert batch_buckets(1000) == batch_buckets(512)
     assert [pick_bucket(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
 
 

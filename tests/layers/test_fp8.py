@@ -141,3 +141,22 @@ def test_bench_fp8_accuracy_cli(tmp_path):
     assert compare_logits(x, x)[0] == 5 and abs(compare_logits(x, x)[1]) < 1e-5
     assert compare_logits(x, -x)[0] == 0 and compare_logits(x, -x)[1] > 0
     assert first_difference([1, 2, 3], [1, 2, 4]) == 2 and first_difference([1, 2], [1, 2]) == 2
+
+
+def test_bench_fp8_kv_accuracy_cli(tmp_path):
+    """--kv-cache-dtype fp8: the FP8 KV cache against the unquantized one, weights unquantized."""
+    import json
+
+    from lightspeed.cli import main
+    make_tiny_checkpoint(tmp_path / "m")
+    out = tmp_path / "r.json"
+    assert main(["bench", "fp8-accuracy", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float32",
+                 "--kv-cache-dtype", "fp8", "--prompts", "random", "--num-prompts", "2", "--output-len", "8",
+                 "--ppl-tokens", "120", "--ppl-window", "60", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["results"][0]
+    assert {"device", "git_commit", "command", "date"} <= set(result)
+    assert (row["quantization"], row["kv_cache_dtype"]) == ("none", "fp8") and "fp8 kv vs float32" in row["name"]
+    assert row["kv_blocks_fp8"] >= row["kv_blocks_ref"] > 0
+    assert 0.7 <= row["teacher_forced_agreement"] <= 1 and 0 <= row["mean_kl"] < 0.05
+    assert abs(row["ppl_fp8"] / row["ppl_ref"] - 1) < 0.05

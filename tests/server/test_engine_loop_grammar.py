@@ -4,6 +4,7 @@ other requests keep stepping meanwhile, an abort before that drops it, and a com
 fails that request alone. A fake Engine: no model."""
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 
@@ -54,16 +55,8 @@ def test_constrained_requests_wait_for_their_grammar_off_the_loop(monkeypatch):
     monkeypatch.setattr(loop_mod.StepStats, "of", staticmethod(lambda engine: None))
     engine, inbox, sent = _Engine(), queue.SimpleQueue(), []
 
-    def recv(timeout):
-        items = []
-        try:
-            items.append(inbox.get_nowait() if timeout == 0 else inbox.get(timeout=timeout))
-            while True:
-                items.append(inbox.get_nowait())
-        except queue.Empty:
-            return items
-
-    thread = threading.Thread(target=run_engine_loop, args=(engine, recv, sent.append), daemon=True)
+    thread = threading.Thread(target=run_engine_loop, args=(engine, functools.partial(loop_mod.drain, inbox), sent.append),
+                              daemon=True)
     thread.start()
     inbox.put(("add", "plain", [1], SamplingParams()))
     inbox.put(("add", "json", [1], SamplingParams(json_object=True)))

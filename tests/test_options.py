@@ -1,0 +1,61 @@
+"""--preset: each preset resolves to its documented settings, and flags given explicitly win."""
+import pytest
+
+from lightspeed.cli import build_parser, main
+from lightspeed.config import EngineConfig
+from lightspeed.options import PRESETS, engine_options, resolve_preset
+
+
+def parse(*argv):
+    return resolve_preset(build_parser().parse_args(list(argv)))
+
+
+def test_min_latency_is_the_default_and_todays_settings():
+    args = parse("serve")
+    assert (args.quantization, args.kv_cache_dtype, args.max_num_seqs, args.max_num_batched_tokens) == \
+        ("none", "auto", 64, 2048)
+    assert dict(vars(parse("serve", "--preset", "min-latency")), preset=None) == vars(args)
+    opts = engine_options(args)
+    cfg, default = EngineConfig(max_num_seqs=args.max_num_seqs, **opts), EngineConfig()
+    for key in ("quantization", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens", "enable_cuda_graph",
+                "enable_pdl", "enable_fused_layers"):
+        assert getattr(cfg, key) == getattr(default, key), key
+    assert args.speculative is None
+
+
+def test_max_throughput():
+    args = parse("serve", "--preset", "max-throughput")
+    assert (args.max_num_seqs, args.max_num_batched_tokens) == (512, 8192)
+    cfg = EngineConfig(max_num_seqs=args.max_num_seqs, **engine_options(args))
+    assert (cfg.quantization, cfg.kv_cache_dtype, cfg.max_num_batched_tokens) == ("fp8", "fp8", 8192)
+    assert cfg.enable_cuda_graph and args.speculative is None
+    # commands without the batch-limit flags take the preset's token budget too
+    gen = engine_options(parse("generate", "x", "--preset", "max-throughput"))
+    assert (gen["quantization"], gen["kv_cache_dtype"], gen["max_num_batched_tokens"]) == ("fp8", "fp8", 8192)
+
+
+def test_explicit_flags_win():
+    args = parse("serve", "--preset", "max-throughput", "--max-num-seqs", "32", "--quantization", "none",
+                 "--max-num-batched-tokens", "1024", "--speculative", "ngram")
+    opts = engine_options(args)
+    assert (args.max_num_seqs, opts["max_num_batched_tokens"], opts["quantization"], opts["kv_cache_dtype"]) == \
+        (32, 1024, None, "fp8")
+    assert args.speculative == "ngram"
+    assert engine_options(parse("generate", "x", "--kv-cache-dtype", "fp8"))["kv_cache_dtype"] == "fp8"
+    assert resolve_preset(args) is args and args.max_num_seqs == 32  # idempotent
+
+
+def test_help_documents_each_preset(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, preset in PRESETS.items():
+        assert name in text
+        assert f"{name}: {preset['max_num_seqs']}" in text and f"{name}: {preset['kv_cache_dtype']}" in text
+
+
+@pytest.mark.parametrize("argv", [["--kv-cache-dtype", "fp4"], ["--preset", "fast"]])
+def test_bad_values_are_clear_errors(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", *argv])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
