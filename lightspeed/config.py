@@ -304,6 +304,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     expert_parallel: bool = False  # MoE: whole experts per rank instead of splitting each expert
     distributed_timeout_s: float = 300.0  # every collective; a dead or stuck worker fails after this
+    # the host schedules and prepares step N+1 while the device runs step N (engine/engine.py);
+    # None: on for CUDA without speculation or tensor parallelism
+    overlap_schedule: bool | None = None
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:

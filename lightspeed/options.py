@@ -68,6 +68,10 @@ def add_model_args(p: argparse.ArgumentParser, speculative: bool = True) -> None
     p.add_argument("--batch-invariant", default=None, action=argparse.BooleanOptionalAction,
                    help="run every projection of <= 64 rows through the batch-invariant GEMV, so speculative "
                         "output equals plain greedy bit for bit (default: on with --speculative on CUDA)")
+    p.add_argument("--overlap-schedule", default=None, action=argparse.BooleanOptionalAction,
+                   help="schedule and prepare step N+1 on the host while the device runs step N (default: on for "
+                        "CUDA without speculation or tensor parallelism; steps of requests with logprobs, penalties "
+                        "or structured outputs run one at a time)")
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1,
                    help="shard the model over N devices, one process each (CPU: N gloo processes)")
     p.add_argument("--expert-parallel", action="store_true",
@@ -169,6 +173,7 @@ def engine_options(args) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=batched_tokens,
                 enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
                 enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant,
+                overlap_schedule=getattr(args, "overlap_schedule", None),
                 allow_long_context=getattr(args, "allow_long_context", False),
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from lightspeed.progress import progress
 
@@ -43,6 +44,9 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec-k-list", default=None, help="with --speculative: comma-separated k values to sweep")
     p.add_argument("--compare-hf", action="store_true", help="also time HF transformers on the same weights")
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    p.add_argument("--plot", default=None,
+                   help="PNG of tokens/s/user against tokens/s/server over the batch sizes (default: the --out path "
+                        "with .png, when several batch sizes run)")
 
 
 def _sync(device) -> None:
@@ -225,10 +229,28 @@ def _switches(eng) -> tuple[bool, bool]:
     return eng.runner.graphs is not None, ks.use_pdl(eng.device) and ks.use_triton(eng.runner.kv_data(0))
 
 
+def _hf_model(args, eng):
+    """HF transformers' model of the weights the engine runs (random shapes: its own weights)."""
+    if args.shape:
+        from lightspeed.models.random import to_hf_model
+        return to_hf_model(eng.runner.model)
+    from lightspeed.loader import resolve_model
+    return load_hf_model(resolve_model(args.model), eng.dtype)
+
+
+def _series(spec, k: int, switches: dict, base: dict, eng) -> str:
+    """The row's line in the throughput plot."""
+    if spec:
+        return f"spec {spec} k={k}"
+    off = [name.replace("enable_", "").replace("_", " ") for name, v in switches.items() if v != base.get(name)]
+    return "lightspeed" + (f" overlap={'on' if eng.overlap else 'off'}" if not off else " " + ", ".join(off) + " off")
+
+
 def run_latency_bench(args) -> list[dict]:
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.engine.llm import LLM
+    from lightspeed.engine.profile import gc_frozen
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
     from lightspeed.kernels.kv_cache import kv_bytes_per_slot
@@ -265,7 +287,8 @@ def run_latency_bench(args) -> list[dict]:
         is_baseline = spec is None and switches == _configs(args)[0][2]
         for b in batch_sizes:
             prompts = load_prompts(source, args.num_prompts or b, input_len, eng.tokenizer, mc.vocab_size)
-            ls = time_lightspeed(llm, prompts, b, args.output_len, args.num_iters)
+            with gc_frozen():
+                ls = time_lightspeed(llm, prompts, b, args.output_len, args.num_iters)
             avg_ctx = statistics.mean(len(p) for p in prompts) + args.output_len / 2
             weight_bytes = active_weight_bytes(eng.runner.model, b)
             floor_s = (weight_bytes + b * avg_ctx * kv_per_token) / bandwidth
@@ -309,16 +332,20 @@ def run_latency_bench(args) -> list[dict]:
                     row.update(speedup_vs_plain=ls["tokens_per_s_user"] / baseline[b]["tokens_per_s_user"],
                                **compare_outputs(ls["token_ids"], baseline[b]["token_ids"]))
                 if args.compare_hf and b == 1 and is_baseline:
-                    hf_model = None
-                    if args.shape:
-                        from lightspeed.models.random import to_hf_model
-                        hf_model = to_hf_model(eng.runner.model)
                     hf = time_hf(None if args.shape else resolve_model(args.model), prompts, args.output_len,
-                                 args.num_iters, eng.device, eng.dtype, model=hf_model)
-                    del hf_model
+                                 args.num_iters, eng.device, eng.dtype, model=_hf_model(args, eng))
                     row.update(peer="hf-transformers-eager", peer_tokens_per_s_user=hf["tokens_per_s_user"],
                                speedup_vs_peer=ls["tokens_per_s_user"] / hf["tokens_per_s_user"])
+            row["series"] = _series(spec, k, switches, _configs(args)[0][2], eng)
             results.append(row)
+            if args.compare_hf and is_baseline:  # the peer at this batch: HF batched generate, same prompts
+                from lightspeed.bench.hf_batched import hf_batched_rows
+                (hf_row,) = hf_batched_rows(_hf_model(args, eng).to(eng.device).eval(), prompts, [b],
+                                            args.output_len, label)
+                hf_row.update(batch_size=b, series="HF transformers batched generate")
+                row.update(peer_tokens_per_s_server=hf_row["tokens_per_s_server"],
+                           speedup_vs_peer_server=row["tokens_per_s_server"] / hf_row["tokens_per_s_server"])
+                results.append(hf_row)
             runs.set_postfix_str(row["name"], refresh=False)
             runs.update()
         if spec is None and args.step_tokens:
@@ -338,11 +365,16 @@ def run_latency_bench(args) -> list[dict]:
                                 "copy_bandwidth_gb_s": bandwidth / 1e9})
         del llm
     runs.close()
-    cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "fraction_of_floor",
-            "acceptance_length",
+    cols = ["name", "ms_per_token", "ms_per_step", "floor_ms_per_step", "tokens_per_s_user", "tokens_per_s_server",
+            "fraction_of_floor", "acceptance_length",
             "speedup_vs_plain", "prompts_identical_to_plain", "peer_tokens_per_s_user", "speedup_vs_peer"]
     path = save_results(args.out, eng.device, results)
     print_table(results, [c for c in cols if any(c in r for r in results)])
-    if path is not None:
-        print(f"saved {path}")
+    plot_path = args.plot or (Path(args.out).with_suffix(".png") if args.out and len(batch_sizes) > 1 else None)
+    if plot_path:
+        from lightspeed.bench.plots import plot_user_vs_server
+        plot_user_vs_server([r for r in results if r.get("kind") != "step"], plot_path,
+                            title=f"{label}, {source} prompts, {args.output_len} new tokens (labels: batch size)")
+    if path is not None or plot_path:
+        print(f"saved {' and '.join(str(p) for p in (path, plot_path) if p)}")
     return results

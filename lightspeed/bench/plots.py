@@ -8,20 +8,25 @@ NAMES = {"none": "no speculation", "hf-transformers": "HF transformers batched g
 
 
 def plot_user_vs_server(rows: list[dict], path: str | Path, title: str = "") -> Path:
-    """tokens/s/user (y) against tokens/s/server (x), one line per `speculative` setting,
-    each point labelled with its concurrency."""
+    """tokens/s/user (y) against tokens/s/server (x), one line per `series` (else per
+    `speculative` setting), each point labelled with its concurrency (or batch size)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for label in dict.fromkeys(r.get("speculative", "none") for r in rows):
-        pts = sorted((r["concurrency"], r["tokens_per_s_server"], r["tokens_per_s_user"]) for r in rows
-                     if r.get("speculative", "none") == label and r.get("tokens_per_s_user") is not None)
+    def series(r: dict) -> str:
+        spec = r.get("speculative", "none")
+        return r.get("series") or NAMES.get(spec, f"spec {spec}")
+
+    for label in dict.fromkeys(series(r) for r in rows):
+        pts = sorted((r.get("concurrency", r.get("batch_size")), r["tokens_per_s_server"], r["tokens_per_s_user"])
+                     for r in rows if series(r) == label and r.get("tokens_per_s_user") is not None
+                     and r.get("tokens_per_s_server") is not None)
         if not pts:
             continue
         xs, ys = [p[1] for p in pts], [p[2] for p in pts]
-        ax.plot(xs, ys, marker="o", label=NAMES.get(label, f"spec {label}"))
+        ax.plot(xs, ys, marker="o", label=label)
         for c, x, y in pts:
             ax.annotate(str(c), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("tokens/s/server")

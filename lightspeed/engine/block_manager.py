@@ -112,6 +112,8 @@ class BlockManager:
         """Grow the request's block table to hold `num_tokens` slots; False (and no change) if
         full. `cached_blocks` (from find_cached_prefix) start a request that holds no blocks."""
         table = self.block_tables.get(request_id)
+        if table is not None and not cached_blocks and len(table) * self.block_size >= num_tokens:
+            return True  # NOTE: the common case (a decode step inside its last block), kept short
         if cached_blocks:
             assert not table, "a cached prefix only starts a request's block table"
         have = len(table or ()) + len(cached_blocks)

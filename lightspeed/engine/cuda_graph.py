@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lightspeed import kernels
-from lightspeed.engine.input_prep import HostInputs, ModelInputs
+from lightspeed.engine.input_prep import HostInputs, ModelInputs, pack_rows
 from lightspeed.engine.outputs import SchedulerOutput
 from lightspeed.layers.attention import AttentionMetadata, attention_bound
 
@@ -101,9 +101,7 @@ def fill_static_inputs(buf: np.ndarray, lay: Layout, host: HostInputs) -> None:
     buf[o["qsl"]: o["qsl"] + s + 1] = host.query_start_loc
     buf[o["qsl"] + s + 1: o["qsl"] + lay.B + 1] = np.arange(t + 1, t + 1 + lay.B - s)
     tables = buf[o["tab"]: o["tree"]].reshape(lay.B, lay.MB)
-    for i, row in enumerate(host.block_tables):
-        row = row[: lay.MB]
-        tables[i, : len(row)] = row
+    pack_rows(host.block_tables, tables)
     if lay.Q > 1:
         tree = buf[o["tree"]: o["end"]].reshape(lay.B, lay.Q, lay.Q)
         tree[:] = np.tril(np.ones((lay.Q, lay.Q), dtype=np.int64))
@@ -200,10 +198,13 @@ class CudaGraphRunner:
             capture(g, lambda: self._body(g, aux_ids), self.pool)
         return g
 
-    def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = ()):
+    def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = (),
+            fill: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Replay (capturing first if new) the graph of `shape` for this step -> (inputs,
         hidden [T, H], aux [T, n*H] or None, logits [T, vocab]) of the real rows; views of
-        the graph's static buffers, valid until its next replay. None: too many graphs."""
+        the graph's static buffers, valid until its next replay. None: too many graphs.
+        fill (rows, token ids) on the device: input ids written after the host's copy
+        (placeholders of overlap scheduling)."""
         lay = Layout.make(shape[0], shape[1], max(host.seq_lens), self.block_size)
         key = (lay, tuple(aux_ids))
         g = self.graphs.get(key)
@@ -212,6 +213,8 @@ class CudaGraphRunner:
                 return None
             g = self.graphs[key] = self._capture(lay, tuple(aux_ids))
         g.load(host)
+        if fill is not None:
+            g.flat.index_copy_(0, fill[0] + g.off["ids"], fill[1])
         if g.graph is not None:
             g.graph.replay()
         else:

@@ -3,6 +3,7 @@ detokenize (stop strings) -> outputs."""
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 
 import torch
@@ -11,6 +12,7 @@ from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
 from lightspeed.engine.penalties import has_penalties
+from lightspeed.engine.profile import NULL_TIMER
 from lightspeed.engine.prompt import check_prompt
 from lightspeed.engine.request import Request, RequestStatus, SpecStats
 from lightspeed.engine.runner import ModelRunner
@@ -20,6 +22,8 @@ from lightspeed.kernels.kv_cache import kv_bytes_per_slot
 from lightspeed.kernels.settings import KernelSettings
 from lightspeed.loader.model import load_model
 from lightspeed.tokenizer import IncrementalDetokenizer
+
+_log = logging.getLogger("lightspeed")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,6 +62,18 @@ def engine_kernel_settings(config: EngineConfig, speculative: bool, device: torc
     fused = config.enable_fused_layers and config.tensor_parallel_size == 1
     base = KernelSettings(batch_invariant=invariant, fused_layers=fused)
     return base if config.enable_pdl else base.replace(pdl=False)
+
+
+def use_overlap(config: EngineConfig, speculative, device: torch.device) -> bool:
+    """Overlap scheduling per config.overlap_schedule; None: on for CUDA without speculation or
+    tensor parallelism. NOTE: speculation and tensor parallelism need each step's tokens on
+    the host before the next step is scheduled; they always run one step at a time."""
+    supported = speculative is None and config.tensor_parallel_size == 1
+    if config.overlap_schedule is None:
+        return supported and device.type == "cuda"
+    if config.overlap_schedule and not supported:
+        _log.warning("overlap scheduling is off: speculative decoding and tensor parallelism run one step at a time")
+    return config.overlap_schedule and supported
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -127,6 +143,11 @@ class Engine:
         self._ids = itertools.count()
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
+        self.overlap = use_overlap(config, speculative, self.device)
+        # requests whose steps run one at a time (their tokens are needed on the host first)
+        self._sync_ids: set[str] = set()
+        self._in_flight = None  # (SchedulerOutput, runner.LaunchedStep) launched and not yet read
+        self.timer = NULL_TIMER  # engine/profile.py StepTimer: host time per phase
 
     @property
     def kernel_settings(self) -> KernelSettings:
@@ -139,7 +160,9 @@ class Engine:
         return check_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt, self.config.model)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, stream: bool = True) -> str:
+        """Queue a request -> its id. stream=False: one output, when it finishes (its text
+        decoded then, unless stop strings need it each step)."""
         params = params or SamplingParams()
         ids = self.tokenize_prompt(prompt)
         if self.speculative is not None and has_penalties(params):
@@ -150,7 +173,10 @@ class Engine:
             raise InvalidRequestError(f"request id {rid!r} is already running")
         grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
-        self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None)
+        self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None,
+                                         stream)
+        if params.logprobs is not None or has_penalties(params) or grammar is not None:
+            self._sync_ids.add(rid)
         self.scheduler.add_request(req)
         if grammar is not None:  # NOTE: a method call, so it reaches a TensorParallelRunner's own runner
             self.runner.constrain(rid, grammar, self.structured)
@@ -168,34 +194,77 @@ class Engine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._states.pop(request_id, None)
+        self._sync_ids.discard(request_id)
 
     def has_unfinished_requests(self) -> bool:
+        # NOTE: a step still in flight then holds only finished requests; the next step reads it
         return self.scheduler.has_unfinished_requests()
 
     # -- the loop --------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        result = self.runner.execute(sched)
+        """Schedule and launch a step; return the outputs of the step whose tokens were read.
+
+        Sequential: that is this step. Overlap scheduling: the previous one, read after this
+        one is launched, so the host's scheduling and input prep run while the device computes:
+
+            host:   | sched N+1 | launch N+1 | read N, stop checks, outputs | sched N+2 | ...
+            device: | ......... step N ......... | ............ step N+1 ............ |
+
+        A request that ended at step N (EOS, a stop string) was already scheduled for N + 1;
+        that token is dropped. Steps of requests that need their tokens on the host before the
+        next step is scheduled (logprobs, penalties, structured outputs) run one at a time."""
+        timer = self.timer
+        timer.start()
         outputs = []
-        for req in self.scheduler.update_from_output(sched, result):
+        sequential = not self.overlap or bool(self._sync_ids)
+        if sequential and self._in_flight is not None:
+            outputs += self._read(*self._in_flight)
+            self._in_flight = None
+        sched = self.scheduler.schedule()
+        timer.mark("schedule")
+        if sequential:  # NOTE: execute: a tensor-parallel runner's one entry point
+            return outputs + self._update(sched, self.runner.execute(sched))
+        launched = self.runner.launch(sched)
+        if self._in_flight is not None:
+            outputs += self._read(*self._in_flight)
+        self._in_flight = None if sched.is_empty else (sched, launched)
+        return outputs
+
+    def _read(self, sched, launched) -> list[RequestOutput]:
+        return self._update(sched, self.runner.collect(launched))
+
+    def _update(self, sched, result) -> list[RequestOutput]:
+        """Advance the step's requests by its tokens; stop checks; outputs."""
+        timer = self.timer
+        updated = self.scheduler.update_from_output(sched, result)
+        timer.mark("update")
+        outputs = []
+        for req in updated:
             state = self._states[req.request_id]
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
                     and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
                 req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
-            outputs.append(state.output(req))
+            if state.stream or req.is_finished:
+                outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
                 del self._states[req.request_id]
+                self._sync_ids.discard(req.request_id)
+        timer.mark("output")
         return outputs
 
 
 class _OutputState:
     """Detokenizes one request's new tokens, applies stop strings, builds RequestOutputs."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None):
+    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream: bool = True):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None  # None: no text
+        # NOTE: two tokenizer decodes per token and step were ~10 us per request; a request read
+        # only when finished (LLM.generate) is decoded once, at the end
+        self.is_deferred = not stream and not params.stop
+        self.stream = stream
         self.params = params
         self.prompt = prompt
         self.text = ""
@@ -208,6 +277,12 @@ class _OutputState:
         """Detokenize tokens one by one; True when a stop string ended the request (then the
         tokens after it are dropped, exactly as if they had never been sampled)."""
         stops = self.params.stop
+        if self.is_deferred:
+            self.num_processed = len(req.output_token_ids)
+            if req.is_finished and self.detok is not None:
+                eos = () if self.params.ignore_eos else req.eos_token_ids
+                self.text = self.detok.add([t for t in req.output_token_ids if t not in eos]) + self.detok.flush()
+            return False
         while self.num_processed < len(req.output_token_ids):
             tid = req.output_token_ids[self.num_processed]
             self.num_processed += 1

@@ -30,7 +30,8 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def _add_all(self, prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+    def _add_all(self, prompts: list[Prompt], params: SamplingParams | Sequence[SamplingParams] | None,
+                 stream: bool = False) -> list[str]:
         if not prompts:
             raise InvalidRequestError("no prompts given")
         if params is None or isinstance(params, SamplingParams):
@@ -39,7 +40,7 @@ class LLM:
             raise InvalidRequestError(f"{len(params)} sampling params for {len(prompts)} prompts")
         for p in prompts:  # validate everything before anything runs
             self.engine.tokenize_prompt(p)
-        return [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return [self.engine.add_request(p, sp, stream=stream) for p, sp in zip(prompts, params)]
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -70,7 +71,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield a RequestOutput each step with `new_text` / `new_token_ids` deltas."""
-        (rid,) = self._add_all([prompt], sampling_params)
+        (rid,) = self._add_all([prompt], sampling_params, stream=True)
         try:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():

@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from lightspeed.config import SamplingParams
 from lightspeed.engine.request import Logprob
 
+# a token id in ScheduledRequest.token_ids that the host does not know yet: the one the
+# previous, still running step samples for this request (overlap scheduling); the runner
+# takes it from that step's output on the device
+PLACEHOLDER = -1
+
 
 @dataclass
 class ScheduledRequest:

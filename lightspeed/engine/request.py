@@ -18,7 +18,10 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        return self in _FINISHED
+
+
+_FINISHED = frozenset((RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED))
 
 
 @dataclass
@@ -68,6 +71,8 @@ class SpecStats:
 
     @property
     def acceptance_rate_per_position(self) -> list[float]:
+        if not self.proposed_per_position:
+            return []
         return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
 
 
@@ -89,6 +94,10 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     draft_parents: list[int] | None = None  # tree drafts: parent index of each draft (-1 = last token)
     num_computed_tokens: int = 0
+    # launched steps that sample a token for this request and whose tokens the host has not
+    # read yet (up to 2 with overlap scheduling, which schedules the next step with the
+    # unread token as a PLACEHOLDER id)
+    num_output_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     output_logprobs: list[Logprob] = field(default_factory=list)
     first_token_time: float | None = None
@@ -112,6 +121,28 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    def token_ids_between(self, start: int, end: int, placeholder: int) -> list[int]:
+        """Token ids at positions start .. end - 1 of, without building the whole list:
+
+            | prompt | output | placeholders (num_output_placeholders) | drafts |
+        """
+        num_prompt, out = len(self.prompt_token_ids), self.output_token_ids
+        ids = self.prompt_token_ids[start:end] if start < num_prompt else []
+        lo, hi = max(start - num_prompt, 0), end - num_prompt
+        if hi > 0:
+            ids += out[lo:hi]
+            if hi > len(out):
+                tail = [placeholder] * self.num_output_placeholders + self.draft_token_ids
+                ids += tail[max(lo - len(out), 0):hi - len(out)]
+        return ids
+
+    @property
+    def reaches_length(self) -> bool:
+        """The tokens it has and those in flight end it by max_tokens or the context length."""
+        num_output = len(self.output_token_ids) + self.num_output_placeholders
+        return num_output >= self.sampling_params.max_tokens or \
+            self.num_tokens + self.num_output_placeholders >= self.max_model_len
 
     def append_token(self, token_id: int) -> bool:
         """Append one sampled token; returns True when it ends the request (stop id or length)."""

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
 from lightspeed.engine.input_prep import BlockTables, build_host_inputs, inputs_from_host
-from lightspeed.engine.outputs import RunnerOutput, SchedulerOutput
-from lightspeed.engine.penalties import ContextTracker, apply_penalties
-from lightspeed.engine.sampler import Sampler
+from lightspeed.engine.outputs import PLACEHOLDER, RunnerOutput, SchedulerOutput
+from lightspeed.engine.penalties import ContextTracker, apply_penalties, has_penalties
+from lightspeed.engine.profile import NULL_TIMER
+from lightspeed.engine.sampler import Sampler, to_device
 from lightspeed.kernels.kv_cache import copy_kv_slots, new_kv_cache, split_kv
 from lightspeed.kernels.settings import KernelSettings, bind_kernel_settings
 from lightspeed.layers.linear import ensure_gemv_tuned
@@ -53,12 +55,15 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.block_tables = BlockTables()  # request id -> block ids, from the scheduler's per-step changes
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
+        # the last launched step's sampled tokens on the device [n] and each request's row in them
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
         self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
         self.meter = None  # spec_advice.SpeculationMeter: is speculation slower than plain here (CPU)
         method = getattr(getattr(proposer, "config", None), "method", None)  # NOTE: a TP worker's stand-in has none
         if method is not None and device.type == "cpu":
             from lightspeed.spec_advice import SpeculationMeter
             self.meter = SpeculationMeter(method)
+        self.timer = NULL_TIMER  # engine/profile.py: the engine's StepTimer while profiling
         # CUDA graphs need the Triton path (no host syncs or lists inside a step)
         self.graphs = None
         if enable_cuda_graph and device.type == "cuda" and self.kernel_settings.use_triton(self.kv_data(0)):
@@ -94,8 +99,16 @@ class ModelRunner:
             self.generators[request_id] = g
         return g
 
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        """Run one step to its end: its tokens on the host."""
+        return self.collect(self.launch(sched))
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "LaunchedStep":
+        """Enqueue one step on the device; its sampled tokens stay there (a step with logprobs,
+        penalties, a grammar or speculation runs to its end here). A token id PLACEHOLDER in
+        the step is the token the previous launched step sampled for that request: filled in
+        on the device (overlap scheduling)."""
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
             self.draft_probs.pop(rid, None)
@@ -105,23 +118,30 @@ class ModelRunner:
             if self.grammar is not None:
                 self.grammar.drop(rid)
         self.block_tables.update(sched)
-        out = RunnerOutput()
         if sched.is_empty:
-            return out
+            return LaunchedStep(out=RunnerOutput())
         start = time.perf_counter()
-        self.penalty_contexts.update(sched.scheduled)
+        needs_host = self.verifier is not None or self.proposer is not None or any(
+            s.sampling_params.logprobs is not None or has_penalties(s.sampling_params)
+            or (self.grammar is not None and s.request_id in self.grammar) for s in sched.scheduled)
+        if needs_host:
+            self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size, self.block_tables)
+        fill = self._placeholder_fill(sched, host)
+        self.timer.mark("input_prep")
         proposer = self.proposer
         aux_ids = tuple(proposer.aux_layer_ids) if proposer is not None and proposer.needs_hidden_states else ()
         shape = self.graphs.shape_for(sched, host) if self.graphs is not None else None
         # NOTE: the GEMV-vs-cuBLAS choice is per token count; measure it outside any capture
         ensure_gemv_tuned(self.model, shape[0] * shape[1] if shape else len(host.input_ids), self.device,
                           self.kernel_settings)
-        ran = self.graphs.run(shape, host, aux_ids) if shape is not None else None
+        ran = self.graphs.run(shape, host, aux_ids, fill) if shape is not None else None
         if ran is not None:  # replayed: views of the graph's static outputs, valid this step
             inputs, hidden, aux_hidden, logits = ran
         else:
             inputs = inputs_from_host(host, self.device)
+            if fill is not None:
+                inputs.input_ids.index_copy_(0, *fill)
             aux_hidden = None
             if aux_ids:  # EAGLE-3 fuses these target layers' hidden states
                 hidden, aux_hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta,
@@ -129,15 +149,69 @@ class ModelRunner:
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
+        self.timer.mark("forward")
+        if needs_host:
+            out = self._run_on_host(sched, inputs, logits, aux_hidden, start)
+            self.timer.mark("sample")
+            return LaunchedStep(out=out)
+        plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk]
+        if not plain:
+            return LaunchedStep(out=RunnerOutput())
+        tokens = self.sampler.sample(self._plain_logits(logits, inputs, plain), *self._plain_params(plain))
+        rids = [s.request_id for _, s in plain]
+        self._last_sampled = (tokens, {rid: j for j, rid in enumerate(rids)})
+        step = LaunchedStep(request_ids=rids, tokens=to_host_async(tokens))
+        self.timer.mark("sample")
+        return step
+
+    def collect(self, step: "LaunchedStep") -> RunnerOutput:
+        """Wait for a launched step's tokens -> its RunnerOutput."""
+        if step.out is not None:
+            return step.out
+        tokens, ready = step.tokens
+        if ready is not None:
+            ready.synchronize()
+        self.timer.mark("wait")
+        return RunnerOutput(sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, tokens.tolist())})
+
+    def _placeholder_fill(self, sched: SchedulerOutput, host) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, tokens) on the device: input row of each PLACEHOLDER <- the previous step's
+        sampled token of that request."""
+        prev = [(host.query_start_loc[i + 1] - 1, s.request_id) for i, s in enumerate(sched.scheduled)
+                if s.token_ids[-1] == PLACEHOLDER]
+        if not prev:
+            return None
+        tokens, row_of = self._last_sampled
+        dst = to_device([r for r, _ in prev], torch.int64, self.device)
+        src = to_device([row_of[rid] for _, rid in prev], torch.int64, self.device)
+        return dst, tokens.index_select(0, src)
+
+    def _plain_params(self, plain: list) -> tuple[list, list]:
+        params = [s.sampling_params for _, s in plain]
+        gens = [None if p.is_greedy else self._generator(s.request_id, p.seed) for (_, s), p in zip(plain, params)]
+        return params, gens
+
+    @staticmethod
+    def _plain_logits(logits: torch.Tensor, inputs, plain: list) -> torch.Tensor:
+        """[len(plain), vocab]: each plain request's logits row (no copy when that is every row)."""
+        rows = [inputs.logits_rows[i][0] for i, _ in plain]
+        if len(rows) == logits.shape[0] and rows[-1] == len(rows) - 1:
+            return logits  # rows ascend: they are 0 .. n - 1
+        return logits[to_device(rows, torch.int64, logits.device)]
+
+    def _run_on_host(self, sched: SchedulerOutput, inputs, logits: torch.Tensor, aux_hidden,
+                     start: float) -> RunnerOutput:
+        """Sample (with logprobs, penalties), verify, advance grammars and propose, with the
+        tokens on the host."""
+        out = RunnerOutput()
         if self.grammar is not None:  # NOTE: the host fills the masks while the device runs the step
             self.grammar.mask_logits(sched, inputs, logits)
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
-            rows = [inputs.logits_rows[i][0] for i, _ in plain]
-            params = [s.sampling_params for _, s in plain]
-            gens = [None if p.is_greedy else self._generator(s.request_id, p.seed) for (_, s), p in zip(plain, params)]
+            params, gens = self._plain_params(plain)
             ctxs = self.penalty_contexts.contexts
-            penalized = apply_penalties(logits[rows], params, [ctxs.get(s.request_id) for _, s in plain],
+            penalized = apply_penalties(self._plain_logits(logits, inputs, plain), params,
+                                        [ctxs.get(s.request_id) for _, s in plain],
                                         [s.num_output_tokens for _, s in plain])
             tokens, logprobs = self.sampler(penalized, params, gens)
             for (_, s), t, lp in zip(plain, tokens, logprobs):
@@ -214,6 +288,26 @@ class ModelRunner:
 def _is_decode(sched: SchedulerOutput) -> bool:
     """Every scheduled request feeds one real token (and maybe drafts): no prefill."""
     return all(s.is_last_chunk and len(s.token_ids) - s.num_draft_tokens == 1 for s in sched.scheduled)
+
+
+@dataclass
+class LaunchedStep:
+    """A step on the device: `out` when it ran to its end in launch(), else its requests and
+    their sampled tokens on their way to the host (to_host_async)."""
+    out: RunnerOutput | None = None
+    request_ids: list[str] | None = None
+    tokens: tuple[torch.Tensor, object] | None = None
+
+
+def to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """Start copying `t` to the host -> (host tensor, CUDA event to wait on before reading it, or None)."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _slot(block_table: list[int], index: int, block_size: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import deque
 
 from lightspeed.engine.block_manager import BlockManager
-from lightspeed.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from lightspeed.engine.outputs import PLACEHOLDER, RunnerOutput, ScheduledRequest, SchedulerOutput
 from lightspeed.engine.request import Request, RequestStatus
 
 
@@ -83,6 +83,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_output_placeholders and req.reaches_length:
+                i += 1  # NOTE: its token in flight is its last; scheduling it again would be wasted
+                continue
             req_limit = limit
             if self.adaptive is not None:  # NOTE: once per step and request (it counts plain steps)
                 own = self.adaptive.limit(req.request_id)
@@ -92,7 +95,8 @@ class Scheduler:
             if req.draft_token_ids and req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens > budget:
                 # NOTE: drafts are verified whole in one pass; drop those past the budget
                 _truncate_drafts(req, max(0, budget - (req.num_tokens - req.num_computed_tokens)))
-            num_new = min(req.num_tokens + len(req.draft_token_ids) - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + req.num_output_placeholders + len(req.draft_token_ids)
+                          - req.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -104,6 +108,8 @@ class Scheduler:
             i += 1
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]  # holds no blocks: new, or preempted (num_computed_tokens == 0)
+            if req.num_output_placeholders:
+                break  # preempted while a step computes its next token: admitted once that is read
             all_ids = req.all_token_ids
             blocks, hashes = self.block_manager.find_cached_prefix(all_ids)
             num_cached = len(blocks) * self.block_manager.block_size
@@ -146,26 +152,33 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _schedule_one(self, req: Request, num_new: int, prefix_token_ids: list[int] | None = None) -> ScheduledRequest:
-        all_ids = req.all_token_ids + req.draft_token_ids
+        """The request's next num_new tokens; advances num_computed_tokens past them now (their
+        KV is computed by the step) and, when the step samples for it, marks a placeholder."""
+        num_drafts = len(req.draft_token_ids)
+        num_all = req.num_tokens + req.num_output_placeholders + num_drafts
         start = req.num_computed_tokens
         end = start + num_new
-        num_drafts = len(req.draft_token_ids)
         table = self.block_manager.get_block_table(req.request_id)
         sent = self._num_sent_blocks.get(req.request_id)
         self._num_sent_blocks[req.request_id] = len(table)
-        return ScheduledRequest(
+        is_last_chunk = end == num_all
+        s = ScheduledRequest(
             request_id=req.request_id,
-            token_ids=all_ids[start:end],
+            token_ids=req.token_ids_between(start, end, PLACEHOLDER),
             start_pos=start,
             new_block_ids=table[sent or 0:],
             resets_block_table=sent is None,
-            num_draft_tokens=num_drafts if end == len(all_ids) else 0,
-            is_last_chunk=end == len(all_ids),
+            num_draft_tokens=num_drafts if is_last_chunk else 0,
+            is_last_chunk=is_last_chunk,
             sampling_params=req.sampling_params,
             num_output_tokens=len(req.output_token_ids),
             draft_parents=req.draft_parents if num_drafts else None,
             prefix_token_ids=prefix_token_ids,
         )
+        req.num_computed_tokens = end
+        if is_last_chunk:
+            req.num_output_placeholders += 1
+        return s
 
     def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
         """Advance every scheduled request by what the runner computed; returns those that
@@ -173,12 +186,22 @@ class Scheduler:
         updated = []
         for s in sched.scheduled:
             req = self.requests.get(s.request_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted meanwhile
-            req.num_computed_tokens += len(s.token_ids)
+            if req is None:
+                continue  # finished (aborted, stopped) since the step was scheduled
             new_ids = out.sampled_token_ids.get(s.request_id)
             if not new_ids:
-                self._cache_blocks(req)
+                if req.status is RequestStatus.RUNNING:
+                    self._cache_blocks(req)
+                continue
+            if not req.num_output_placeholders:
+                continue  # a new request under the id of one that finished after this step was launched
+            req.num_output_placeholders -= 1
+            if req.status is not RequestStatus.RUNNING:
+                # preempted after the step was launched (overlap scheduling): it keeps the token,
+                # as it would have, had the step been read first (a seeded draw is not redrawn)
+                if req.append_token(new_ids[0]):
+                    self.finish_request(req.request_id, req.status)
+                updated.append(req)
                 continue
             num_accepted = len(new_ids) - 1
             if s.num_draft_tokens:

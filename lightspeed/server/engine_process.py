@@ -5,6 +5,7 @@ supervisor, which starts it again when it dies (a device error, an OOM kill, a c
     server process                                     engine process (spawned)
     EngineClient.send ------- inbox (mp.Queue) ------> run_engine_loop(Engine)
     reader thread <---------- outbox (mp.Queue) ------ ("ready", EngineInfo) then steps
+      (steps carry only each output's new tokens and text; OutputAssembler adds them up)
       -> EngineClient._on_message;  the process gone -> _on_lost, spawn again -> _on_ready
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 from lightspeed.errors import LightspeedError
 from lightspeed.server.engine_client import EngineInfo
+from lightspeed.server.output_deltas import OutputAssembler
 
 _log = logging.getLogger("lightspeed.server")
 
@@ -32,7 +34,9 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         import torch
         torch.set_num_threads(num_threads)
     from lightspeed.engine.engine import Engine
+    from lightspeed.engine.profile import gc_frozen
     from lightspeed.server.engine_loop import drain, run_engine_loop
+    from lightspeed.server.output_deltas import to_deltas
     try:
         engine = Engine(config, speculative)
     except BaseException as e:  # noqa: BLE001 -- the server reports it and exits
@@ -40,8 +44,13 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
         return
     outbox.put(("ready", EngineInfo.of(engine)))
 
+    def send(msg) -> None:
+        if msg[0] == "step":  # NOTE: only what is new crosses the process boundary
+            msg = ("step", to_deltas(msg[1]), *msg[2:])
+        outbox.put(msg)
     try:
-        run_engine_loop(engine, functools.partial(drain, inbox), outbox.put)
+        with gc_frozen():
+            run_engine_loop(engine, functools.partial(drain, inbox), send)
     except BaseException as e:  # noqa: BLE001
         outbox.put(("dead", repr(e)))
 
@@ -59,6 +68,7 @@ class ProcessTransport:
         self._ctx = mp.get_context("spawn")
         self._stop = threading.Event()
         self._reader: threading.Thread | None = None
+        self._assembler = OutputAssembler()  # the steps' deltas -> RequestOutputs
         self.info = self._spawn()
 
     def _spawn(self) -> EngineInfo:
@@ -91,6 +101,10 @@ class ProcessTransport:
             self._reader.start()
 
     def send(self, message) -> None:
+        if message and message[0] == "add":
+            self._assembler.add(message[1], message[2])
+        elif message and message[0] == "abort":
+            self._assembler.drop(message[1])
         self._inbox.put(message)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -124,12 +138,19 @@ class ProcessTransport:
                 msg = ("dead", f"the engine process's queue broke: {e!r}")
             if msg[0] != "dead":
                 try:
+                    if msg[0] == "step":
+                        msg = ("step", self._assembler.outputs(msg[1]), *msg[2:])
+                    elif msg[0] == "error":
+                        self._assembler.drop(msg[1])
+                    for rid, _ in msg[3] if msg[0] == "step" else ():
+                        self._assembler.drop(rid)
                     on_message(msg)
                 except Exception as e:  # noqa: BLE001 -- the reader must outlive one bad message
                     _log.error("handling an engine message failed (%r)", e, exc_info=e)
                 continue
             if self._stop.is_set():
                 return
+            self._assembler.clear()
             on_lost(msg[1])
             self._restart(on_ready)
 

@@ -1,0 +1,26 @@
+"""The host-step profile runs on CPU with a tiny random model and writes the results JSON."""
+import json
+
+import pytest
+
+from lightspeed.bench.host_step import main
+
+
+def test_host_step_profile_on_cpu(tmp_path, capsys):
+    out = tmp_path / "host.json"
+    main(["--shape", "tiny-llama", "--device", "cpu", "--threads", "1", "--batch-sizes", "1,4", "--steps", "3",
+          "--warmup", "1", "--input-len", "5", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert {"device", "git_commit", "command", "date"} <= record.keys()
+    rows = record["results"]
+    assert [(r["batch_size"], r["overlap_schedule"]) for r in rows] == [(1, False), (4, False), (1, True), (4, True)]
+    for r in rows:
+        parts = sum(r[f"{p}_us"] for p in ("schedule", "input_prep", "sample", "update", "output"))
+        assert r["host_us_per_step"] == pytest.approx(parts) and r["host_us_per_step"] > 0
+        assert r["host_us_per_request_step"] == pytest.approx(r["host_us_per_step"] / r["batch_size"])
+    assert "host_us_per_request_step" in capsys.readouterr().out
+
+
+def test_host_step_bad_input_is_a_clear_error():
+    with pytest.raises(SystemExit, match="--batch-sizes needs positive integers"):
+        main(["--shape", "tiny-llama", "--device", "cpu", "--batch-sizes", "0,x"])
