@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Issue 17 on one H200, in one device call (about 8 minutes): the `gpu` tests of overlap
+# scheduling and the FP8 KV cache, the host step per phase (overlap off / on), then offline
+# throughput of the Qwen2.5-1.5B shape (random weights, ~150-token prompts like HumanEval's,
+# 256 new tokens) at batch 64 / 256 / 512: sequential, overlap, and the max-throughput preset
+# (FP8 weights + FP8 KV), with HF batched generate as the peer and the PNG curve.
+# With the Qwen2.5-Coder-1.5B GGUF in $LIGHTSPEED_HOME (chunks + setup.sh) also: the FP8 KV
+# accuracy report and the HTTP curve of the preset. JSON: bench/results/max-throughput-*.json.
+#   bash bench/device/max_throughput.sh
+#   SKIP_TESTS=1 SHAPE=tiny-llama BATCHES=4,8 OUTPUT_LEN=8 EXTRA="--device cpu" bash bench/device/max_throughput.sh  # CPU smoke
+set -uo pipefail
+source "$(dirname "$0")/common.sh"
+SHAPE=${SHAPE:-qwen2.5-1.5b} BATCHES=${BATCHES:-64,256,512} MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
+if [ -z "${SKIP_TESTS:-}" ]; then
+    echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"
+    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/kernels/test_fp8_kv.py \
+        tests/kernels/test_paged_attention.py tests/kernels/test_fused_gemv.py 2>&1 | tail -8
+fi
+host() {  # NAME ARGS...: the host step per phase, JSON into $RES/max-throughput-host-NAME.json
+    local name=$1
+    shift
+    echo "=== host-$name  [$(( $(date +%s) - T0 )) s]"
+    timeout 100 python -m lightspeed.bench.host_step --shape "$SHAPE" --steps 50 "$@" ${EXTRA:-} \
+        --out "$RES/max-throughput-host-$name.json" 2>&1 | tail -8
+    copy "$RES/max-throughput-host-$name.json"
+}
+host offline --batch-sizes 1,64,256
+host stream --batch-sizes 256 --stream --overlap-schedule
+OFFLINE="--shape $SHAPE --context-len ${CONTEXT_LEN:-150} --output-len ${OUTPUT_LEN:-256} --batch-size $BATCHES --num-iters 1"
+bench max-throughput-offline-sequential 120 $OFFLINE --no-overlap-schedule ${EXTRA:-}
+bench max-throughput-offline-overlap 200 $OFFLINE --overlap-schedule --compare-hf --plot "$RES/max-throughput-offline-overlap.png" ${EXTRA:-}
+copy "$RES/max-throughput-offline-overlap.png"
+bench max-throughput-offline-preset 120 $OFFLINE --preset max-throughput ${EXTRA:-}
+if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ]; then
+    echo "=== fp8 kv accuracy  [$(( $(date +%s) - T0 )) s]"
+    timeout 150 python -m lightspeed.cli bench fp8-accuracy --model "$MODEL" --kv-cache-dtype fp8 --prompts humaneval \
+        --num-prompts 32 --output-len 128 --out "$RES/max-throughput-fp8kv-accuracy.json" 2>&1 | tail -4
+    copy "$RES/max-throughput-fp8kv-accuracy.json"
+    echo "=== serve  [$(( $(date +%s) - T0 )) s]"
+    timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput --concurrency 64,256,512 \
+        --prompts humaneval --output-len 256 --out "$RES/max-throughput-serve.json" 2>&1 | tail -6
+    copy "$RES/max-throughput-serve.json"
+fi
+echo "=== summary  [$(( $(date +%s) - T0 )) s]"
+python - "$RES" <<'PY'
+import json, sys
+from pathlib import Path
+for p in sorted(Path(sys.argv[1]).glob("max-throughput-*.json")):
+    for r in json.loads(p.read_text())["results"]:
+        keys = ("batch_size", "ms_per_step", "tokens_per_s_server", "host_us_per_step", "teacher_forced_agreement")
+        print(f"{p.stem[15:]:<22} " + "  ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), (int, float))))
+PY
