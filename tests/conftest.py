@@ -48,3 +48,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def recording_bar():
+    """A tqdm stand-in that records what progress tests check -> (Bar, totals, updates)."""
+    totals, updates = [], []
+
+    class Bar:
+        def __init__(self, *args, total=None, **kwargs):
+            totals.append(total)
+
+        def update(self, n):
+            updates.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return Bar, totals, updates

