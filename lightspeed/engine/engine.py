@@ -241,6 +241,8 @@ class Engine:
         outputs = []
         for req in updated:
             state = self._states[req.request_id]
+            if state.is_deferred and not req.is_finished:
+                continue  # NOTE: read (and decoded) only when it finishes; nothing to do until then
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \

@@ -146,16 +146,16 @@ class Request:
 
     def append_token(self, token_id: int) -> bool:
         """Append one sampled token; returns True when it ends the request (stop id or length)."""
-        now = time.perf_counter()
         if self.first_token_time is None:
-            self.first_token_time = now
-        self.output_token_ids.append(token_id)
+            self.first_token_time = time.perf_counter()
+        out = self.output_token_ids
+        out.append(token_id)
         p = self.sampling_params
         if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             self.finish(RequestStatus.FINISHED_STOPPED)
-        elif len(self.output_token_ids) >= p.max_tokens or self.num_tokens >= self.max_model_len:
+        elif len(out) >= p.max_tokens or len(self.prompt_token_ids) + len(out) >= self.max_model_len:
             self.finish(RequestStatus.FINISHED_LENGTH)
-        return self.is_finished
+        return self.status in _FINISHED
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past `num_output_tokens` (a stop string ended the text earlier)."""

@@ -77,9 +77,42 @@ class Scheduler:
         return limit
 
     def schedule(self) -> SchedulerOutput:
+        limit = self.draft_limit()
+        scheduled = self._schedule_decode(limit) if self.adaptive is None else None
+        if scheduled is None:
+            scheduled = self._schedule_running(limit)
+        budget = self.max_num_batched_tokens - sum(len(s.token_ids) for s in scheduled)
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            req = self.waiting[0]  # holds no blocks: new, or preempted (num_computed_tokens == 0)
+            if req.num_output_placeholders:
+                break  # preempted while a step computes its next token: admitted once that is read
+            all_ids = req.all_token_ids
+            blocks, hashes = self.block_manager.find_cached_prefix(all_ids)
+            num_cached = len(blocks) * self.block_manager.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if not self.block_manager.allocate(req.request_id, num_cached + num_new, blocks, hashes):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_cached
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = num_cached
+                self.num_prefix_query_tokens += req.num_tokens
+                self.num_prefix_hit_tokens += num_cached
+            self.running.append(req)
+            scheduled.append(self._schedule_one(req, num_new, all_ids[:num_cached] if num_cached else None))
+            budget -= num_new
+        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self._finished_ids,
+                              max_draft_tokens=limit)
+        self._finished_ids = []
+        self.num_scheduled_tokens += out.num_batched_tokens
+        return out
+
+    def _schedule_running(self, limit: int | None) -> list[ScheduledRequest]:
+        """The running requests' tokens this step, in order, within the token budget; preempts
+        the newest requests when blocks run out."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        limit = self.draft_limit()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -106,31 +139,38 @@ class Scheduler:
             scheduled[-1].max_draft_tokens = req_limit
             budget -= num_new
             i += 1
-        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
-            req = self.waiting[0]  # holds no blocks: new, or preempted (num_computed_tokens == 0)
-            if req.num_output_placeholders:
-                break  # preempted while a step computes its next token: admitted once that is read
-            all_ids = req.all_token_ids
-            blocks, hashes = self.block_manager.find_cached_prefix(all_ids)
-            num_cached = len(blocks) * self.block_manager.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
-            if not self.block_manager.allocate(req.request_id, num_cached + num_new, blocks, hashes):
-                break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_cached
-            if req.num_preemptions == 0:
-                req.num_cached_tokens = num_cached
-                self.num_prefix_query_tokens += req.num_tokens
-                self.num_prefix_hit_tokens += num_cached
-            self.running.append(req)
-            scheduled.append(self._schedule_one(req, num_new, all_ids[:num_cached] if num_cached else None))
-            budget -= num_new
-        out = SchedulerOutput(scheduled=scheduled, finished_request_ids=self._finished_ids,
-                              max_draft_tokens=limit)
-        self._finished_ids = []
-        self.num_scheduled_tokens += out.num_batched_tokens
-        return out
+        return scheduled
+
+    def _schedule_decode(self, limit: int | None) -> list[ScheduledRequest] | None:
+        """_schedule_running of the common step: every running request decodes its one newest
+        token (no drafts, no prefill chunk), all within the token budget. None when a request
+        is not such a decode or a block cannot be had (then _schedule_running decides, from
+        the same state: blocks allocated here are those it would allocate)."""
+        if len(self.running) > self.max_num_batched_tokens:
+            return None
+        bm, sent = self.block_manager, self._num_sent_blocks
+        todo = []
+        for req in self.running:
+            if req.num_output_placeholders and req.reaches_length:
+                continue
+            start = req.num_computed_tokens
+            if req.draft_token_ids or start + 1 != req.num_tokens + req.num_output_placeholders or \
+                    sent.get(req.request_id) is None or not bm.allocate(req.request_id, start + 1):
+                return None
+            todo.append(req)
+        scheduled = []
+        for req in todo:
+            rid, start = req.request_id, req.num_computed_tokens
+            table = bm.block_tables[rid]
+            num_sent, sent[rid] = sent[rid], len(table)
+            # token_ids_between(start, start + 1): the newest token, or its placeholder
+            token_ids = [PLACEHOLDER] if req.num_output_placeholders else (req.output_token_ids or req.prompt_token_ids)[-1:]
+            scheduled.append(ScheduledRequest(rid, token_ids, start, table[num_sent:], 0, True, req.sampling_params,
+                                              len(req.output_token_ids), resets_block_table=False,
+                                              max_draft_tokens=limit))
+            req.num_computed_tokens = start + 1
+            req.num_output_placeholders += 1
+        return scheduled
 
     def _allocate_or_preempt(self, req: Request, num_tokens: int) -> bool:
         """Make room for `req` by preempting the newest running requests (recompute later)."""
@@ -183,6 +223,11 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
         """Advance every scheduled request by what the runner computed; returns those that
         received tokens. Finished requests free their blocks here."""
+        if not (out.logprobs or out.draft_token_ids or any(s.num_draft_tokens for s in sched.scheduled)):
+            return self._update_plain(sched, out)
+        return self._update_any(sched, out)
+
+    def _update_any(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
         updated = []
         for s in sched.scheduled:
             req = self.requests.get(s.request_id)
@@ -223,6 +268,34 @@ class Scheduler:
             else:
                 req.draft_token_ids = list(out.draft_token_ids.get(s.request_id, ()))
                 req.draft_parents = out.draft_parents.get(s.request_id)
+            updated.append(req)
+        return updated
+
+    def _update_plain(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
+        """update_from_output of a step without drafts or logprobs: at most one token each."""
+        updated = []
+        requests, sampled = self.requests, out.sampled_token_ids
+        caching = self.block_manager.enable_caching
+        for s in sched.scheduled:
+            req = requests.get(s.request_id)
+            if req is None:
+                continue
+            new_ids = sampled.get(s.request_id)
+            if not new_ids:
+                if caching and req.status is RequestStatus.RUNNING:
+                    self._cache_blocks(req)
+                continue
+            if not req.num_output_placeholders:
+                continue
+            req.num_output_placeholders -= 1
+            is_running = req.status is RequestStatus.RUNNING
+            if is_running:
+                req.draft_token_ids, req.draft_parents = [], None
+            is_finished = req.append_token(new_ids[0])
+            if is_running and caching:
+                self._cache_blocks(req)
+            if is_finished:
+                self.finish_request(req.request_id, req.status)
             updated.append(req)
         return updated
 
