@@ -107,7 +107,7 @@ class BlockTables(dict):
         for s in sched.scheduled:
             if s.resets_block_table:
                 self[s.request_id] = list(s.new_block_ids)
-            else:
+            elif s.new_block_ids:  # NOTE: most decode steps of a request bring none
                 self[s.request_id] += s.new_block_ids
 
 
