@@ -90,3 +90,30 @@ def test_decode_step_sends_a_new_block_and_the_placeholder():
     assert second.scheduled[0].new_block_ids == s.block_manager.block_tables["a"][1:]
     assert not second.scheduled[0].resets_block_table
     assert first.scheduled[0].new_block_ids == s.block_manager.block_tables["a"][:1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_outputs_equal_general_paths(tmp_path, overlap):
+    """LLM.generate through the fast paths == through the general paths: greedy, seeded
+    sampling, stop ids, max_tokens, a small KV cache (preemption), streaming and not."""
+    import torch
+
+    from lightspeed import LLM
+    from tests.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path, "llama")
+    kw = dict(device="cpu", block_size=4, max_num_batched_tokens=32, num_kv_blocks=24, overlap_schedule=overlap)
+    fast, slow = LLM(str(tmp_path), **kw), LLM(str(tmp_path), **kw)
+    general_only(slow.engine.scheduler)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 17, 9, 3, 26, 11)]
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=4, temperature=0),
+              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop_token_ids=[7, 9]),
+              SamplingParams(max_tokens=20, temperature=1.0, top_k=5, seed=1, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)]
+    a, b = fast.generate(prompts, params), slow.generate(prompts, params)
+    for x, y in zip(a, b, strict=True):
+        assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+    for llm in (fast, slow):
+        assert llm.engine.block_manager.num_free_blocks == 24
