@@ -89,6 +89,12 @@ def test_shape_model_runs_from_token_ids_without_tokenizer():
     assert again.token_ids == out.token_ids  # deterministic weights
 
 
+def split_peer_rows(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """bench latency's rows -> (lightspeed's, HF batched generate's: --compare-hf, one per batch size)."""
+    hf = [r for r in rows if r.get("series") == "HF transformers batched generate"]
+    return [r for r in rows if r not in hf], hf
+
+
 def test_bench_latency_shape_cpu(tmp_path):
     import json
 
@@ -97,8 +103,9 @@ def test_bench_latency_shape_cpu(tmp_path):
     assert main(["bench", "latency", "--shape", "tiny-llama", "--device", "cpu", "--context-len", "40",
                  "--output-len", "6", "--num-iters", "1", "--ablate", "--compare-hf", "--quantization", "fp8",
                  "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
+    rows, hf = split_peer_rows(json.loads(out.read_text())["results"])
     assert len(rows) == 4 and all(r["quantization"] == "fp8" and r["input_len"] == 40 for r in rows)
+    assert len(hf) == 1 and hf[0]["batch_size"] == 1 and rows[0]["peer_tokens_per_s_server"] > 0
     assert rows[0]["fraction_of_floor"] > 0 and rows[0]["peer"] == "hf-transformers-eager"
     assert all(r["outputs_identical_to_plain"] for r in rows[1:])
 
@@ -113,8 +120,8 @@ def test_bench_latency_llama4_layers_and_steps_cpu(tmp_path):
     assert main(["bench", "latency", "--shape", "tiny-llama4", "--num-layers", "2", "--device", "cpu",
                  "--context-len", "20", "--output-len", "4", "--num-iters", "1", "--quantization", "fp8",
                  "--step-tokens", "1,4", "--compare-hf", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["results"]
-    assert [r.get("num_tokens") for r in rows] == [None, 1, 4]
+    rows, hf = split_peer_rows(json.loads(out.read_text())["results"])
+    assert [r.get("num_tokens") for r in rows] == [None, 1, 4] and len(hf) == 1
     assert all(r["num_hidden_layers"] == 2 and r["model"] == "tiny-llama4@2" for r in rows)
     assert all(r["ms_per_step"] > 0 and 0 < r["fraction_of_floor"] for r in rows)
     assert rows[0]["peer"] == "hf-transformers-eager"
