@@ -19,9 +19,13 @@ def ckpt(tmp_path_factory):
     return str(path)
 
 
-def pair(ckpt, **kw):
-    """(sequential, overlap) LLMs over one checkpoint; small blocks and budget: chunked prefill."""
-    kw = dict(device="cpu", block_size=4, max_num_batched_tokens=32, **kw)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def pair(ckpt, device="cpu", **kw):
+    """(sequential, overlap) LLMs over one checkpoint; small blocks and budget: chunked prefill.
+    On CUDA the steps replay CUDA graphs, with the placeholders filled inside them."""
+    kw = dict(device=device, block_size=4 if device == "cpu" else 16, max_num_batched_tokens=32, **kw)
     return LLM(ckpt, overlap_schedule=False, **kw), LLM(ckpt, overlap_schedule=True, **kw)
 
 
@@ -30,8 +34,9 @@ def assert_same(a, b):
         assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
 
 
-def test_overlap_feeds_each_sampled_token_back_on_the_device(ckpt):
-    seq, ovl = pair(ckpt)
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlap_feeds_each_sampled_token_back_on_the_device(ckpt, device):
+    seq, ovl = pair(ckpt, device)
     runner, filled = ovl.engine.runner, []
     fill = runner._placeholder_fill
 
@@ -46,8 +51,9 @@ def test_overlap_feeds_each_sampled_token_back_on_the_device(ckpt):
     assert filled == [0] + [2] * 9
 
 
-def test_overlap_equals_sequential_greedy_seeded_and_stops(ckpt):
-    seq, ovl = pair(ckpt)
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlap_equals_sequential_greedy_seeded_and_stops(ckpt, device):
+    seq, ovl = pair(ckpt, device)
     assert ovl.engine.overlap and not seq.engine.overlap
     prompts = random_prompts([5, 17, 40, 9, 3, 26])
     base = seq.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
@@ -74,9 +80,10 @@ def test_overlap_equals_sequential_greedy_seeded_and_stops(ckpt):
         assert bm.num_free_blocks == bm.num_blocks and not llm.engine.has_unfinished_requests()
 
 
-def test_overlap_preemption_and_aborts_leak_no_blocks(ckpt):
-    # 12 blocks of 4 tokens: four requests growing to ~40 tokens preempt each other
-    seq, ovl = pair(ckpt, num_kv_blocks=12, max_model_len=48)
+@pytest.mark.parametrize("device", DEVICES)
+def test_overlap_preemption_and_aborts_leak_no_blocks(ckpt, device):
+    # 48 tokens of KV (12 blocks of 4, or 3 of 16): four requests growing to ~40 tokens preempt each other
+    seq, ovl = pair(ckpt, device, num_kv_blocks=12 if device == "cpu" else 3, max_model_len=48)
     prompts = random_prompts([6, 11, 8, 14], seed=1)
     params = [SamplingParams(max_tokens=28, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=26, temperature=0.8, seed=11, ignore_eos=True),
