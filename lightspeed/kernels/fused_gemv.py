@@ -113,14 +113,14 @@ def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bia
             o1 = x1
             o2 = x2
         if tile < HQ:
-            dst = out_ptr + r64 * stride_om + tile * stride_oh + offs[None, :]
-            tl.store(dst, o1.to(DT), mask=mask)
-            tl.store(dst + HALF, o2.to(DT), mask=mask)
+            q_dst = out_ptr + r64 * stride_om + tile * stride_oh + offs[None, :]
+            tl.store(q_dst, o1.to(DT), mask=mask)
+            tl.store(q_dst + HALF, o2.to(DT), mask=mask)
         else:
             slot = tl.load(slot_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
             kv_i = (tile - HQ) // HKV  # 0 = K, 1 = V
             head = (tile - HQ) % HKV
-            dst = kv_ptr + kv_i * stride_kv_kv + slot[:, None] * stride_kv_slot + head * stride_kv_h + offs[None, :]
+            kv_dst = kv_ptr + kv_i * stride_kv_kv + slot[:, None] * stride_kv_slot + head * stride_kv_h + offs[None, :]
             ok = mask & (slot >= 0)[:, None]
             ty = kv_ptr.dtype.element_ty
             if KV_FP8:  # one scale per row's head vector (kv_cache.py: amax / 448, floor 1e-6)
@@ -131,8 +131,8 @@ def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bia
                 o2 = o2 / kv_sc[:, None]
                 tl.store(kv_scale_ptr + kv_i * stride_sc_kv + slot * stride_sc_slot + head * stride_sc_h, kv_sc,
                          mask=row_ok & (slot >= 0))
-            tl.store(dst, o1.to(ty), mask=ok)
-            tl.store(dst + HALF, o2.to(ty), mask=ok)
+            tl.store(kv_dst, o1.to(ty), mask=ok)
+            tl.store(kv_dst + HALF, o2.to(ty), mask=ok)
     else:
         y = _rounded(acc1, cols1, n_ok, scale_ptr, bias_ptr, DT, HAS_SCALE, HAS_BIAS, False)
         if EPI == 1:  # RESIDUAL

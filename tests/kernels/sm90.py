@@ -117,7 +117,9 @@ def compile_all() -> None:
     from lightspeed.kernels.add_rmsnorm import add_rmsnorm_triton
     from lightspeed.kernels.argmax import argmax_triton
     from lightspeed.kernels.fp8_gemv import fp8_gemv_triton, quantize_fp8_per_channel
+    from lightspeed.kernels.fused_gemv import PLAIN, RESIDUAL, ROPE_KV, SWIGLU, RopeKV, fused_gemv_triton
     from lightspeed.kernels.gemv import gemv_triton
+    from lightspeed.kernels.kv_cache import FP8_KV_DTYPE, KVCache
     from lightspeed.kernels.paged_decode_attention import paged_decode_attention_triton
     from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_triton
     from lightspeed.kernels.paged_verify_attention import paged_verify_attention_triton
@@ -165,6 +167,31 @@ def compile_all() -> None:
                                                torch.tensor([100], dtype=torch.int32), bt, 0.1, 60)
                 _try(paged_prefill_attention_triton, q, kv, torch.tensor([0, 60], dtype=torch.int32),
                                                torch.tensor([100], dtype=torch.int32), bt, 0.1, 60, None, 64)
+            # fused layers (every epilogue, split-K or not) and the FP8 KV cache's writers and readers
+            hq, hkv, d, h, inter = 12, 2, 128, 1536, 8960
+            fp8_kv = KVCache(torch.zeros(2, 70, 16, hkv, d, dtype=FP8_KV_DTYPE), torch.ones(2, 70, 16, hkv))
+            bt, sl = torch.arange(68, dtype=torch.int32)[None], torch.tensor([1024], dtype=torch.int32)
+            for t in (1, 2):
+                x = torch.randn(t, h, dtype=bf)
+                for split in (1, 4):
+                    cfg = dict(split_k=split, block_k=128)
+                    _try(fused_gemv_triton, x, torch.randn(h, h, dtype=bf), epilogue=RESIDUAL, residual=x, config=cfg)
+                    _try(fused_gemv_triton, x, torch.randn(2 * inter, h, dtype=bf), epilogue=SWIGLU, config=cfg)
+                    w8, w_scale = quantize_fp8_per_channel(torch.randn(h, h, dtype=bf))
+                    _try(fused_gemv_triton, x, w8, scale=w_scale, epilogue=PLAIN, config=cfg)
+                    for cache in (torch.randn(2, 70, 16, hkv, d, dtype=bf), fp8_kv):
+                        rope = RopeKV(torch.arange(t), torch.randn(4096, d), torch.arange(t), cache, hq, hkv, d)
+                        _try(fused_gemv_triton, x, torch.randn((hq + 2 * hkv) * d, h, dtype=bf), epilogue=ROPE_KV,
+                             bias=torch.randn((hq + 2 * hkv) * d, dtype=bf), rope=rope, config=cfg)
+                _try(qkv_rope_cache_triton, torch.randn(t, (hq + 2 * hkv) * d, dtype=bf), None, torch.arange(t),
+                     torch.randn(4096, d), torch.arange(t), fp8_kv.data, hq, hkv, d, kv_scale=fp8_kv.scale)
+            _try(paged_decode_attention_triton, torch.randn(1, hq, d, dtype=bf), fp8_kv.data, bt, sl, 0.1, 1024,
+                 kv_scale=fp8_kv.scale)
+            _try(paged_verify_attention_triton, torch.randn(5, hq, d, dtype=bf), fp8_kv.data,
+                 torch.tensor([0, 5], dtype=torch.int32), sl, bt, 0.1, 1024, 5, kv_scale=fp8_kv.scale)
+            _try(paged_prefill_attention_triton, torch.randn(60, hq, d, dtype=bf), fp8_kv.data,
+                 torch.tensor([0, 60], dtype=torch.int32), torch.tensor([100], dtype=torch.int32), bt, 0.1, 60,
+                 kv_scale=fp8_kv.scale)
             _try(paged_decode_attention_triton, torch.randn(2, 9, 256, dtype=bf), torch.randn(2, 8, 16, 3, 256, dtype=bf),
                                           torch.zeros(2, 8, dtype=torch.int32), torch.tensor([5, 100], dtype=torch.int32),
                                           0.1, 128, 64)
