@@ -7,14 +7,17 @@
 # With the Qwen2.5-Coder-1.5B GGUF in $LIGHTSPEED_HOME (chunks + setup.sh) also: the FP8 KV
 # accuracy report and the HTTP curve of the preset. JSON: bench/results/max-throughput-*.json.
 #   bash bench/device/max_throughput.sh
+#   PARTS=tests,host,offline,accuracy,serve (the default: all): only those parts
 #   SKIP_TESTS=1 SHAPE=tiny-llama BATCHES=4,8 OUTPUT_LEN=8 EXTRA="--device cpu" bash bench/device/max_throughput.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 SHAPE=${SHAPE:-qwen2.5-1.5b} BATCHES=${BATCHES:-64,256,512} MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
-if [ -z "${SKIP_TESTS:-}" ]; then
+PARTS=${PARTS:-tests,host,offline,accuracy,serve}
+[ -n "${SKIP_TESTS:-}" ] && PARTS=${PARTS/tests/}
+if [[ $PARTS == *tests* ]]; then
     echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"
-    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/kernels/test_fp8_kv.py \
-        tests/kernels/test_paged_attention.py tests/kernels/test_fused_gemv.py 2>&1 | tail -8
+    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_overlap.py tests/engine/test_fp8_kv.py \
+        tests/kernels/test_fp8_kv.py tests/kernels/test_fused_gemv.py 2>&1 | tail -8
 fi
 host() {  # NAME ARGS...: the host step per phase, JSON into $RES/max-throughput-host-NAME.json
     local name=$1
@@ -24,18 +27,26 @@ host() {  # NAME ARGS...: the host step per phase, JSON into $RES/max-throughput
         --out "$RES/max-throughput-host-$name.json" 2>&1 | tail -8
     copy "$RES/max-throughput-host-$name.json"
 }
-host offline --batch-sizes 1,64,256
-host stream --batch-sizes 256 --stream --overlap-schedule
+if [[ $PARTS == *host* ]]; then
+    host offline --batch-sizes 1,64,256
+    host stream --batch-sizes 256 --stream --overlap-schedule
+    host kernels --batch-sizes 256,512 --overlap-schedule --kernels --input-len 150
+fi
 OFFLINE="--shape $SHAPE --context-len ${CONTEXT_LEN:-150} --output-len ${OUTPUT_LEN:-256} --batch-size $BATCHES --num-iters 1"
-bench max-throughput-offline-sequential 120 $OFFLINE --no-overlap-schedule ${EXTRA:-}
-bench max-throughput-offline-overlap 200 $OFFLINE --overlap-schedule --compare-hf --plot "$RES/max-throughput-offline-overlap.png" ${EXTRA:-}
-copy "$RES/max-throughput-offline-overlap.png"
-bench max-throughput-offline-preset 120 $OFFLINE --preset max-throughput ${EXTRA:-}
-if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ]; then
+if [[ $PARTS == *offline* ]]; then
+    bench max-throughput-offline-sequential 120 $OFFLINE --no-overlap-schedule ${EXTRA:-}
+    bench max-throughput-offline-overlap 200 $OFFLINE --overlap-schedule --compare-hf \
+        --plot "$RES/max-throughput-offline-overlap.png" ${EXTRA:-}
+    copy "$RES/max-throughput-offline-overlap.png"
+    bench max-throughput-offline-preset 120 $OFFLINE --preset max-throughput ${EXTRA:-}
+fi
+if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *accuracy* ]]; then
     echo "=== fp8 kv accuracy  [$(( $(date +%s) - T0 )) s]"
     timeout 150 python -m lightspeed.cli bench fp8-accuracy --model "$MODEL" --kv-cache-dtype fp8 --prompts humaneval \
         --num-prompts 32 --output-len 128 --out "$RES/max-throughput-fp8kv-accuracy.json" 2>&1 | tail -4
     copy "$RES/max-throughput-fp8kv-accuracy.json"
+fi
+if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *serve* ]]; then
     echo "=== serve  [$(( $(date +%s) - T0 )) s]"
     timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput --concurrency 64,256,512 \
         --prompts humaneval --output-len 256 --out "$RES/max-throughput-serve.json" 2>&1 | tail -6
@@ -47,6 +58,7 @@ import json, sys
 from pathlib import Path
 for p in sorted(Path(sys.argv[1]).glob("max-throughput-*.json")):
     for r in json.loads(p.read_text())["results"]:
-        keys = ("batch_size", "ms_per_step", "tokens_per_s_server", "host_us_per_step", "teacher_forced_agreement")
+        keys = ("batch_size", "ms_per_step", "tokens_per_s_server", "host_us_per_step", "device_us_per_step",
+                "teacher_forced_agreement")
         print(f"{p.stem[15:]:<22} " + "  ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), (int, float))))
 PY

@@ -30,6 +30,8 @@ def add_host_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="an output per request and step, as a server streams (default: LLM.generate's path, "
                         "outputs when requests finish)")
+    p.add_argument("--kernels", action="store_true",
+                   help="then a second pass under torch.profiler: device busy time per step and the top kernels")
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
@@ -61,6 +63,46 @@ def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, s
     host = sum(us[ph] for ph in HOST_PHASES)
     return {"ms_per_step": 1000 * wall / steps, "host_us_per_step": host, "host_us_per_request_step": host / batch,
             **{f"{ph}_us": v for ph, v in us.items()}}
+
+
+def profile_kernels(engine, batch: int, input_len: int, steps: int, top: int = 8) -> dict:
+    """`steps` decode steps of `batch` requests under torch.profiler -> device busy microseconds
+    per step (CUDA kernels and copies: one stream, so they add; on CPU the ops' self time),
+    kernels (ops) per step, and the `top` ones by time. Its own requests; on CUDA the profiler
+    slows the host, not the kernels."""
+    import torch
+    from lightspeed.config import SamplingParams
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    rng = random.Random(1)
+    vocab = engine.model_config.vocab_size
+    for _ in range(batch):
+        engine.add_request([rng.randrange(vocab) for _ in range(input_len)], params)
+    sched = engine.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    _sync(engine.device)
+    on_gpu = engine.device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(engine.device)
+    while engine.has_unfinished_requests():
+        engine.step()
+    per = {}
+    for e in prof.key_averages():
+        busy = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        if e.device_type == kind and busy > 0:
+            n, t = per.get(e.key, (0.0, 0.0))
+            per[e.key] = (n + e.count / steps, t + busy / steps)
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1])
+    return {"device_us_per_step": sum(t for _, t in per.values()),
+            "kernels_per_step": sum(n for n, _ in per.values()),
+            "top_kernels": [{"name": k[:90], "per_step": round(n, 2), "us_per_step": round(t, 1)}
+                            for k, (n, t) in ranked[:top]]}
 
 
 def _sync(device) -> None:
@@ -97,13 +139,20 @@ def run_host_step(args) -> list[dict]:
         for b in batches:
             with gc_frozen():
                 r = profile_batch(engine, b, args.input_len, args.steps, args.warmup, args.stream)
+                if args.kernels:
+                    r.update(profile_kernels(engine, b, args.input_len, min(args.steps, 20)))
             rows.append({"name": f"{label} host step bs{b} overlap={'on' if engine.overlap else 'off'}"
                                  f"{' stream' if args.stream else ''}",
                          "model": label, "batch_size": b, "overlap_schedule": engine.overlap, "stream": args.stream,
                          "input_len": args.input_len, "num_steps": args.steps, **r})
         del engine
     cols = ["name", "ms_per_step", "host_us_per_step", "host_us_per_request_step"] + [f"{p}_us" for p in PHASES]
+    if args.kernels:
+        cols += ["device_us_per_step", "kernels_per_step"]
     print_table(rows, cols)
+    for r in rows:
+        for k in r.get("top_kernels", []):
+            print(f"  {r['name'][-28:]:<28} {k['us_per_step']:>9.1f} us/step  x{k['per_step']:<6g} {k['name']}")
     path = save_results(args.out, engine_device(args), rows, command="python -m lightspeed.bench.host_step " +
                         " ".join(getattr(args, "argv", [])))
     if path is not None:
