@@ -178,6 +178,16 @@ def engine_options(args) -> dict:
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
 
 
+def comparable_to_speculation(options: dict) -> dict:
+    """engine_options for plain rows compared with speculative ones: unless chosen, the plain
+    rows run in the speculative ones' arithmetic (batch-invariant GEMVs), so greedy outputs can
+    be equal bit for bit. NOTE: callers also turn prefix caching off (a prompt's KV from an
+    earlier prefill, e.g. a warm-up, is not bitwise that of its own prefill)."""
+    if options["batch_invariant"] is None:
+        options["batch_invariant"] = True
+    return options
+
+
 # NOTE: measured on an H200 (bench/results/serve-qwen1.5b-h200.json): n-gram speculation helps a
 # single user (657 vs 567 tok/s) but cost throughput at 4 concurrent requests and more in an
 # earlier run; so by default it is off from 2 requests on.

@@ -93,7 +93,7 @@ def run_eval_spec(args) -> list[dict]:
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import compare_outputs, print_table, save_results
     from lightspeed.engine.llm import LLM
-    from lightspeed.options import engine_options
+    from lightspeed.options import comparable_to_speculation, engine_options
     from lightspeed.progress import progress
 
     configs = parse_configs(args.speculative, args.num_speculative_tokens)
@@ -101,10 +101,8 @@ def run_eval_spec(args) -> list[dict]:
         raise InvalidRequestError("--num-prompts, --output-len, --batch-size and --num-iters must be positive")
     rows, plain, prompts = [], None, None
     options = engine_options(args)
-    if options["batch_invariant"] is None and any(spec is not None for _, spec in configs):
-        # NOTE: this comparison's choice, per row: the plain row in the arithmetic of the speculative
-        # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
-        options["batch_invariant"] = True
+    if any(spec is not None for _, spec in configs):
+        comparable_to_speculation(options)
     for label, spec in progress(configs, "bench eval-spec", "run", leave=True):
         # NOTE: no prefix caching: a prompt's KV computed by an earlier prefill (the warm-up, a shared
         # prefix) is not bitwise that of its own prefill, and EAGLE-3 engines never reuse it

@@ -254,7 +254,7 @@ def run_latency_bench(args) -> list[dict]:
     from lightspeed.errors import InvalidRequestError
     from lightspeed.loader import resolve_model
     from lightspeed.kernels.kv_cache import kv_bytes_per_slot
-    from lightspeed.options import engine_options, speculative_config
+    from lightspeed.options import comparable_to_speculation, engine_options, speculative_config
 
     if args.num_layers is not None and not args.shape:
         raise InvalidRequestError("--num-layers needs --shape (random weights of a real shape)")
@@ -267,10 +267,8 @@ def run_latency_bench(args) -> list[dict]:
     results, baseline = [], {}
     bandwidth = None
     options = engine_options(args)
-    if options["batch_invariant"] is None and args.speculative:
-        # NOTE: this comparison's choice, per row: plain rows in the arithmetic of the speculative
-        # ones (batch-invariant GEMVs), so their outputs can be equal bit for bit
-        options["batch_invariant"] = True
+    if args.speculative:
+        comparable_to_speculation(options)
     # NOTE: the default 4096 is capped at a smaller model's context
     options["allow_long_context"] = args.allow_long_context or args.max_model_len is None
     runs = progress(len(_configs(args)) * len(batch_sizes), "bench latency", "run", leave=True)

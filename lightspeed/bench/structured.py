@@ -136,13 +136,16 @@ def speculation_rows(args, llm, spec_llm, model: str) -> list[dict]:
 def run_structured_bench(args) -> None:
     from lightspeed.bench.results import print_table, save_results
     from lightspeed.engine.llm import LLM
-    from lightspeed.options import engine_options, speculative_config
+    from lightspeed.options import comparable_to_speculation, engine_options, speculative_config
     batch_sizes = [int(x) for x in args.batch_sizes.split(",") if x.strip()]
     options = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, **engine_options(args))
     llm = LLM(args.model, max_num_seqs=max(batch_sizes + [1]), **options)
     rows = compile_rows(llm) + overhead_rows(llm, batch_sizes, args.max_tokens, args.model)
     spec = speculative_config(args)
     if spec is not None:
+        del llm  # NOTE: one model's KV cache at a time
+        options = dict(comparable_to_speculation(options), enable_prefix_caching=False)
+        llm = LLM(args.model, **options)
         rows += speculation_rows(args, llm, LLM(args.model, speculative=spec, **options), args.model)
     print_table(rows, ["name", "compile_ms", "ms_per_step", "ms_per_step_unconstrained", "overhead",
                        "tokens_per_s_user", "tokens_per_s_user_plain", "speedup", "acceptance_length",
