@@ -175,7 +175,7 @@ class Engine:
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None,
                                          stream)
-        if params.logprobs is not None or has_penalties(params) or grammar is not None:
+        if params.logprobs is not None or has_penalties(params):
             self._sync_ids.add(rid)
         self.scheduler.add_request(req)
         if grammar is not None:  # NOTE: a method call, so it reaches a TensorParallelRunner's own runner
@@ -212,7 +212,8 @@ class Engine:
 
         A request that ended at step N (EOS, a stop string) was already scheduled for N + 1;
         that token is dropped. Steps of requests that need their tokens on the host before the
-        next step is scheduled (logprobs, penalties, structured outputs) run one at a time."""
+        next step is scheduled (logprobs, penalties) run one at a time; a grammar's masks wait
+        for the previous step's tokens inside the launch (runner.launch)."""
         timer = self.timer
         timer.start()
         outputs = []

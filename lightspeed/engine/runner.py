@@ -57,6 +57,7 @@ class ModelRunner:
         self.draft_probs: dict[str, torch.Tensor] = {}  # request id -> q [n, V] of its sampled drafts, until verified
         # the last launched step's sampled tokens on the device [n] and each request's row in them
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+        self._last_launched: LaunchedStep | None = None  # its tokens (grammars read them before masking)
         self.grammar = None  # structured.GrammarBatch: matchers of constrained requests (see constrain)
         self.meter = None  # spec_advice.SpeculationMeter: is speculation slower than plain here (CPU)
         method = getattr(getattr(proposer, "config", None), "method", None)  # NOTE: a TP worker's stand-in has none
@@ -106,9 +107,10 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "LaunchedStep":
         """Enqueue one step on the device; its sampled tokens stay there (a step with logprobs,
-        penalties, a grammar or speculation runs to its end here). A token id PLACEHOLDER in
-        the step is the token the previous launched step sampled for that request: filled in
-        on the device (overlap scheduling)."""
+        penalties or speculation runs to its end here). A token id PLACEHOLDER in the step is
+        the token the previous launched step sampled for that request: filled in on the device
+        (overlap scheduling). Grammars: once the forward is enqueued, the host reads the previous
+        step's tokens, advances the matchers and fills the masks while the device computes."""
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
             self.draft_probs.pop(rid, None)
@@ -122,8 +124,7 @@ class ModelRunner:
             return LaunchedStep(out=RunnerOutput())
         start = time.perf_counter()
         needs_host = self.verifier is not None or self.proposer is not None or any(
-            s.sampling_params.logprobs is not None or has_penalties(s.sampling_params)
-            or (self.grammar is not None and s.request_id in self.grammar) for s in sched.scheduled)
+            s.sampling_params.logprobs is not None or has_penalties(s.sampling_params) for s in sched.scheduled)
         if needs_host:
             self.penalty_contexts.update(sched.scheduled)
         host = build_host_inputs(sched, self.block_size, self.block_tables)
@@ -150,6 +151,9 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
         self.timer.mark("forward")
+        if self.grammar is not None:
+            self._read_last_launched()  # NOTE: its tokens advance the matchers the masks start from
+            self.grammar.mask_logits(sched, inputs, logits)
         if needs_host:
             out = self._run_on_host(sched, inputs, logits, aux_hidden, start)
             self.timer.mark("sample")
@@ -161,18 +165,28 @@ class ModelRunner:
         rids = [s.request_id for _, s in plain]
         self._last_sampled = (tokens, {rid: j for j, rid in enumerate(rids)})
         step = LaunchedStep(request_ids=rids, tokens=to_host_async(tokens))
+        self._last_launched = step
         self.timer.mark("sample")
         return step
 
     def collect(self, step: "LaunchedStep") -> RunnerOutput:
-        """Wait for a launched step's tokens -> its RunnerOutput."""
+        """Wait for a launched step's tokens -> its RunnerOutput (read once; the grammars of its
+        requests advanced by them)."""
         if step.out is not None:
             return step.out
         tokens, ready = step.tokens
         if ready is not None:
             ready.synchronize()
         self.timer.mark("wait")
-        return RunnerOutput(sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, tokens.tolist())})
+        step.out = RunnerOutput(sampled_token_ids={rid: [t] for rid, t in zip(step.request_ids, tokens.tolist())})
+        if self.grammar is not None:
+            self.grammar.advance(step.out)
+        return step.out
+
+    def _read_last_launched(self) -> None:
+        if self._last_launched is not None:
+            self.collect(self._last_launched)
+            self._last_launched = None
 
     def _placeholder_fill(self, sched: SchedulerOutput, host) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, tokens) on the device: input row of each PLACEHOLDER <- the previous step's
@@ -204,8 +218,6 @@ class ModelRunner:
         """Sample (with logprobs, penalties), verify, advance grammars and propose, with the
         tokens on the host."""
         out = RunnerOutput()
-        if self.grammar is not None:  # NOTE: the host fills the masks while the device runs the step
-            self.grammar.mask_logits(sched, inputs, logits)
         plain = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and not s.num_draft_tokens]
         if plain:
             params, gens = self._plain_params(plain)

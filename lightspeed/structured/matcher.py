@@ -72,6 +72,8 @@ class GrammarBatch:
             parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
             rows += self._fill_tree(self._matcher(s.request_id), bitmask, first, s.token_ids[len(s.token_ids) - n:],
                                     parents)
+        if not rows:
+            return
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                               vocab_size=logits.shape[-1], indices=self._indices(rows, logits))
         self.num_masked_rows += len(rows)
@@ -102,7 +104,11 @@ class GrammarBatch:
         return self._host[:rows]
 
     def _fill_tree(self, m, bitmask: torch.Tensor, first: int, drafts: list[int], parents: list[int]) -> list[int]:
-        """Masks of the root row and of every draft node the grammar accepts -> their rows."""
+        """Masks of the root row and of every draft node the grammar accepts -> their rows; none
+        for a request whose grammar ended (a stop token at the previous step, read after this
+        step was scheduled under overlap scheduling: the scheduler drops this row's token)."""
+        if m.is_terminated():
+            return []
         m.fill_next_token_bitmask(bitmask, first)
         filled = [first]
         kids = children_of(parents)
