@@ -307,6 +307,9 @@ class EngineConfig:
     # the host schedules and prepares step N+1 while the device runs step N (engine/engine.py);
     # None: on for CUDA without speculation or tensor parallelism
     overlap_schedule: bool | None = None
+    # a streamed request's output every N tokens (its first and last always): fewer chunks for
+    # the server to pickle, assemble and send (SGLang's --stream-interval)
+    stream_interval: int = 1
 
     def __post_init__(self):
         if self.block_size <= 0 or self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
@@ -320,6 +323,8 @@ class EngineConfig:
                                       "with a scale per token and kv head)")
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise InvalidRequestError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
+        if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
+            raise InvalidRequestError(f"stream_interval must be a positive integer, got {self.stream_interval!r}")
         if not self.distributed_timeout_s > 0:
             raise InvalidRequestError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s!r}")
 

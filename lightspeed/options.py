@@ -21,10 +21,16 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 # to --max-num-seqs, at most 512), PDL and the fused small-step layers (which run with bf16
 # weights only). Speculation runs only when --speculative is given.
 PRESETS = {
-    # today's defaults: bf16 everything, small batches, speculation allowed
-    "min-latency": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=64, max_num_batched_tokens=2048),
-    # FP8 weights and FP8 KV cache (about 2x the KV blocks), large batches and prefill chunks
-    "max-throughput": dict(quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=512, max_num_batched_tokens=8192),
+    # today's defaults: bf16 everything, small batches, speculation allowed, every token streamed
+    "min-latency": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=64, max_num_batched_tokens=2048,
+                        stream_interval=1),
+    # large batches and prefill chunks, streamed outputs every 8 tokens.
+    # NOTE: bf16 weights and KV, as measured on an H200 (bench/results/max-throughput-offline-*.json,
+    # Qwen2.5-1.5B shape, batch 512): bf16 61.9k tok/s vs FP8 weights + FP8 KV 29.3k (FP8 linears
+    # above 16 rows dequantize the weight each call); FP8 KV also doubled Qwen2.5-Coder-1.5B's
+    # perplexity (max-throughput-fp8kv-accuracy.json)
+    "max-throughput": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=512, max_num_batched_tokens=8192,
+                           stream_interval=8),
 }
 DEFAULT_PRESET = "min-latency"
 
@@ -174,6 +180,7 @@ def engine_options(args) -> dict:
                 enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
                 enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant,
                 overlap_schedule=getattr(args, "overlap_schedule", None),
+                stream_interval=getattr(args, "stream_interval", None) or preset_of(args)["stream_interval"],
                 allow_long_context=getattr(args, "allow_long_context", False),
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
 
@@ -203,6 +210,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help=_preset_help("max_num_seqs", "most requests in the running batch"))
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help=_preset_help("max_num_batched_tokens", "token budget of one step"))
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help=_preset_help("stream_interval", "a streamed response's chunk every N tokens (the first and "
+                                                         "last always)"))
     p.add_argument("--max-queue", type=int, default=256,
                    help="most choices (prompts x n) waiting beyond --max-num-seqs; more get 429 (-1: no limit)")
     p.add_argument("--max-choices-per-request", type=int, default=64,

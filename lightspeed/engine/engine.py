@@ -249,7 +249,7 @@ class Engine:
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
                     and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
                 req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
-            if state.stream or req.is_finished:
+            if req.is_finished or (state.stream and state.is_due(req, self.config.stream_interval)):
                 outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)
@@ -306,6 +306,10 @@ class _OutputState:
         if req.is_finished and self.detok is not None:
             self.text += self.detok.flush()  # text held back as an incomplete UTF-8 character
         return False
+
+    def is_due(self, req: Request, interval: int) -> bool:
+        """A streamed output now: the first token, then every `interval` tokens."""
+        return self.num_sent_tokens == 0 or len(req.output_token_ids) - self.num_sent_tokens >= interval
 
     def output(self, req: Request) -> RequestOutput:
         finished = req.is_finished

@@ -70,7 +70,8 @@ class LLM:
         return [final[r] for r in ids]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
-        """Yield a RequestOutput each step with `new_text` / `new_token_ids` deltas."""
+        """Yield a RequestOutput with `new_text` / `new_token_ids` deltas each step (every
+        EngineConfig.stream_interval tokens: the first and last always)."""
         (rid,) = self._add_all([prompt], sampling_params, stream=True)
         try:
             while self.engine.has_unfinished_requests():
