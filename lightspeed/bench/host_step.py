@@ -30,6 +30,8 @@ def add_host_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="an output per request and step, as a server streams (default: LLM.generate's path, "
                         "outputs when requests finish)")
+    p.add_argument("--stream-interval", type=int, default=None,
+                   help="with --stream: an output every N tokens (as `serve --stream-interval`; default: the preset's)")
     p.add_argument("--kernels", action="store_true",
                    help="then a second pass under torch.profiler: device busy time per step and the top kernels")
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
@@ -142,8 +144,9 @@ def run_host_step(args) -> list[dict]:
                 if args.kernels:
                     r.update(profile_kernels(engine, b, args.input_len, min(args.steps, 20)))
             rows.append({"name": f"{label} host step bs{b} overlap={'on' if engine.overlap else 'off'}"
-                                 f"{' stream' if args.stream else ''}",
+                                 f"{f' stream/{engine.config.stream_interval}' if args.stream else ''}",
                          "model": label, "batch_size": b, "overlap_schedule": engine.overlap, "stream": args.stream,
+                         "stream_interval": engine.config.stream_interval,
                          "input_len": args.input_len, "num_steps": args.steps, **r})
         del engine
     cols = ["name", "ms_per_step", "host_us_per_step", "host_us_per_request_step"] + [f"{p}_us" for p in PHASES]
