@@ -1,9 +1,9 @@
 # Sourced by every device script (bench/device/*.sh): go to the repo root; with
-# carried wheels (.whl) install them and assemble the GGUFs (setup.sh); then the paths, the
+# carried wheels (.whl*/) install them and assemble the GGUFs (setup.sh); then the paths, the
 # commit the results record, the results folder, the start time T0, `copy FILE` (to $OUT) and
 # `bench NAME TIMEOUT ARGS...` (`lightspeed bench latency ARGS` into $RES/NAME.json, copied).
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-if [ -d .whl ] && [ -f bench/device/setup.sh ]; then
+if ls -d .whl*/ >/dev/null 2>&1 && [ -f bench/device/setup.sh ]; then
     source bench/device/setup.sh
 else
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true

