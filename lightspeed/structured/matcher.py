@@ -38,6 +38,7 @@ class GrammarBatch:
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
         self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
         self._host_rows: torch.Tensor | None = None  # [>= rows] int32 pinned buffer of the masked rows (CUDA)
+        self._batch = None  # xgrammar.BatchGrammarMatcher: fills many requests' masks on several threads
 
     def add(self, request_id: str, compiled) -> None:
         self.grammars[request_id] = compiled
@@ -66,12 +67,24 @@ class GrammarBatch:
             return
         bitmask = self._bitmask(logits)  # [num_logits, ceil(V / 32)]; only the rows filled below are read
         rows: list[int] = []
+        plain = []  # (matcher, row) of requests without drafts: filled together, on several threads
         for i, s in todo:
             first = inputs.logits_rows[i][0]
+            m = self._matcher(s.request_id)
             n = s.num_draft_tokens
+            if not n:
+                if not m.is_terminated():  # see _fill_tree
+                    plain.append((m, first))
+                continue
             parents = s.draft_parents if s.draft_parents is not None else list(range(-1, n - 1))
-            rows += self._fill_tree(self._matcher(s.request_id), bitmask, first, s.token_ids[len(s.token_ids) - n:],
-                                    parents)
+            rows += self._fill_tree(m, bitmask, first, s.token_ids[len(s.token_ids) - n:], parents)
+        if len(plain) == 1:
+            plain[0][0].fill_next_token_bitmask(bitmask, plain[0][1])
+        elif plain:
+            if self._batch is None:
+                self._batch = self._xgr.BatchGrammarMatcher()
+            self._batch.batch_fill_next_token_bitmask([m for m, _ in plain], bitmask, [r for _, r in plain])
+        rows = sorted(rows + [r for _, r in plain])
         if not rows:
             return
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
