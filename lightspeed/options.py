@@ -173,14 +173,18 @@ def engine_options(args) -> dict:
     """EngineConfig options from the model arguments (quantization, KV cache dtype, graphs, PDL,
     batch invariance), --preset resolved."""
     resolve_preset(args)
-    # NOTE: commands without --max-num-batched-tokens (generate, bench) take the preset's
-    batched_tokens = getattr(args, "max_num_batched_tokens", None) or preset_of(args)["max_num_batched_tokens"]
+    def unset_to_preset(key: str):
+        # NOTE: commands without the flag (generate, bench) take the preset's value too; a given 0
+        # is kept, for EngineConfig to reject
+        value = getattr(args, key, None)
+        return preset_of(args)[key] if value is None else value
+    batched_tokens = unset_to_preset("max_num_batched_tokens")
     return dict(quantization=None if args.quantization == "none" else args.quantization,
                 kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=batched_tokens,
                 enable_cuda_graph=args.enable_cuda_graph, enable_pdl=args.enable_pdl,
                 enable_fused_layers=args.enable_fused_layers, batch_invariant=args.batch_invariant,
                 overlap_schedule=getattr(args, "overlap_schedule", None),
-                stream_interval=getattr(args, "stream_interval", None) or preset_of(args)["stream_interval"],
+                stream_interval=unset_to_preset("stream_interval"),
                 allow_long_context=getattr(args, "allow_long_context", False),
                 tensor_parallel_size=args.tensor_parallel_size, expert_parallel=args.expert_parallel)
 

@@ -61,3 +61,11 @@ def test_bad_values_are_clear_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(["generate", "x", *argv])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,reason", [(["--stream-interval", "0"], "stream_interval"),
+                                         (["--max-num-batched-tokens", "0"], "max_num_batched_tokens")])
+def test_zero_is_an_error_not_the_presets_value(argv, reason):
+    from lightspeed.errors import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match=reason):
+        EngineConfig(**engine_options(parse("serve", *argv)))
