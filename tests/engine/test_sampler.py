@@ -1,4 +1,5 @@
 """Sampling restricts the support as documented and is reproducible per seed."""
+import pytest
 import torch
 
 from lightspeed.config import SamplingParams
@@ -50,3 +51,26 @@ def test_logprobs_of_chosen_and_top():
     (t,), (lp,) = Sampler()(LOGITS, [SamplingParams(temperature=0, logprobs=2)], [None])
     assert lp.token_id == 0 and abs(lp.logprob - torch.log(torch.tensor(0.4)).item()) < 1e-5
     assert [i for i, _ in lp.top] == [0, 1]
+
+
+def test_sampler_keeps_a_batchs_parameter_tensors_until_the_batch_changes():
+    from lightspeed.engine.sampler import Sampler
+    s = Sampler()
+    a = SamplingParams(temperature=0.7, top_k=5, seed=1)
+    b = SamplingParams(temperature=0.0)
+    c = SamplingParams(temperature=1.3, top_p=0.9, min_p=0.05, seed=2)
+    t1 = s.tensors([a, b], torch.device("cpu"))
+    assert s.tensors([a, b], torch.device("cpu")) is t1  # the same requests: no new tensors
+    assert t1.top_k.tolist() == [5, 0] and t1.greedy.tolist() == [False, True] and t1.top_p is None
+    t2 = s.tensors([a, c], torch.device("cpu"))  # another request: rebuilt
+    assert t2 is not t1 and t2.greedy is None and t2.top_p.tolist() == pytest.approx([1.0, 0.9])
+    assert t2.min_p.tolist() == pytest.approx([0.0, 0.05]) and t2.temperature.tolist() == pytest.approx([0.7, 1.3])
+    # equal values in a new SamplingParams object (a new request) are a new batch too
+    assert s.tensors([a, SamplingParams(temperature=1.3, top_p=0.9, min_p=0.05, seed=2)], torch.device("cpu")) is not t2
+    # sampling with the kept tensors is sampling without them
+    logits = torch.randn(2, 50)
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    want = Sampler().sample(logits, [a, c], gens)
+    gens = [torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)]
+    s.tensors([a, c], torch.device("cpu"))
+    assert torch.equal(s.sample(logits, [a, c], gens), want)
