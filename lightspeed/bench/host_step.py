@@ -37,13 +37,14 @@ def add_host_step_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
-def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, stream: bool = False,
-                  seed: int = 0) -> dict:
-    """Time `steps` decode steps of `batch` requests -> microseconds per step by phase."""
+def _start_decoding(engine, batch: int, input_len: int, max_tokens: int, warmup: int, stream: bool = False,
+                    seed: int = 0) -> None:
+    """Add `batch` greedy requests of random `input_len`-token prompts, prefill them all, then
+    run `warmup` decode steps."""
     from lightspeed.config import SamplingParams
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=warmup + steps + 4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for _ in range(batch):
         engine.add_request([rng.randrange(vocab) for _ in range(input_len)], params, stream=stream)
     sched = engine.scheduler
@@ -51,6 +52,12 @@ def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, s
         engine.step()  # prefill
     for _ in range(warmup):
         engine.step()
+
+
+def profile_batch(engine, batch: int, input_len: int, steps: int, warmup: int, stream: bool = False,
+                  seed: int = 0) -> dict:
+    """Time `steps` decode steps of `batch` requests -> microseconds per step by phase."""
+    _start_decoding(engine, batch, input_len, warmup + steps + 4, warmup, stream, seed)
     timer = StepTimer()
     engine.timer = engine.runner.timer = timer
     t = time.perf_counter()
@@ -73,17 +80,7 @@ def profile_kernels(engine, batch: int, input_len: int, steps: int, top: int = 8
     kernels (ops) per step, and the `top` ones by time. Its own requests; on CUDA the profiler
     slows the host, not the kernels."""
     import torch
-    from lightspeed.config import SamplingParams
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    rng = random.Random(1)
-    vocab = engine.model_config.vocab_size
-    for _ in range(batch):
-        engine.add_request([rng.randrange(vocab) for _ in range(input_len)], params)
-    sched = engine.scheduler
-    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    _start_decoding(engine, batch, input_len, steps + 8, 3, seed=1)
     _sync(engine.device)
     on_gpu = engine.device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU

@@ -243,14 +243,15 @@ class Engine:
         interval = self.config.stream_interval
         for req in updated:
             state = self._states[req.request_id]
-            if not req.is_finished and not state.params.stop and not (state.stream and state.is_due(req, interval)):
+            due = state.stream and state.is_due(req, interval)
+            if not req.is_finished and not state.params.stop and not due:
                 continue  # NOTE: no stop strings: decoded only when an output is due (or it finishes)
             if state.process(req):
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
             elif req.status is RequestStatus.FINISHED_LENGTH and self.runner.grammar is not None \
                     and self.runner.grammar.is_ended(req.request_id, len(req.output_token_ids)):
                 req.status = RequestStatus.FINISHED_STOPPED  # the grammar ended exactly at max_tokens
-            if req.is_finished or (state.stream and state.is_due(req, interval)):
+            if req.is_finished or due:  # NOTE: process() changes the output only when it finishes it
                 outputs.append(state.output(req))
             if req.is_finished:
                 self.spec_stats.merge(req.spec)

@@ -151,7 +151,7 @@ class ModelRunner:
                 hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn_meta)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [num_logits, vocab]
         self.timer.mark("forward")
-        if self.grammar is not None:
+        if self.grammar is not None and any(s.request_id in self.grammar for s in sched.scheduled):
             self._read_last_launched()  # NOTE: its tokens advance the matchers the masks start from
             self.grammar.mask_logits(sched, inputs, logits)
         if needs_host:
