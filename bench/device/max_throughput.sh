@@ -7,7 +7,7 @@
 # With the Qwen2.5-Coder-1.5B GGUF in $LIGHTSPEED_HOME (chunks + setup.sh) also: the FP8 KV
 # accuracy report and the HTTP curve of the preset. JSON: bench/results/max-throughput-*.json.
 #   bash bench/device/max_throughput.sh
-#   PARTS=tests,host,offline,accuracy,serve (the default: all): only those parts
+#   PARTS=tests,host,offline,accuracy,serve (the default: all): only those parts; INTERVALS="8 1": serve's stream intervals
 #   SKIP_TESTS=1 SHAPE=tiny-llama BATCHES=4,8 OUTPUT_LEN=8 EXTRA="--device cpu" bash bench/device/max_throughput.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -16,9 +16,9 @@ PARTS=${PARTS:-tests,host,offline,accuracy,serve}
 [ -n "${SKIP_TESTS:-}" ] && PARTS=${PARTS/tests/}
 if [[ $PARTS == *tests* ]]; then
     echo "=== pytest -m gpu  [$(( $(date +%s) - T0 )) s]"
-    timeout 150 python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_overlap.py tests/engine/test_fp8_kv.py \
+    timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_overlap.py tests/engine/test_fp8_kv.py \
         tests/kernels/test_fp8_kv.py tests/kernels/test_fused_gemv.py tests/structured/test_structured_overlap.py \
-        2>&1 | tail -8
+        tests/engine/test_cuda_graph.py tests/kernels/test_paged_attention.py 2>&1 | tail -8
 fi
 host() {  # NAME ARGS...: the host step per phase, JSON into $RES/max-throughput-host-NAME.json
     local name=$1
@@ -49,7 +49,7 @@ if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == 
 fi
 if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *serve* ]]; then
     # the preset streams every 8 tokens; every token (interval 1) beside it: what the HTTP path costs
-    for interval in 8 1; do
+    for interval in ${INTERVALS:-8 1}; do
         echo "=== serve, stream interval $interval  [$(( $(date +%s) - T0 )) s]"
         timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput \
             --concurrency 64,256,512 --prompts humaneval --output-len 256 --server-arg=--stream-interval=$interval \

@@ -42,6 +42,9 @@ def add_serve_bench_args(p: argparse.ArgumentParser) -> None:
                    help="for the started server (default: max concurrency)")
     p.add_argument("--spec-thresholds", default=None, help="for the started server (see `lightspeed serve`)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for the started server")
+    p.add_argument("--client-processes", type=int, default=None,
+                   help="client processes sharing each level's requests, so the client does not bound the server "
+                   "(default: one per 64 concurrent requests, at most half the cores)")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for the server to start")
     p.add_argument("--out", default=None, help="JSON results (default: print only)")
     p.add_argument("--plot", default=None, help="PNG of the curve (default: the JSON path with .png)")
@@ -71,8 +74,43 @@ async def _one(session, url: str, payload: dict, headers: dict) -> dict:
     return {"start": start, "end": time.perf_counter(), "times": times, "counts": counts}
 
 
+def client_processes(concurrency: int, asked: int | None) -> int:
+    """How many client processes run a level: `asked`, else one per 64 concurrent requests
+    (one Python client parses some 10k SSE chunks/s), at most half the cores; never more than
+    the concurrency."""
+    n = asked if asked else max(1, min(concurrency // 64, (os.cpu_count() or 2) // 2))
+    return max(1, min(n, concurrency))
+
+
+def run_level(base: str, prompts: list, concurrency: int, output_len: int, model: str, api_key: str | None,
+              pool=None, processes: int = 1) -> tuple[list[dict], float]:
+    """One level -> (per-request records, wall seconds from the first request sent to the last
+    response's end); with processes > 1 the requests and the concurrency are dealt round-robin
+    to that many client processes of `pool` (a ProcessPoolExecutor)."""
+    if processes <= 1 or pool is None:
+        return asyncio.run(_run_level(base, prompts, concurrency, output_len, model, api_key))
+    shares = [(prompts[i::processes], concurrency // processes + (i < concurrency % processes))
+              for i in range(processes)]
+    import concurrent.futures
+
+    from lightspeed.progress import progress
+    futures = [pool.submit(_level_worker, base, p, c, output_len, model, api_key) for p, c in shares if p]
+    with progress(len(futures), f"c={concurrency}", "client process") as bar:
+        for f in concurrent.futures.as_completed(futures):
+            f.result()
+            bar.update(1)
+    records = [r for f in futures for r in f.result()]
+    return records, max(r["end"] for r in records) - min(r["start"] for r in records)
+
+
+def _level_worker(base: str, prompts: list, concurrency: int, output_len: int, model: str,
+                  api_key: str | None) -> list[dict]:
+    """A client process's share of a level (time.perf_counter is one clock for all processes)."""
+    return asyncio.run(_run_level(base, prompts, concurrency, output_len, model, api_key, show_progress=False))[0]
+
+
 async def _run_level(base: str, prompts: list, concurrency: int, output_len: int, model: str,
-                     api_key: str | None) -> tuple[list[dict], float]:
+                     api_key: str | None, show_progress: bool = True) -> tuple[list[dict], float]:
     import aiohttp
     payloads = [{"model": model, "prompt": p, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
                  "stream": True, "return_token_ids": True} for p in prompts]
@@ -81,7 +119,7 @@ async def _run_level(base: str, prompts: list, concurrency: int, output_len: int
     timeout = aiohttp.ClientTimeout(total=None, sock_read=1800)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
         from lightspeed.progress import progress
-        bar = progress(len(payloads), f"c={concurrency}", "request")
+        bar = progress(len(payloads), f"c={concurrency}", "request", disable=not show_progress)
 
         async def bounded(pl):
             async with sem:
@@ -192,25 +230,35 @@ def _prompts(args, model_card: dict, num: int) -> list:
 def bench_server(args, base: str, levels: list[int], label: str) -> list[dict]:
     card = _get_json(base + "/v1/models", args.api_key)["data"][0]
     model = card["id"]
-    for c in levels:  # warm-up: each level's batch sizes (CUDA graphs are captured on first use)
-        asyncio.run(_run_level(base, _prompts(args, card, c), c, 16, model, args.api_key))
-    rows = []
-    for c in levels:
-        num = args.num_prompts or max(8, 2 * c)
-        steps0, emitted0 = scrape_spec_counters(base)
-        records, wall = asyncio.run(_run_level(base, _prompts(args, card, num), c, args.output_len, model, args.api_key))
-        steps1, emitted1 = scrape_spec_counters(base)
-        row = {"name": f"{model} serve c={c} {label}", "model": model, "concurrency": c, "speculative": label,
-               "prompts": args.prompts, "output_len": args.output_len, **summarize(records, wall)}
-        if steps1 > steps0:
-            row["acceptance_length"] = (emitted1 - emitted0) / (steps1 - steps0)
-        if label != "none":
-            row["num_speculative_tokens"] = args.num_speculative_tokens
-        rows.append(row)
-        print(f"c={c:4d}  {row['tokens_per_s_user'] or 0:9.1f} tok/s/user  {row['tokens_per_s_server'] or 0:10.1f} "
-              f"tok/s/server  TTFT p50 {row['ttft_ms_p50'] or 0:.1f} ms  ITL p50 {row['itl_ms_p50'] or 0:.2f} ms"
-              + (f"  AL {row['acceptance_length']:.2f}" if "acceptance_length" in row else ""), file=sys.stderr)
-    return rows
+    procs = {c: client_processes(c, args.client_processes) for c in levels}
+    import concurrent.futures
+    import contextlib
+    import multiprocessing as mp
+    with concurrent.futures.ProcessPoolExecutor(max(procs.values()), mp_context=mp.get_context("spawn")) \
+            if max(procs.values()) > 1 else contextlib.nullcontext() as pool:
+        for c in levels:  # warm-up: each level's batch sizes (prefill shapes; lazily captured CUDA graphs)
+            run_level(base, _prompts(args, card, c), c, 16, model, args.api_key, pool, procs[c])
+        return [_level_row(args, base, card, c, label, pool, procs[c]) for c in levels]
+
+
+def _level_row(args, base: str, card: dict, c: int, label: str, pool, processes: int) -> dict:
+    model = card["id"]
+    num = args.num_prompts or max(8, 2 * c)
+    steps0, emitted0 = scrape_spec_counters(base)
+    records, wall = run_level(base, _prompts(args, card, num), c, args.output_len, model, args.api_key, pool,
+                              processes)
+    steps1, emitted1 = scrape_spec_counters(base)
+    row = {"name": f"{model} serve c={c} {label}", "model": model, "concurrency": c, "speculative": label,
+           "prompts": args.prompts, "output_len": args.output_len, "client_processes": processes,
+           **summarize(records, wall)}
+    if steps1 > steps0:
+        row["acceptance_length"] = (emitted1 - emitted0) / (steps1 - steps0)
+    if label != "none":
+        row["num_speculative_tokens"] = args.num_speculative_tokens
+    print(f"c={c:4d}  {row['tokens_per_s_user'] or 0:9.1f} tok/s/user  {row['tokens_per_s_server'] or 0:10.1f} "
+          f"tok/s/server  TTFT p50 {row['ttft_ms_p50'] or 0:.1f} ms  ITL p50 {row['itl_ms_p50'] or 0:.2f} ms"
+          + (f"  AL {row['acceptance_length']:.2f}" if "acceptance_length" in row else ""), file=sys.stderr)
+    return row
 
 
 def hf_peer_rows(args, levels: list[int], device) -> list[dict]:

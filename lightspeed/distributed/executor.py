@@ -267,5 +267,11 @@ class TensorParallelRunner:
         except Exception as e:  # a collective that timed out or lost a peer
             raise g.failure(e) from e
 
+    def warm_up(self, max_seq_len: int) -> int:
+        """Nothing ahead of time: every rank captures a graph when it first runs that step
+        (captures hold collectives, so ranks capture only in lockstep)."""
+        del max_seq_len
+        return 0
+
     def shutdown(self) -> None:
         self.group.shutdown()

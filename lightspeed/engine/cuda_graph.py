@@ -5,7 +5,8 @@ decode is Q = 1, verify Q = k + 1 (<= 64, always with a tree mask: a chain's is 
 L = attention_bound(longest sequence), the bound eager steps use too (kernels.paged_attention),
 so graph and eager steps compute the same bits. Graphs are captured lazily, on the first
 step of their bucket, after a warm-up run (Triton compiles, GEMV split-K counters), all in
-one shared memory pool; prefill and mixed steps run eagerly.
+one shared memory pool; prefill and mixed steps run eagerly. A server captures the decode
+graphs of short sequences before it serves (CudaGraphRunner.warm_up).
 
 Static inputs: one int64 device buffer, written by one host->device copy per step and
 unpacked (int32 casts) inside the graph. T = B * Q rows, MB = L / block_size table columns:
@@ -41,6 +42,16 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     itself when it is at most the largest (larger batches run eagerly)."""
     top = min(max_num_seqs, BATCH_BUCKETS[-1])
     return sorted({b for b in BATCH_BUCKETS if b < top} | {top})
+
+
+def warm_up_shapes(buckets: list[int], max_seq_len: int, limit: int) -> list[tuple[int, int]]:
+    """The decode graphs a server captures before it serves, as (B, L): every batch bucket
+    (largest first) at each attention bound up to max_seq_len's (smallest first), at most
+    `limit` of them. Longer sequences and verify steps capture theirs lazily."""
+    bounds, top = [], attention_bound(max_seq_len)
+    while not bounds or bounds[-1] < top:
+        bounds.append(attention_bound(2 * bounds[-1] if bounds else 1))
+    return [(b, bound) for bound in bounds for b in sorted(buckets, reverse=True)][:limit]
 
 
 def pick_bucket(n: int, buckets: list[int]) -> int | None:
@@ -197,6 +208,25 @@ class CudaGraphRunner:
         if self.is_cuda:
             capture(g, lambda: self._body(g, aux_ids), self.pool)
         return g
+
+    def warm_up(self, max_seq_len: int, prepare, min_free_fraction: float = 0.1) -> int:
+        """Capture the decode graphs of warm_up_shapes (half of MAX_GRAPHS, the rest stays for
+        lazy captures) now, so no step of a running server stalls on a capture; stops early
+        when less than `min_free_fraction` of the device's memory is free. prepare(B) runs
+        before each capture (the runner's per-token-count tuning) -> graphs captured."""
+        if not self.is_cuda:
+            return 0
+        n = 0
+        for b, bound in warm_up_shapes(self.buckets, max_seq_len, MAX_GRAPHS // 2):
+            free, total = torch.cuda.mem_get_info(self.device)
+            if free < min_free_fraction * total:
+                break
+            lay = Layout.make(b, 1, bound, self.block_size)
+            if (lay, ()) not in self.graphs:
+                prepare(b)
+                self.graphs[(lay, ())] = self._capture(lay, ())
+                n += 1
+        return n
 
     def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = (),
             fill: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -196,6 +196,16 @@ class Engine:
         self._states.pop(request_id, None)
         self._sync_ids.discard(request_id)
 
+    def warm_up(self) -> int:
+        """Before serving: capture the decode CUDA graphs of short sequences at every batch
+        size now (runner.warm_up), so that no step of a running server stalls all requests
+        on a capture -> graphs captured."""
+        start = time.perf_counter()
+        n = self.runner.warm_up(self.max_model_len)
+        if n:
+            _log.info("captured %d CUDA graphs in %.1f s", n, time.perf_counter() - start)
+        return n
+
     def has_unfinished_requests(self) -> bool:
         # NOTE: a step still in flight then holds only finished requests; the next step reads it
         return self.scheduler.has_unfinished_requests()

@@ -71,6 +71,14 @@ class ModelRunner:
             from lightspeed.engine.cuda_graph import CudaGraphRunner
             self.graphs = CudaGraphRunner(model, self.kv_caches, block_size, max_num_seqs, device)
 
+    def warm_up(self, max_seq_len: int) -> int:
+        """Capture the decode CUDA graphs of sequences up to about max_seq_len tokens now
+        (cuda_graph.py CudaGraphRunner.warm_up) -> how many; 0 without graphs."""
+        if self.graphs is None:
+            return 0
+        return self.graphs.warm_up(max_seq_len, lambda b: ensure_gemv_tuned(self.model, b, self.device,
+                                                                            self.kernel_settings))
+
     def kv_data(self, layer: int) -> torch.Tensor:
         """Layer `layer`'s K/V values [2, blocks, block_size, Hkv, D] (without FP8 scales)."""
         return split_kv(self.kv_caches[layer])[0]

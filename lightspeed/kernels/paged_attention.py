@@ -364,7 +364,8 @@ def launch_paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     tree = tree_mask if tree_mask is not None else seq_lens
     num_warps = 8 if block_m >= 32 or d > 128 else 4
     tree_strides = (tree.stride(0), tree.stride(1)) if tree_mask is not None else (0, 0)
-    block_tq = max(16, next_pow2(max_q_len))
+    # NOTE: only a tree reads BLOCK_TQ columns; fixed without one, so prefill lengths compile no new variants
+    block_tq = max(16, next_pow2(max_q_len)) if tree_mask is not None else 16
     _paged_attn_kernel[(s, hkv, num_q_tiles * grid_parts)](
         q, kv_cache, kv_scale if kv_scale is not None else q, block_tables, seq_lens, qsl, tree, part_acc, part_ml,
         scale * LOG2E, window, chunk, num_parts, grid_parts,

@@ -39,6 +39,7 @@ def _engine_main(config, speculative, inbox, outbox, num_threads) -> None:
     from lightspeed.server.output_deltas import to_deltas
     try:
         engine = Engine(config, speculative)
+        engine.warm_up()  # NOTE: before "ready": the first steps at each batch size capture no graph
     except BaseException as e:  # noqa: BLE001 -- the server reports it and exits
         outbox.put(("failed", e if isinstance(e, LightspeedError) else EngineStartError(repr(e))))
         return

@@ -50,7 +50,9 @@ def build_server(args):
         from lightspeed.engine.engine import Engine
         from lightspeed.server.engine_loop import ThreadTransport
         set_threads(num_threads)
-        transport = ThreadTransport(Engine(config, spec))
+        engine = Engine(config, spec)
+        engine.warm_up()
+        transport = ThreadTransport(engine)
     client = EngineClient(transport, ServerMetrics(name))
     app = build_app(client, name, api_key=args.api_key, max_queue=None if args.max_queue < 0 else args.max_queue,
                     max_body_bytes=args.max_body_bytes, max_choices_per_request=args.max_choices_per_request,

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lightspeed.config import SamplingParams
-from lightspeed.engine.cuda_graph import Layout, batch_buckets, fill_static_inputs, graph_shape, pick_bucket
+from lightspeed.engine.cuda_graph import (Layout, batch_buckets, fill_static_inputs, graph_shape, pick_bucket,
+                                         warm_up_shapes)
 from lightspeed.engine.input_prep import BlockTables
 from lightspeed.engine.input_prep import build_host_inputs as _build_host_inputs
 from lightspeed.engine.outputs import ScheduledRequest, SchedulerOutput
@@ -34,6 +35,13 @@ def test_buckets():
     assert batch_buckets(512)[-5:] == [256, 320, 384, 448, 512]  # the max-throughput preset
     assert batch_buckets(1000) == batch_buckets(512)
     assert [pick_bucket(n, [1, 2, 4, 8]) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, None]
+
+
+def test_warm_up_shapes_short_sequences_first_largest_batch_first():
+    assert warm_up_shapes([1, 2, 4], 300, 32) == [(4, 256), (2, 256), (1, 256), (4, 512), (2, 512), (1, 512)]
+    assert warm_up_shapes([1, 2, 4], 100, 32) == [(4, 256), (2, 256), (1, 256)]
+    shapes = warm_up_shapes(batch_buckets(512), 32768, 32)  # the max-throughput preset: bounds 256 and 512
+    assert len(shapes) == 32 and shapes[0] == (512, 256) and shapes[-1] == (1, 512)
 
 
 def test_attention_bound_is_a_power_of_two_of_at_least_256():
@@ -153,6 +161,24 @@ def test_graph_decode_equals_eager(tmp_path, arch, dtype, batch):
     graphed, graphs = _generate(tmp_path, prompts, True, dtype)
     assert graphs is not None and any(k[0].Q == 1 for k in graphs.graphs), "no decode graph was used"
     assert graphed == eager
+
+
+@pytest.mark.gpu
+def test_warmed_up_graphs_serve_decode_without_new_captures(tmp_path):
+    """Engine.warm_up captures the decode graphs of short sequences; decoding then uses them
+    (no capture while serving) and gives the eager tokens."""
+    from lightspeed import LLM
+    from tests.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path, "qwen2")
+    prompts = _prompts([7, 30, 12])
+    eager, _ = _generate(tmp_path, prompts, False, "bfloat16")
+    llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", enable_cuda_graph=True, block_size=4, max_num_seqs=8)
+    n = llm.engine.warm_up()
+    graphs = llm.engine.runner.graphs
+    assert n == len(graphs.graphs) == len(graphs.buckets) * 2  # bounds 256 and 512: max_model_len is larger
+    keys = set(graphs.graphs)
+    assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == eager
+    assert set(graphs.graphs) == keys
 
 
 @pytest.mark.gpu

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from lightspeed.bench.serve import summarize
+from lightspeed.bench.serve import client_processes, summarize
 from tests.server.conftest import Server
 
 
@@ -17,6 +17,11 @@ def test_summarize_definitions():
     assert s["ttft_ms_p50"] in (500.0, 1000.0) and s["itl_ms_p99"] == 1000.0
 
 
+def test_client_processes():
+    assert client_processes(3, 2) == 2 and client_processes(1, 2) == 1  # never more than the concurrency
+    assert client_processes(64, None) == 1 and 1 <= client_processes(512, None) <= 8
+
+
 def test_bench_serve_drives_a_server(tiny_model, tmp_path, capsys):
     from lightspeed.cli import build_parser
     s = Server(tiny_model, "--speculative", "ngram", "--spec-thresholds", "none")
@@ -24,7 +29,8 @@ def test_bench_serve_drives_a_server(tiny_model, tmp_path, capsys):
         out = tmp_path / "serve.json"
         args = build_parser().parse_args(["bench", "serve", "--model", str(tiny_model), "--url", s.url,
                                           "--prompts", "random", "--input-len", "16", "--output-len", "12",
-                                          "--concurrency", "1,3", "--num-prompts", "3", "--compare-hf", "--out", str(out)])
+                                          "--concurrency", "1,3", "--num-prompts", "3", "--compare-hf", "--out", str(out),
+                                          "--client-processes", "2"])
         args.func(args)
     finally:
         s.stop()
@@ -34,6 +40,7 @@ def test_bench_serve_drives_a_server(tiny_model, tmp_path, capsys):
     hf = [r for r in rows if r.get("peer") == "hf-transformers-batched-generate"]
     rows = [r for r in rows if "peer" not in r]
     assert [r["concurrency"] for r in rows] == [1, 3] and [r["concurrency"] for r in hf] == [1, 3]
+    assert [r["client_processes"] for r in rows] == [1, 2]  # c=3: its 3 requests dealt to 2 client processes
     assert all(r["num_output_tokens"] == r["concurrency"] * 12 and r["tokens_per_s_server"] > 0 for r in hf)
     for r in rows:
         assert r["num_output_tokens"] == 3 * 12 and r["tokens_per_s_user"] > 0 and r["tokens_per_s_server"] > 0
