@@ -141,6 +141,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    spec_thresholds=getattr(speculative, "load_thresholds", None), adaptive=adaptive)
         self._ids = itertools.count()
+        self._phases = itertools.count()  # each request's stream phase (_OutputState.is_due)
         self._states: dict[str, _OutputState] = {}
         self.spec_stats = SpecStats()  # speculation counters of every finished request, in aggregate
         self.overlap = use_overlap(config, speculative, self.device)
@@ -174,7 +175,7 @@ class Engine:
         grammar = self.structured.compile(params) if params.is_guided else None  # InvalidRequestError: bad one
         req = Request(rid, ids, params, eos_token_ids=list(self._eos_ids()), max_model_len=self.max_model_len)
         self._states[rid] = _OutputState(self.tokenizer, params, prompt if isinstance(prompt, str) else None,
-                                         stream)
+                                         stream, phase=next(self._phases) % self.config.stream_interval)
         if params.logprobs is not None or has_penalties(params):
             self._sync_ids.add(rid)
         self.scheduler.add_request(req)
@@ -274,7 +275,7 @@ class Engine:
 class _OutputState:
     """Detokenizes one request's new tokens, applies stop strings, builds RequestOutputs."""
 
-    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream: bool = True):
+    def __init__(self, tokenizer, params: SamplingParams, prompt: str | None, stream: bool = True, phase: int = 0):
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None  # None: no text
         # NOTE: two tokenizer decodes per token and step were ~10 us per request; a request read
         # only when finished (LLM.generate) is decoded once, at the end
@@ -287,10 +288,12 @@ class _OutputState:
         self.num_sent_tokens = 0
         self.num_sent_chars = 0
         self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.phase = phase  # streamed outputs at token counts = phase (mod the interval): see is_due
 
     def process(self, req: Request) -> bool:
-        """Detokenize tokens one by one; True when a stop string ended the request (then the
-        tokens after it are dropped, exactly as if they had never been sampled)."""
+        """Detokenize the new tokens (one by one with stop strings); True when a stop string
+        ended the request (then the tokens after it are dropped, exactly as if they had never
+        been sampled)."""
         stops = self.params.stop
         if self.is_deferred:
             self.num_processed = len(req.output_token_ids)
@@ -298,6 +301,11 @@ class _OutputState:
                 eos = () if self.params.ignore_eos else req.eos_token_ids
                 self.text = self.detok.add([t for t in req.output_token_ids if t not in eos]) + self.detok.flush()
             return False
+        if not stops and self.detok is not None:  # NOTE: no stop string: the new tokens in one decode
+            eos = () if self.params.ignore_eos else req.eos_token_ids
+            new = [t for t in req.output_token_ids[self.num_processed:] if t not in eos]
+            self.num_processed = len(req.output_token_ids)
+            self.text += self.detok.add(new) if new else ""
         while self.num_processed < len(req.output_token_ids):
             tid = req.output_token_ids[self.num_processed]
             self.num_processed += 1
@@ -320,8 +328,11 @@ class _OutputState:
         return False
 
     def is_due(self, req: Request, interval: int) -> bool:
-        """A streamed output now: the first token, then every `interval` tokens."""
-        return self.num_sent_tokens == 0 or len(req.output_token_ids) - self.num_sent_tokens >= interval
+        """A streamed output now: the first token, then every `interval` tokens, at token counts
+        of the request's phase (mod interval), so that requests started together (a burst of
+        arrivals) spread their outputs over the steps instead of all sending at one."""
+        n, sent = len(req.output_token_ids), self.num_sent_tokens
+        return sent == 0 or n - sent >= interval or (n > sent and n % interval == self.phase)
 
     def output(self, req: Request) -> RequestOutput:
         finished = req.is_finished
