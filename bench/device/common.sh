@@ -9,6 +9,7 @@ else
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader 2>/dev/null || true
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# NOTE: the device machine's copy may carry a stale .git: pass LIGHTSPEED_GIT_COMMIT=<hash> from here
 export LIGHTSPEED_GIT_COMMIT=${LIGHTSPEED_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 RES=bench/results
 mkdir -p "$RES"
