@@ -8,7 +8,6 @@ concurrency for each --stream-interval: the server's ceiling on this host.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import random
 import socket
@@ -44,7 +43,7 @@ def serve(port: int, interval: int, step_s: float) -> None:
 
 
 def measure(concurrency: int, step_s: float, interval: int) -> dict:
-    from lightspeed.bench.serve import _run_level, summarize
+    from lightspeed.bench.serve import run_level, summarize
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -58,7 +57,7 @@ def measure(concurrency: int, step_s: float, interval: int) -> dict:
             except OSError:
                 time.sleep(0.5)
         prompts = [f"Write a function number {i} that adds two numbers." for i in range(2 * concurrency)]
-        records, wall = asyncio.run(_run_level(f"http://127.0.0.1:{port}", prompts, concurrency, 256, MODEL, None))
+        records, wall = run_level(f"http://127.0.0.1:{port}", prompts, concurrency, 256, MODEL, None)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import multiprocessing as mp
 import os
 import re
 import socket
@@ -88,18 +91,17 @@ def run_level(base: str, prompts: list, concurrency: int, output_len: int, model
     response's end); with processes > 1 the requests and the concurrency are dealt round-robin
     to that many client processes of `pool` (a ProcessPoolExecutor)."""
     if processes <= 1 or pool is None:
-        return asyncio.run(_run_level(base, prompts, concurrency, output_len, model, api_key))
-    shares = [(prompts[i::processes], concurrency // processes + (i < concurrency % processes))
-              for i in range(processes)]
-    import concurrent.futures
-
-    from lightspeed.progress import progress
-    futures = [pool.submit(_level_worker, base, p, c, output_len, model, api_key) for p, c in shares if p]
-    with progress(len(futures), f"c={concurrency}", "client process") as bar:
-        for f in concurrent.futures.as_completed(futures):
-            f.result()
-            bar.update(1)
-    records = [r for f in futures for r in f.result()]
+        records = asyncio.run(_run_level(base, prompts, concurrency, output_len, model, api_key))[0]
+    else:
+        from lightspeed.progress import progress
+        shares = [(prompts[i::processes], concurrency // processes + (i < concurrency % processes))
+                  for i in range(processes)]
+        futures = [pool.submit(_level_worker, base, p, c, output_len, model, api_key) for p, c in shares if p]
+        with progress(len(futures), f"c={concurrency}", "client process") as bar:
+            for f in concurrent.futures.as_completed(futures):
+                f.result()
+                bar.update(1)
+        records = [r for f in futures for r in f.result()]
     return records, max(r["end"] for r in records) - min(r["start"] for r in records)
 
 
@@ -231,9 +233,6 @@ def bench_server(args, base: str, levels: list[int], label: str) -> list[dict]:
     card = _get_json(base + "/v1/models", args.api_key)["data"][0]
     model = card["id"]
     procs = {c: client_processes(c, args.client_processes) for c in levels}
-    import concurrent.futures
-    import contextlib
-    import multiprocessing as mp
     with concurrent.futures.ProcessPoolExecutor(max(procs.values()), mp_context=mp.get_context("spawn")) \
             if max(procs.values()) > 1 else contextlib.nullcontext() as pool:
         for c in levels:  # warm-up: each level's batch sizes (prefill shapes; lazily captured CUDA graphs)

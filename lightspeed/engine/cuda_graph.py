@@ -48,9 +48,10 @@ def warm_up_shapes(buckets: list[int], max_seq_len: int, limit: int) -> list[tup
     """The decode graphs a server captures before it serves, as (B, L): every batch bucket
     (largest first) at each attention bound up to max_seq_len's (smallest first), at most
     `limit` of them. Longer sequences and verify steps capture theirs lazily."""
-    bounds, top = [], attention_bound(max_seq_len)
-    while not bounds or bounds[-1] < top:
-        bounds.append(attention_bound(2 * bounds[-1] if bounds else 1))
+    bounds, bound = [], attention_bound(1)
+    while bound <= attention_bound(max_seq_len):
+        bounds.append(bound)
+        bound *= 2
     return [(b, bound) for bound in bounds for b in sorted(buckets, reverse=True)][:limit]
 
 
@@ -224,9 +225,18 @@ class CudaGraphRunner:
             lay = Layout.make(b, 1, bound, self.block_size)
             if (lay, ()) not in self.graphs:
                 prepare(b)
-                self.graphs[(lay, ())] = self._capture(lay, ())
+                self._graph(lay, ())
                 n += 1
         return n
+
+    def _graph(self, lay: Layout, aux_ids: tuple[int, ...]) -> _Graph | None:
+        """The graph of (lay, aux_ids), captured now if new; None: MAX_GRAPHS are held."""
+        key = (lay, aux_ids)
+        if key not in self.graphs:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return None
+            self.graphs[key] = self._capture(lay, aux_ids)
+        return self.graphs[key]
 
     def run(self, shape: tuple[int, int], host: HostInputs, aux_ids: tuple[int, ...] = (),
             fill: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -236,12 +246,9 @@ class CudaGraphRunner:
         fill (rows, token ids) on the device: input ids written after the host's copy
         (placeholders of overlap scheduling)."""
         lay = Layout.make(shape[0], shape[1], max(host.seq_lens), self.block_size)
-        key = (lay, tuple(aux_ids))
-        g = self.graphs.get(key)
+        g = self._graph(lay, tuple(aux_ids))
         if g is None:
-            if len(self.graphs) >= MAX_GRAPHS:
-                return None
-            g = self.graphs[key] = self._capture(lay, tuple(aux_ids))
+            return None
         g.load(host)
         if fill is not None:
             g.flat.index_copy_(0, fill[0] + g.off["ids"], fill[1])

@@ -298,12 +298,10 @@ class _OutputState:
         if self.is_deferred:
             self.num_processed = len(req.output_token_ids)
             if req.is_finished and self.detok is not None:
-                eos = () if self.params.ignore_eos else req.eos_token_ids
-                self.text = self.detok.add([t for t in req.output_token_ids if t not in eos]) + self.detok.flush()
+                self.text = self.detok.add(self._text_ids(req, 0)) + self.detok.flush()
             return False
         if not stops and self.detok is not None:  # NOTE: no stop string: the new tokens in one decode
-            eos = () if self.params.ignore_eos else req.eos_token_ids
-            new = [t for t in req.output_token_ids[self.num_processed:] if t not in eos]
+            new = self._text_ids(req, self.num_processed)
             self.num_processed = len(req.output_token_ids)
             self.text += self.detok.add(new) if new else ""
         while self.num_processed < len(req.output_token_ids):
@@ -326,6 +324,11 @@ class _OutputState:
         if req.is_finished and self.detok is not None:
             self.text += self.detok.flush()  # text held back as an incomplete UTF-8 character
         return False
+
+    def _text_ids(self, req: Request, start: int) -> list[int]:
+        """The output tokens from `start` that carry text (eos tokens do not, unless ignore_eos)."""
+        eos = () if self.params.ignore_eos else req.eos_token_ids
+        return [t for t in req.output_token_ids[start:] if t not in eos]
 
     def is_due(self, req: Request, interval: int) -> bool:
         """A streamed output now: the first token, then every `interval` tokens, at token counts
