@@ -18,9 +18,8 @@ import torch
 
 import lightspeed.kernels.kv_cache as kv_cache
 from lightspeed import LLM
-from lightspeed.bench.fp8_accuracy import reference_text
 from lightspeed.bench.results import print_table, save_results
-from lightspeed.engine.forward import sequence_logits
+from lightspeed.engine.forward import reference_text, sequence_logits
 
 SCHEMES = ("per-token-head K and V", "per-token-head K only", "per-token-head V only", "static per-head K and V",
            "scale 1.0 K and V", "static per-channel K, per-token-head V",

@@ -30,12 +30,6 @@ def add_fp8_accuracy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
 
 
-def reference_text() -> str:
-    """A real English text set present on every Python install: the language reference topics."""
-    import pydoc_data.topics
-    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-
-
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
@@ -49,13 +43,13 @@ def compare_logits(ref, test) -> tuple[int, float]:
     return agree, kl
 
 
-def nll_sum(model, ids: list[int], kv_cache_dtype: str = "auto") -> float:
+def nll_sum(model, ids: list[int], kv_cache_dtype: str = "auto", k_shift=None) -> float:
     """Sum of -log p(ids[i+1] | ids[:i+1]) over the window."""
     import torch
     import torch.nn.functional as F
 
     from lightspeed.engine.forward import sequence_logits
-    logits = sequence_logits(model, ids, kv_cache_dtype)[:-1]
+    logits = sequence_logits(model, ids, kv_cache_dtype, k_shift)[:-1]
     return float(F.cross_entropy(logits, torch.tensor(ids[1:], device=logits.device), reduction="sum"))
 
 
@@ -73,7 +67,7 @@ def run_fp8_accuracy(args) -> dict:
     from lightspeed import SamplingParams
     from lightspeed.bench.prompts import load_prompts
     from lightspeed.bench.results import print_table, save_results
-    from lightspeed.engine.forward import sequence_logits
+    from lightspeed.engine.forward import reference_text, sequence_logits
     from lightspeed.engine.llm import LLM
     from lightspeed.options import engine_options
     from lightspeed.progress import progress
@@ -95,22 +89,22 @@ def run_fp8_accuracy(args) -> dict:
     fp8_out = [o.token_ids for o in fp8.generate(prompts, params, progress="answers (fp8)")]
     diffs = [first_difference(a, b) for a, b in zip(ref_out, fp8_out)]
 
-    m_ref, m_fp8 = ref.engine.runner.model, fp8.engine.runner.model
+    m_ref, m_fp8, shift = ref.engine.runner.model, fp8.engine.runner.model, fp8.engine.runner.k_shift
     agree = positions = 0
     kl = 0.0
     for p, answer in zip(progress(prompts, "teacher-forced logits", "prompt"), ref_out):
         ids = list(p) + list(answer)
         a, k = compare_logits(sequence_logits(m_ref, ids)[len(p) - 1:-1],
-                              sequence_logits(m_fp8, ids, kv_dtype)[len(p) - 1:-1])
+                              sequence_logits(m_fp8, ids, kv_dtype, shift)[len(p) - 1:-1])
         agree, kl, positions = agree + a, kl + k, positions + len(answer)
 
     text = tok.encode(reference_text())[:args.ppl_tokens]
     windows = [text[i:i + args.ppl_window] for i in range(0, len(text), args.ppl_window)]
     windows = [w for w in windows if len(w) > 1]
     scored = sum(len(w) - 1 for w in windows)
-    ppl = {name: math.exp(sum(nll_sum(m, w, kv) for w in progress(windows, f"perplexity ({name})", "window"))
+    ppl = {name: math.exp(sum(nll_sum(m, w, kv, sh) for w in progress(windows, f"perplexity ({name})", "window"))
                           / scored)
-           for name, m, kv in (("ref", m_ref, "auto"), ("fp8", m_fp8, kv_dtype))}
+           for name, m, kv, sh in (("ref", m_ref, "auto", None), ("fp8", m_fp8, kv_dtype, shift))}
 
     dtype = str(ref.engine.dtype).replace("torch.", "")
     what = " + ".join(name for name, on in (("fp8 weights", quant == "fp8"), ("fp8 kv", kv_dtype == "fp8")) if on)

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from lightspeed.config import EngineConfig
 from lightspeed.distributed.parallel import (ParallelContext, check_devices, check_parallel, destroy_group,
                                              init_group, rank_device)
+from lightspeed.engine.forward import calibrate_k_shift
 from lightspeed.errors import DistributedError, LightspeedError, UnsupportedModelError
 
 
@@ -55,7 +56,8 @@ def load_rank_model(config: EngineConfig, ctx: ParallelContext, device: torch.de
     else:
         from lightspeed.distributed.loading import load_sharded_model
         net, tokenizer, _ = load_sharded_model(resolve_model(config.model), ctx, device, dtype,
-                                               config.quantization, with_tokenizer=ctx.rank == 0)
+                                               config.quantization,
+                                               with_tokenizer=ctx.rank == 0 or config.kv_cache_dtype == "fp8")
     ctx.comm.prepare(dtype)  # the one-shot buffers, before any CUDA graph is captured
     return net, tokenizer
 
@@ -97,7 +99,8 @@ def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, dev
     try:
         device = rank_device(device, rank)  # rank 0's resolved device and dtype
         ctx = init_group(rank, world, init_file, device, config.distributed_timeout_s, config.expert_parallel)
-        model, _ = load_rank_model(config, ctx, device, dtype)
+        model, tokenizer = load_rank_model(config, ctx, device, dtype)
+        k_shift = calibrate_k_shift(model, tokenizer, config.kv_cache_dtype)  # in step with rank 0's
         s = conn.recv()
         if s is None:
             return  # rank 0 failed before its runner existed
@@ -105,7 +108,7 @@ def worker_main(rank: int, world: int, init_file: str, config: EngineConfig, dev
         runner = ModelRunner(model, s["num_blocks"], s["block_size"], device, dtype, seed=s["seed"],
                              proposer=proposer, enable_cuda_graph=s["enable_cuda_graph"],
                              max_num_seqs=s["max_num_seqs"], kernel_settings=s["kernel_settings"],
-                             kv_cache_dtype=s["kv_cache_dtype"])
+                             kv_cache_dtype=s["kv_cache_dtype"], k_shift=k_shift)
         conn.send("ready")
         while True:
             while not conn.poll(1.0):
@@ -151,6 +154,8 @@ class TensorParallelGroup:
             self.ctx = init_group(0, n, init_file, rank_device(device, 0), config.distributed_timeout_s,
                                   config.expert_parallel)
             self.model, self.tokenizer = load_rank_model(config, self.ctx, rank_device(device, 0), dtype)
+            self.k_shift = calibrate_k_shift(self.model, self.tokenizer, config.kv_cache_dtype)  # in step with
+            # the workers' (worker_main)
         except BaseException as e:
             self.failed = None
             err = self.failure(e)

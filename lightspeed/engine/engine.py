@@ -10,6 +10,7 @@ import torch
 
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
+from lightspeed.engine.forward import calibrate_k_shift
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
 from lightspeed.engine.penalties import has_penalties
 from lightspeed.engine.profile import NULL_TIMER
@@ -96,9 +97,10 @@ class Engine:
         if config.tensor_parallel_size > 1:  # one process per device (lightspeed/distributed)
             from lightspeed.distributed.executor import TensorParallelGroup
             self.tp_group = TensorParallelGroup(config, self.device, self.dtype, speculative)
-            model, self.tokenizer = self.tp_group.model, self.tp_group.tokenizer
+            model, self.tokenizer, k_shift = self.tp_group.model, self.tp_group.tokenizer, self.tp_group.k_shift
         else:
             model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
+            k_shift = calibrate_k_shift(model, self.tokenizer, config.kv_cache_dtype)
         self.model_config = mc = model.config
         rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
         if config.max_model_len is not None and config.max_model_len > rope_positions and not config.allow_long_context:
@@ -124,7 +126,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, config.block_size, self.device, self.dtype,
                                   seed=config.seed, proposer=proposer, verifier=verifier,
                                   enable_cuda_graph=config.enable_cuda_graph, max_num_seqs=config.max_num_seqs,
-                                  kernel_settings=kernel_settings, kv_cache_dtype=config.kv_cache_dtype)
+                                  kernel_settings=kernel_settings, kv_cache_dtype=config.kv_cache_dtype,
+                                  k_shift=k_shift)
         if self.tp_group is not None:
             self.runner = self.tp_group.start(self.runner)  # pipes each step to the other ranks
         # NOTE: a proposer that needs every position's hidden states (EAGLE-3) turns prefix caching off

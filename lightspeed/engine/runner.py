@@ -35,16 +35,19 @@ def lazy_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype, seed: int = 0, proposer=None, verifier=None, enable_cuda_graph: bool = False,
-                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None, kv_cache_dtype: str = "auto"):
+                 max_num_seqs: int = 64, kernel_settings: KernelSettings | None = None, kv_cache_dtype: str = "auto",
+                 k_shift: list[torch.Tensor] | None = None):
         self.model = model
         self.config = model.config
         self.device, self.dtype = device, dtype
         self.block_size = block_size
         shape = model.kv_cache_shape(self.config, num_blocks, block_size)
-        # per layer: a tensor in the model dtype, or an FP8 KVCache (kernels/kv_cache.py)
-        self.kv_cache_dtype = kv_cache_dtype
-        self.kv_caches = [new_kv_cache(shape, dtype, kv_cache_dtype, device, lazy_zeros)
-                          for _ in range(self.config.num_hidden_layers)]
+        # per layer: a tensor in the model dtype, or an FP8 KVCache (kernels/kv_cache.py) whose K is
+        # stored less k_shift[layer] (forward.py calibrate_k_shift; zeros when None)
+        self.kv_cache_dtype, self.k_shift = kv_cache_dtype, k_shift
+        self.kv_caches = [new_kv_cache(shape, dtype, kv_cache_dtype, device, lazy_zeros,
+                                       k_shift=None if k_shift is None else k_shift[i])
+                          for i in range(self.config.num_hidden_layers)]
         self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.penalty_contexts = ContextTracker()  # token ids of requests with repetition/frequency/presence penalties

@@ -31,7 +31,7 @@ from lightspeed.kernels.fused_moe import MAX_TOKENS as MOE_MAX_TOKENS
 from lightspeed.kernels.fused_gemv import FAST_ROWS as FUSED_FAST_ROWS, MAX_ROWS as FUSED_MAX_ROWS
 from lightspeed.kernels.fused_gemv import fused_gemv_ref, fused_gemv_triton
 from lightspeed.kernels.gemv import MAX_M, gemv_triton
-from lightspeed.kernels.kv_cache import KVCache, split_kv
+from lightspeed.kernels.kv_cache import KVCache, k_shift_of, split_kv
 from lightspeed.kernels.paged_attention import attention_bound, paged_attention_meta_ref
 from lightspeed.kernels.paged_decode_attention import paged_decode_attention_triton
 from lightspeed.kernels.paged_prefill_attention import paged_prefill_attention_triton
@@ -69,7 +69,8 @@ def qkv_rope_cache(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torc
     if ks.use_triton(qkv):
         data, kv_scale = split_kv(kv_cache)
         return qkv_rope_cache_triton(qkv, bias, positions, cos_sin_cache, slot_mapping, data, num_heads,
-                                     num_kv_heads, head_dim, pdl=ks.pdl, kv_scale=kv_scale)
+                                     num_kv_heads, head_dim, pdl=ks.pdl, kv_scale=kv_scale,
+                                     k_shift=k_shift_of(kv_cache))
     return qkv_rope_cache_ref(qkv, bias, positions, cos_sin_cache, slot_mapping, kv_cache, num_heads,
                               num_kv_heads, head_dim)
 

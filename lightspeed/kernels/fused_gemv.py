@@ -8,7 +8,7 @@ instead of 10.
               SWIGLU:    out = silu(y_gate) * y_up             (silu_mul.py numerics)
               ROPE_KV:   y + bias, rotary on q / k heads; q -> out [M, Hq, D],
                          k, v -> kv_cache at slot_mapping (-1 skipped; an FP8 KVCache:
-                         quantized per row and head)   (qkv_rope_cache.py)
+                         k - k_shift and v quantized per row and head)   (qkv_rope_cache.py)
 
 Each epilogue rounds y to x.dtype first, as the separate kernels read it from memory: the
 arithmetic of the per-op path. NOTE: an RMSNorm prologue (x * norm_weight in the K loop,
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from lightspeed.kernels._common import (cdiv, check_last_dim_contiguous, dot, dot_in_f32, next_pow2, num_sms,
                                         pdl_launch_dependents, pdl_wait, require_triton, tl, triton, use_pdl)
 from lightspeed.kernels.gemv import _split_counters, tuned_config
-from lightspeed.kernels.kv_cache import KVCache, check_kv_scale, split_kv
+from lightspeed.kernels.kv_cache import KVCache, check_kv_writer, k_shift_of, split_kv
 from lightspeed.kernels.settings import KernelState
 from lightspeed.kernels.qkv_rope_cache import qkv_rope_cache_ref
 
@@ -92,7 +92,8 @@ def _rounded(acc, cols, n_ok, scale_ptr, bias_ptr, DT: tl.constexpr, HAS_SCALE: 
 
 @triton.jit
 def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr, pos_ptr,
-              cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv,
+              cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, k_shift_ptr, stride_rm, stride_om, stride_oh, stride_cs,
+              stride_kv_kv,
               stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI: tl.constexpr,
               HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BIAS: tl.constexpr, KV_FP8: tl.constexpr):
@@ -123,7 +124,11 @@ def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bia
             kv_dst = kv_ptr + kv_i * stride_kv_kv + slot[:, None] * stride_kv_slot + head * stride_kv_h + offs[None, :]
             ok = mask & (slot >= 0)[:, None]
             ty = kv_ptr.dtype.element_ty
-            if KV_FP8:  # one scale per row's head vector (kv_cache.py: amax / 448, floor 1e-6)
+            if KV_FP8:  # one scale per row's head vector (kv_cache.py: amax / 448, floor 1e-6) of V or K
+                # less k_shift
+                is_k = kv_i == 0
+                o1 -= tl.load(k_shift_ptr + head * 2 * HALF + offs, mask=is_k, other=0.0)[None, :]
+                o2 -= tl.load(k_shift_ptr + head * 2 * HALF + HALF + offs, mask=is_k, other=0.0)[None, :]
                 amax = tl.maximum(tl.max(tl.where(mask, tl.abs(o1), 0.0), axis=1),
                                   tl.max(tl.where(mask, tl.abs(o2), 0.0), axis=1))  # [BLOCK_M]
                 kv_sc = tl.maximum(amax, 1e-6) / 448.0
@@ -159,6 +164,7 @@ def _fused_gemv_kernel(
     slot_ptr,  # [M] slots, -1 = skip (ROPE_KV)
     kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (ROPE_KV; float8_e4m3fn when KV_FP8)
     kv_scale_ptr,  # [2, num_blocks, block_size, Hkv] float32 (unused unless KV_FP8)
+    k_shift_ptr,  # [Hkv, D] float32 (unused unless KV_FP8)
     M, N_OUT, N_W, K, k_split, split_k, num_tiles, second_off,
     stride_xm, stride_wn, stride_wk, stride_rm, stride_om, stride_oh, stride_cs, stride_kv_kv, stride_kv_slot,
     stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h,
@@ -200,15 +206,15 @@ def _fused_gemv_kernel(
                 if TWO:
                     acc2 += tl.load(p + cols2[None, :], mask=mask, other=0.0, cache_modifier=".cg")
             _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs,
-                      stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI, HQ,
-                      HKV, BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
+                      pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, k_shift_ptr, stride_rm, stride_om, stride_oh,
+                      stride_cs, stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h,
+                      EPI, HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
             tl.atomic_xchg(counter_ptr + piece * num_tiles + tile, 0)
     else:
         _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, stride_rm, stride_om, stride_oh, stride_cs,
-                  stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI, HQ, HKV,
-                  BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
+                  pos_ptr, cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, k_shift_ptr, stride_rm, stride_om, stride_oh,
+                  stride_cs, stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI,
+                  HQ, HKV, BLOCK_N, HAS_SCALE, HAS_BIAS, KV_FP8)
 
 
 class RopeKV(NamedTuple):
@@ -270,9 +276,8 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
             raise ValueError("fused_gemv: ROPE_KV needs rope=RopeKV(...)")
         hq, hkv, d = rope.num_heads, rope.num_kv_heads, rope.head_dim
         cs, (kv, kv_scale) = rope.cos_sin_cache, split_kv(rope.kv_cache)
-        check_kv_scale("fused_gemv", kv, kv_scale)
-        if kv_scale is not None and not kv_scale.is_contiguous():
-            raise ValueError("fused_gemv: kv_scale must be contiguous")
+        k_shift = k_shift_of(rope.kv_cache)
+        check_kv_writer("fused_gemv", kv, kv_scale, k_shift)
         if n != (hq + 2 * hkv) * d or d != next_pow2(d) or d < 32:
             raise ValueError(f"fused_gemv: ROPE_KV needs weight [(Hq + 2 Hkv) D, K] with D a power of two >= 32, "
                              f"got N = {n}, D = {d}")
@@ -288,8 +293,8 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
             raise ValueError(f"fused_gemv: q out must be [{m}, {hq}, {d}] with contiguous D")
         n_out, block_n, tiles, tile_stride, second = n, d // 2, hq + 2 * hkv, d, d // 2
         sc_strides = (kv_scale.stride(0), kv_scale.stride(2), kv_scale.stride(3)) if kv_scale is not None else (0,) * 3
-        extra = (rope.positions, cs, rope.slot_mapping, kv, kv_scale, out.stride(1), cs.stride(0), kv.stride(0),
-                 kv.stride(2), kv.stride(3), *sc_strides)
+        extra = (rope.positions, cs, rope.slot_mapping, kv, kv_scale, k_shift, out.stride(1), cs.stride(0),
+                 kv.stride(0), kv.stride(2), kv.stride(3), *sc_strides)
     else:
         if epilogue == SWIGLU and n % 2:
             raise ValueError(f"fused_gemv: SWIGLU needs an even N (|gate|up|), got {n}")
@@ -299,7 +304,7 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
             raise ValueError(f"fused_gemv: out must be [{m}, {n_out}] with contiguous rows")
         block_n = tiles = tile_stride = None
         second = n_out if epilogue == SWIGLU else 0
-        extra = (x, x, x, x, None, 0, 0, 0, 0, 0, 0, 0, 0)
+        extra = (x, x, x, x, None, None, 0, 0, 0, 0, 0, 0, 0, 0)
     if epilogue == RESIDUAL and (residual is None or tuple(residual.shape) != (m, n) or residual.stride(1) != 1):
         raise ValueError(f"fused_gemv: RESIDUAL needs residual [{m}, {n}] with contiguous rows")
     if m == 0:
@@ -319,10 +324,11 @@ def fused_gemv_triton(x: torch.Tensor, weight: torch.Tensor, *, epilogue: int = 
         ws = counters = out
     res = residual if residual is not None else x
     pdl = use_pdl(x.device, pdl)
-    pos, cs, slots, kv, kv_scale, stride_oh, stride_cs, s_kv, s_slot, s_h, sc_kv, sc_slot, sc_h = extra
+    pos, cs, slots, kv, kv_scale, k_shift, stride_oh, stride_cs, s_kv, s_slot, s_h, sc_kv, sc_slot, sc_h = extra
     _fused_gemv_kernel[(tiles, split_k, pieces)](
         x, weight, scale if scale is not None else x, bias if bias is not None else x, res, out, ws, counters, pos,
-        cs, slots, kv, kv_scale if kv_scale is not None else x, m, n_out, n, k, k_split, split_k, tiles, second,
+        cs, slots, kv, kv_scale if kv_scale is not None else x, k_shift if k_shift is not None else x, m, n_out, n,
+        k, k_split, split_k, tiles, second,
         x.stride(0), weight.stride(0), weight.stride(1), res.stride(0), out.stride(0), stride_oh, stride_cs, s_kv,
         s_slot, s_h, sc_kv, sc_slot, sc_h,
         EPI=epilogue, HQ=hq, HKV=hkv, TILE_STRIDE=tile_stride, BLOCK_M=ROW_PIECE, BLOCK_N=block_n,

@@ -9,12 +9,18 @@ or, with --kv-cache-dtype fp8, a KVCache of e4m3 values and one dynamic scale pe
 
     scale = max(amax(|x|), AMAX_FLOOR) / 448      stored = e4m3(x / scale)      x ~ stored * scale
 
-    KVCache.data  [2, num_blocks, block_size, Hkv, D] float8_e4m3fn
-    KVCache.scale [2, num_blocks, block_size, Hkv]    float32
+    KVCache.data    [2, num_blocks, block_size, Hkv, D] float8_e4m3fn
+    KVCache.scale   [2, num_blocks, block_size, Hkv]    float32
+    KVCache.k_shift [Hkv, D]                            float32
 
-so no calibration is needed, and the readers (the Triton attention kernels) dequantize as
-they load: K's scale multiplies the q.k logits of its key, V's the softmax weight of its key.
-Per block this stores D + 4 bytes per head vector instead of 2 D (bf16): about 2x the blocks.
+K is smoothed first (SageAttention's idea): x = k - k_shift, k_shift the layer's mean K per
+channel (engine/forward.py calibrate_k_shift, at engine start). A few channels of K carry
+large means (Qwen2.5: the k_proj bias); without the shift they set every head vector's scale
+and the other channels keep 1-2 bits. The shift is never added back: the attention logits
+of a query change by q . k_shift, the same for each of its keys, and softmax ignores that.
+So the readers (the Triton attention kernels) only dequantize as they load: K's scale
+multiplies the q.k logits of its key, V's the softmax weight of its key. Per block this
+stores D + 4 bytes per head vector instead of 2 D (bf16): about 2x the blocks.
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class KVCache(NamedTuple):
 
     data: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] float8_e4m3fn
     scale: torch.Tensor  # [2, num_blocks, block_size, Hkv] float32
+    k_shift: torch.Tensor  # [Hkv, D] float32, subtracted from K before it is quantized
 
 
 def split_kv(kv_cache: torch.Tensor | KVCache) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -41,6 +48,11 @@ def split_kv(kv_cache: torch.Tensor | KVCache) -> tuple[torch.Tensor, torch.Tens
     if isinstance(kv_cache, KVCache):
         return kv_cache.data, kv_cache.scale
     return kv_cache, None
+
+
+def k_shift_of(kv_cache: torch.Tensor | KVCache) -> torch.Tensor | None:
+    """What the cache's writers subtract from K before quantizing: an FP8 cache's k_shift, or None."""
+    return kv_cache.k_shift if isinstance(kv_cache, KVCache) else None
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
@@ -59,12 +71,16 @@ def kv_bytes_per_slot(num_kv_heads: int, head_dim: int, dtype: torch.dtype, kv_c
 
 
 def new_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, kv_cache_dtype: str, device: torch.device,
-                 zeros=torch.zeros) -> torch.Tensor | KVCache:
+                 zeros=torch.zeros, k_shift: torch.Tensor | None = None) -> torch.Tensor | KVCache:
     """A zeroed layer cache of `shape` [2, blocks, block_size, Hkv, D]; zeros(shape, dtype=,
-    device=) allocates (the runner passes a lazy one)."""
+    device=) allocates (the runner passes a lazy one). FP8: K is stored relative to k_shift
+    [Hkv, D] (zeros when None)."""
     if check_kv_cache_dtype(kv_cache_dtype) == "fp8":
+        shift = torch.zeros(shape[3:], dtype=torch.float32, device=device)
+        if k_shift is not None:
+            shift.copy_(k_shift)
         return KVCache(zeros(shape, dtype=FP8_KV_DTYPE, device=device),
-                       zeros(shape[:-1], dtype=torch.float32, device=device))
+                       zeros(shape[:-1], dtype=torch.float32, device=device), shift)
     return zeros(shape, dtype=dtype, device=device)
 
 
@@ -83,13 +99,15 @@ def dequantize_kv_ref(data: torch.Tensor, scale: torch.Tensor | None) -> torch.T
 def write_kv_ref(kv_cache: torch.Tensor | KVCache, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
     """k, v [T, Hkv, D] -> the cache at slot_mapping [T], -1 for rows that write nothing
-    (CUDA-graph padding), without a host sync.
+    (CUDA-graph padding), without a host sync. FP8: k - k_shift is what is quantized.
     NOTE: those rows rewrite slot 0 with its own value; slot 0 (a position-0 token) is only
     ever written by a prefill, never in a padded graph step."""
     data, scale = split_kv(kv_cache)
     _, nb, bs, hkv, d = data.shape
     valid = slot_mapping >= 0
     slots = slot_mapping.clamp(min=0)
+    if scale is not None:
+        k = k.float() - kv_cache.k_shift
     for i, x in ((0, k), (1, v)):
         if scale is None:
             writes = [(data.view(2, nb * bs, hkv, d)[i], x.to(data.dtype))]
@@ -105,7 +123,7 @@ def write_kv_ref(kv_cache: torch.Tensor | KVCache, k: torch.Tensor, v: torch.Ten
 def gather_kv_ref(kv_cache: torch.Tensor, kv_scale: torch.Tensor | None, blocks: torch.Tensor,
                   n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first n keys of a sequence whose blocks are `blocks` -> (K, V) [n, Hkv, D], in the
-    cache dtype, or float32 dequantized from FP8."""
+    cache dtype, or float32 dequantized from FP8 (K less its k_shift, as the kernels read it)."""
     hkv, d = kv_cache.shape[3:]
     k, v = (kv_cache[i, blocks].reshape(-1, hkv, d)[:n] for i in (0, 1))
     if kv_scale is None:
@@ -134,3 +152,17 @@ def check_kv_scale(op: str, kv_cache: torch.Tensor, kv_scale: torch.Tensor | Non
     if kv_scale is not None and (kv_scale.dtype != torch.float32 or kv_scale.shape != kv_cache.shape[:4]):
         raise ValueError(f"{op}: kv_scale must be float32 {tuple(kv_cache.shape[:4])}, got {kv_scale.dtype} "
                          f"{tuple(kv_scale.shape)}")
+
+
+def check_kv_writer(op: str, kv_cache: torch.Tensor, kv_scale: torch.Tensor | None,
+                    k_shift: torch.Tensor | None) -> None:
+    """A writer of an FP8 cache gets its contiguous scales and its k_shift (float32 [Hkv, D])."""
+    check_kv_scale(op, kv_cache, kv_scale)
+    if kv_scale is not None and not kv_scale.is_contiguous():
+        raise ValueError(f"{op}: kv_scale must be contiguous")
+    if (kv_scale is not None) != (k_shift is not None):
+        raise ValueError(f"{op}: an {FP8_KV_DTYPE} kv_cache needs k_shift, and only it")
+    if k_shift is not None and (k_shift.dtype != torch.float32 or k_shift.shape != kv_cache.shape[3:]
+                                or not k_shift.is_contiguous()):
+        raise ValueError(f"{op}: k_shift must be contiguous float32 {tuple(kv_cache.shape[3:])}, got "
+                         f"{k_shift.dtype} {tuple(k_shift.shape)}")

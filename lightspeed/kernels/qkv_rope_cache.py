@@ -10,7 +10,7 @@ write of K and V into the paged cache; returns the rotated q.
 Slot of token t: slot_mapping[t] = block * block_size + offset (-1: not written);
 kv_cache [2, num_blocks, block_size, Hkv, D], 0 = K, 1 = V. Math in float32. An FP8 cache
 (kv_cache.py) stores each K and V head vector as e4m3(x / scale), scale = amax(|x|) / 448 in
-kv_scale [2, num_blocks, block_size, Hkv].
+kv_scale [2, num_blocks, block_size, Hkv], where x is V or K less k_shift [Hkv, D].
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 
 from lightspeed.kernels._common import (check_last_dim_contiguous, next_pow2, pdl_launch_dependents, pdl_wait,
                                         require_triton, tl, triton, use_pdl)
-from lightspeed.kernels.kv_cache import KVCache, check_kv_scale, write_kv_ref
+from lightspeed.kernels.kv_cache import KVCache, check_kv_writer, write_kv_ref
 
 
 @triton.jit
@@ -30,6 +30,7 @@ def _qkv_rope_cache_kernel(
     slot_ptr,  # [T] int32/int64, -1 = skip
     kv_ptr,  # [2, num_blocks, block_size, Hkv, D] (float8_e4m3fn when KV_FP8)
     kv_scale_ptr,  # [2, num_blocks, block_size, Hkv] float32 (unused unless KV_FP8)
+    k_shift_ptr,  # [Hkv, D] float32 (unused unless KV_FP8)
     q_out_ptr,  # [T, Hq, D]
     stride_qkv, stride_cs, stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h,
     stride_qo_t, stride_qo_h,
@@ -78,8 +79,12 @@ def _qkv_rope_cache_kernel(
         if slot >= 0:
             k_dst = kv_ptr + slot * stride_kv_slot + j * stride_kv_h
             ty = kv_ptr.dtype.element_ty
-            if KV_FP8:  # one scale per head vector (K: its rotated halves and the rest); kv_cache.py's
-                # FP8_MAX = 448 and AMAX_FLOOR = 1e-6
+            if KV_FP8:  # one scale per head vector (K: its rotated halves and the rest, less k_shift);
+                # kv_cache.py's FP8_MAX = 448 and AMAX_FLOOR = 1e-6
+                shift = k_shift_ptr + j * D
+                o1 -= tl.load(shift + offs, mask=mh, other=0.0)
+                o2 -= tl.load(shift + HALF_R + offs, mask=mh, other=0.0)
+                xp -= tl.load(shift + offs_d, mask=m_pass, other=0.0)
                 k_amax = tl.maximum(tl.maximum(tl.max(tl.abs(o1), axis=0), tl.max(tl.abs(o2), axis=0)),
                                     tl.max(tl.abs(xp), axis=0))
                 k_sc = tl.maximum(k_amax, 1e-6) / 448.0
@@ -98,9 +103,10 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
                           cos_sin_cache: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor,
                           num_heads: int, num_kv_heads: int, head_dim: int, *,
                           q_out: torch.Tensor | None = None, pdl: bool = True,
-                          kv_scale: torch.Tensor | None = None) -> torch.Tensor:
+                          kv_scale: torch.Tensor | None = None, k_shift: torch.Tensor | None = None) -> torch.Tensor:
     """qkv: [T, (Hq + 2 Hkv) D] -> q [T, Hq, D] rotated; K (rotated) and V written to kv_cache
-    (FP8 kv_cache: quantized, their scales to kv_scale [2, blocks, block_size, Hkv], contiguous)."""
+    (FP8 kv_cache: K less k_shift [Hkv, D] and V quantized, their scales to kv_scale
+    [2, blocks, block_size, Hkv], contiguous)."""
     require_triton(qkv)
     hq, hkv, d = num_heads, num_kv_heads, head_dim
     t = qkv.shape[0]
@@ -121,9 +127,7 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
                          f"got {tuple(kv_cache.shape)}")
     if kv_cache.stride(4) != 1 or kv_cache.stride(1) != kv_cache.shape[2] * kv_cache.stride(2):
         raise ValueError("qkv_rope_cache: kv_cache blocks must be dense along (block, offset) with contiguous D")
-    check_kv_scale("qkv_rope_cache", kv_cache, kv_scale)
-    if kv_scale is not None and not kv_scale.is_contiguous():
-        raise ValueError("qkv_rope_cache: kv_scale must be contiguous")
+    check_kv_writer("qkv_rope_cache", kv_cache, kv_scale, k_shift)
     q_out = torch.empty((t, hq, d), dtype=qkv.dtype, device=qkv.device) if q_out is None else q_out
     if tuple(q_out.shape) != (t, hq, d) or q_out.stride(2) != 1:
         raise ValueError(f"qkv_rope_cache: q_out must be [T, {hq}, {d}] with contiguous D")
@@ -132,7 +136,7 @@ def qkv_rope_cache_triton(qkv: torch.Tensor, bias: torch.Tensor | None, position
     pdl = use_pdl(qkv.device, pdl)
     _qkv_rope_cache_kernel[(t, hq + hkv)](
         qkv, bias if bias is not None else qkv, positions, cos_sin_cache, slot_mapping, kv_cache,
-        kv_scale if kv_scale is not None else qkv, q_out,
+        kv_scale if kv_scale is not None else qkv, k_shift if k_shift is not None else qkv, q_out,
         qkv.stride(0), cos_sin_cache.stride(0), kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
         *((kv_scale.stride(0), kv_scale.stride(2), kv_scale.stride(3)) if kv_scale is not None else (0, 0, 0)),
         q_out.stride(0), q_out.stride(1),

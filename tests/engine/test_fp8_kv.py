@@ -5,7 +5,7 @@ import torch
 
 from lightspeed import LLM, EngineConfig, SamplingParams, SpeculativeConfig
 from lightspeed.engine.engine import _kv_num_blocks
-from lightspeed.engine.forward import sequence_logits
+from lightspeed.engine.forward import calibrate_k_shift, calibration_ids, reference_text, sequence_logits
 from lightspeed.errors import InvalidRequestError
 from lightspeed.kernels.kv_cache import KVCache
 from tests.tiny import make_tiny_checkpoint
@@ -23,7 +23,7 @@ def test_fp8_kv_close_to_unquantized(tmp_path):
     model = ref.engine.runner.model
     agree = total = 0
     for p in prompts:  # teacher-forced: the logits of every position
-        a, b = sequence_logits(model, p), sequence_logits(model, p, kv_cache_dtype="fp8")
+        a, b = sequence_logits(model, p), sequence_logits(model, p, "fp8", fp8.engine.runner.k_shift)
         # NOTE: head_dim 16 here; e4m3 noise on a tiny random model, whose top-2 margins are ~0.1
         assert float((a - b).norm() / a.norm()) < 0.06
         agree, total = agree + int((a.argmax(-1) == b.argmax(-1)).sum()), total + len(p)
@@ -32,11 +32,27 @@ def test_fp8_kv_close_to_unquantized(tmp_path):
     assert outs_ref[0].token_ids != [] and all(len(o.token_ids) == 8 for o in outs_fp8)
     for p, o in zip(prompts, outs_fp8):  # the engine (chunked prefill, decode) computes what the reference does
         ids = p + o.token_ids
-        picked = sequence_logits(model, ids, kv_cache_dtype="fp8")[len(p) - 1:-1].argmax(-1).tolist()
+        picked = sequence_logits(model, ids, "fp8", fp8.engine.runner.k_shift)[len(p) - 1:-1].argmax(-1).tolist()
         assert sum(x == y for x, y in zip(picked, o.token_ids)) >= 7
     # a prefix-cache hit reads the FP8 blocks the first request wrote: the same answer
     again = fp8.generate(prompts[1], GREEDY)[0]
     assert again.token_ids == outs_fp8[1].token_ids
+
+
+def test_k_shift_is_calibrated_at_start(tmp_path):
+    """The engine's FP8 caches store K less each layer's mean K over the calibration text; an
+    unquantized cache has none."""
+    make_tiny_checkpoint(tmp_path, "qwen2")
+    llm = LLM(str(tmp_path), device="cpu", kv_cache_dtype="fp8")
+    r = llm.engine.runner
+    want = calibrate_k_shift(r.model, llm.engine.tokenizer)
+    assert len(r.k_shift) == len(r.kv_caches) == len(want) and r.k_shift[0].shape == r.kv_caches[0].data.shape[3:]
+    for cache, shift, w in zip(r.kv_caches, r.k_shift, want):
+        assert torch.equal(cache.k_shift, shift) and torch.equal(shift, w) and float(shift.abs().amax()) > 0
+    # the mean of what the unquantized cache holds for the calibration tokens
+    ids = calibration_ids(llm.engine.tokenizer, r.config.vocab_size, 40)
+    assert len(ids) == 40 and llm.engine.tokenizer.decode(ids) in reference_text()
+    assert LLM(str(tmp_path), device="cpu").engine.runner.k_shift is None
 
 
 def test_fp8_kv_with_speculation_is_lossless(tmp_path):
@@ -126,6 +142,7 @@ def test_fp8_kv_gpu_graphs_equal_eager(tmp_path, spec):
     assert runs[0] == runs[1]
     cpu = LLM(str(tmp_path / "t"), device="cpu").engine.runner.model
     ids = prompts[1] + runs[0][1]
-    a = sequence_logits(cpu, ids, kv_cache_dtype="fp8")
-    b = sequence_logits(llm.engine.runner.model, ids, kv_cache_dtype="fp8").cpu()
+    shift = llm.engine.runner.k_shift
+    a = sequence_logits(cpu, ids, "fp8", [s.cpu() for s in shift])
+    b = sequence_logits(llm.engine.runner.model, ids, "fp8", shift).cpu()
     assert float((a - b).norm() / a.norm()) < 0.05

@@ -169,7 +169,8 @@ def compile_all() -> None:
                                                torch.tensor([100], dtype=torch.int32), bt, 0.1, 60, None, 64)
             # fused layers (every epilogue, split-K or not) and the FP8 KV cache's writers and readers
             hq, hkv, d, h, inter = 12, 2, 128, 1536, 8960
-            fp8_kv = KVCache(torch.zeros(2, 70, 16, hkv, d, dtype=FP8_KV_DTYPE), torch.ones(2, 70, 16, hkv))
+            fp8_kv = KVCache(torch.zeros(2, 70, 16, hkv, d, dtype=FP8_KV_DTYPE), torch.ones(2, 70, 16, hkv),
+                             torch.zeros(hkv, d))
             bt, sl = torch.arange(68, dtype=torch.int32)[None], torch.tensor([1024], dtype=torch.int32)
             for t in (1, 2):
                 x = torch.randn(t, h, dtype=bf)
@@ -184,7 +185,8 @@ def compile_all() -> None:
                         _try(fused_gemv_triton, x, torch.randn((hq + 2 * hkv) * d, h, dtype=bf), epilogue=ROPE_KV,
                              bias=torch.randn((hq + 2 * hkv) * d, dtype=bf), rope=rope, config=cfg)
                 _try(qkv_rope_cache_triton, torch.randn(t, (hq + 2 * hkv) * d, dtype=bf), None, torch.arange(t),
-                     torch.randn(4096, d), torch.arange(t), fp8_kv.data, hq, hkv, d, kv_scale=fp8_kv.scale)
+                     torch.randn(4096, d), torch.arange(t), fp8_kv.data, hq, hkv, d, kv_scale=fp8_kv.scale,
+                     k_shift=fp8_kv.k_shift)
             _try(paged_decode_attention_triton, torch.randn(1, hq, d, dtype=bf), fp8_kv.data, bt, sl, 0.1, 1024,
                  kv_scale=fp8_kv.scale)
             _try(paged_verify_attention_triton, torch.randn(5, hq, d, dtype=bf), fp8_kv.data,

@@ -36,7 +36,8 @@ def test_quantize_roundtrip():
 
 def test_write_ref_skips_padding_and_copy_moves_scales():
     nb, bs, hkv, d = 3, 4, 2, 16
-    cache = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE), torch.zeros(2, nb, bs, hkv))
+    cache = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE), torch.zeros(2, nb, bs, hkv),
+                    torch.zeros(hkv, d))
     k, v = torch.randn(3, hkv, d), torch.randn(3, hkv, d)
     write_kv_ref(cache, k, v, torch.tensor([5, -1, 9]))
     flat = dequantize_kv_ref(cache.data, cache.scale).view(2, nb * bs, hkv, d)
@@ -45,6 +46,32 @@ def test_write_ref_skips_padding_and_copy_moves_scales():
     copy_kv_slots([cache], [9], [2])
     flat2 = dequantize_kv_ref(cache.data, cache.scale).view(2, nb * bs, hkv, d)
     assert torch.equal(flat2[:, 2], flat2[:, 9])
+
+
+def test_write_ref_stores_k_less_its_shift():
+    nb, bs, hkv, d = 2, 4, 2, 16
+    shift = torch.randn(hkv, d) * 10
+    cache = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE), torch.zeros(2, nb, bs, hkv), shift)
+    k, v = torch.randn(3, hkv, d) + shift, torch.randn(3, hkv, d)
+    write_kv_ref(cache, k, v, torch.tensor([1, 2, 6]))
+    flat = dequantize_kv_ref(cache.data, cache.scale).view(2, nb * bs, hkv, d)
+    assert rel_err(flat[0, [1, 2, 6]], k - shift) < FP8_TOL and rel_err(flat[1, [1, 2, 6]], v) < FP8_TOL
+
+
+def test_k_shift_leaves_attention_unchanged_and_sharpens_k():
+    """K with large channel means (Qwen2.5's k_proj bias): stored less their mean, the keys keep
+    their small parts, and attention (softmax ignores q . shift) is closer to the exact one."""
+    q, kv, bt, sl, _ = make_batch([40, 33], [1, 1], 4, 2, 64, 8, torch.float32, "cpu")
+    mean = torch.zeros(2, 64)
+    mean[:, :4] = 30.0  # a few outlier channels, as in real K
+    kv[0] += mean
+    exact = paged_decode_attention_ref(q, kv, bt, sl, 0.125)
+    errs = []
+    for shift in (torch.zeros(2, 64), mean):
+        (kd, ks), (vd, vs) = quantized(kv[0] - shift), quantized(kv[1])
+        o = paged_decode_attention_ref(q, torch.stack([kd, vd]), bt, sl, 0.125, kv_scale=torch.stack([ks, vs]))
+        errs.append(rel_err(o, exact))
+    assert errs[1] < FP8_TOL and errs[1] < errs[0] / 2, errs
 
 
 DECODE_CASES = [  # seq_lens, hq, hkv, d, block_size, num_parts
@@ -108,9 +135,10 @@ def test_qkv_rope_cache_fp8(device, dtype):
     slots[2] = -1  # a padding token: nothing written
     cs = cos_sin_cache(d, max_pos).to(device)
     kv = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE, device=device),
-                 torch.full((2, nb, bs, hkv), -1.0, device=device))
-    kv_ref = KVCache(kv.data.clone(), kv.scale.clone())
-    q = qkv_rope_cache_triton(qkv, b, positions, cs, slots, kv.data, hq, hkv, d, kv_scale=kv.scale)
+                 torch.full((2, nb, bs, hkv), -1.0, device=device), torch.randn(hkv, d, device=device))
+    kv_ref = KVCache(kv.data.clone(), kv.scale.clone(), kv.k_shift)
+    q = qkv_rope_cache_triton(qkv, b, positions, cs, slots, kv.data, hq, hkv, d, kv_scale=kv.scale,
+                              k_shift=kv.k_shift)
     q_ref = qkv_rope_cache_ref(qkv, b, positions, cs, slots, kv_ref, hq, hkv, d)
     assert rel_err(q, q_ref) < TOL[dtype] / 4
     written = torch.zeros(nb * bs, dtype=torch.bool, device=device)
@@ -146,8 +174,8 @@ def test_fused_gemv_rope_kv_fp8(device, m, cfg):
     slots = torch.randperm(nb * bs, device=device)[:m]
     slots[0] = -1  # a padding row writes nothing
     kv = KVCache(torch.zeros(2, nb, bs, hkv, d, dtype=FP8_KV_DTYPE, device=device),
-                 torch.full((2, nb, bs, hkv), -1.0, device=device))
-    kv_ref = KVCache(kv.data.clone(), kv.scale.clone())
+                 torch.full((2, nb, bs, hkv), -1.0, device=device), torch.randn(hkv, d, device=device))
+    kv_ref = KVCache(kv.data.clone(), kv.scale.clone(), kv.k_shift)
     rope = RopeKV(torch.randint(0, 50, (m,), device=device), torch.randn(64, d, device=device), slots, kv, hq, hkv, d)
     q = fused_gemv_triton(x, w, epilogue=ROPE_KV, bias=b, rope=rope, config=cfg)
     q_ref = fused_gemv_ref(x, w, epilogue=ROPE_KV, bias=b, rope=rope._replace(kv_cache=kv_ref))
