@@ -8,6 +8,8 @@
 # accuracy report and the HTTP curve of the preset. JSON: bench/results/max-throughput-*.json.
 #   bash bench/device/max_throughput.sh
 #   PARTS=tests,host,offline,accuracy,serve (the default: all): only those parts; INTERVALS="8 1": serve's stream intervals
+#   PARTS=fp8kv: offline, the preset with its KV cache in bf16 and in FP8 (the FP8 KV cache's throughput)
+#   PARTS=chunks CHUNKS="2048 16384": serve (interval 8, c=256/512) at other --max-num-batched-tokens
 #   SKIP_TESTS=1 SHAPE=tiny-llama BATCHES=4,8 OUTPUT_LEN=8 EXTRA="--device cpu" bash bench/device/max_throughput.sh  # CPU smoke
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
@@ -40,6 +42,19 @@ if [[ $PARTS == *offline* ]]; then
         --plot "$RES/max-throughput-offline-overlap.png" ${EXTRA:-}
     copy "$RES/max-throughput-offline-overlap.png"
     bench max-throughput-offline-preset 120 $OFFLINE --preset max-throughput ${EXTRA:-}
+fi
+if [[ $PARTS == *fp8kv* ]]; then
+    bench max-throughput-offline-preset 120 $OFFLINE --preset max-throughput ${EXTRA:-}
+    bench max-throughput-offline-preset-fp8kv 120 $OFFLINE --preset max-throughput --kv-cache-dtype fp8 ${EXTRA:-}
+fi
+if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *chunks* ]]; then
+    for chunk in ${CHUNKS:-2048 16384}; do
+        echo "=== serve, --max-num-batched-tokens $chunk  [$(( $(date +%s) - T0 )) s]"
+        timeout 200 python -m lightspeed.cli bench serve --model "$MODEL" --preset max-throughput \
+            --concurrency 256,512 --prompts humaneval --output-len 256 --server-arg=--max-num-batched-tokens=$chunk \
+            --out "$RES/max-throughput-serve-chunk$chunk.json" 2>&1 | tail -4
+        copy "$RES/max-throughput-serve-chunk$chunk.json"
+    done
 fi
 if [ -f "${LIGHTSPEED_HOME:-/nonexistent}/models/$MODEL.gguf" ] && [[ $PARTS == *accuracy* ]]; then
     echo "=== fp8 kv accuracy  [$(( $(date +%s) - T0 )) s]"
