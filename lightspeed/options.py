@@ -26,9 +26,9 @@ PRESETS = {
                         stream_interval=1),
     # large batches and prefill chunks, streamed outputs every 8 tokens.
     # NOTE: bf16 weights and KV, as measured on an H200 (bench/results/max-throughput-offline-*.json,
-    # Qwen2.5-1.5B shape, batch 512): bf16 61.9k tok/s vs FP8 weights + FP8 KV 29.3k (FP8 linears
-    # above 16 rows dequantize the weight each call); FP8 KV also doubled Qwen2.5-Coder-1.5B's
-    # perplexity (max-throughput-fp8kv-accuracy.json)
+    # Qwen2.5-1.5B shape): bf16 61.9k tok/s vs FP8 weights + FP8 KV 29.3k at batch 512 (FP8 linears
+    # above 16 rows dequantize the weight each call); bf16 weights + FP8 KV lost 12% at batch 256,
+    # the best HTTP point (max-throughput-offline-preset-fp8kv.json)
     "max-throughput": dict(quantization="none", kv_cache_dtype="auto", max_num_seqs=512, max_num_batched_tokens=8192,
                            stream_interval=8),
 }
