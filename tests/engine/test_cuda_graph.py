@@ -17,6 +17,23 @@ from lightspeed.layers.attention import attention_bound
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 
+def test_warm_up_requests_run_to_their_end_and_leave_the_engine_as_it_was(tmp_path):
+    """Engine.warm_up's requests (run on GPUs, so the first prefills compile nothing): they
+    finish, free their blocks and leave no state; the engine then answers as a fresh one."""
+    from lightspeed import LLM
+    from tests.tiny import make_tiny_checkpoint
+    make_tiny_checkpoint(tmp_path, "qwen2")
+    prompts = _prompts([7, 30])
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    fresh = [o.token_ids for o in LLM(str(tmp_path), device="cpu", block_size=4).generate(prompts, params)]
+    llm = LLM(str(tmp_path), device="cpu", block_size=4)
+    e = llm.engine
+    e.run_warm_up_requests()
+    assert not e.has_unfinished_requests() and not e._states and not e.runner.generators
+    assert e.block_manager.num_free_blocks == e.block_manager.num_blocks
+    assert [o.token_ids for o in llm.generate(prompts, params)] == fresh
+
+
 def req(rid, tokens, start, table, drafts=0, last=True, parents=None):
     return ScheduledRequest(rid, tokens, start, table, drafts, last, GREEDY, 0, parents)  # the whole table
 
@@ -173,9 +190,10 @@ def test_warmed_up_graphs_serve_decode_without_new_captures(tmp_path):
     prompts = _prompts([7, 30, 12])
     eager, _ = _generate(tmp_path, prompts, False, "bfloat16")
     llm = LLM(str(tmp_path), device="cuda", dtype="bfloat16", enable_cuda_graph=True, block_size=4, max_num_seqs=8)
-    n = llm.engine.warm_up()
+    n = llm.engine.warm_up()  # and its requests, whose steps capture nothing new
     graphs = llm.engine.runner.graphs
     assert n == len(graphs.graphs) == len(graphs.buckets) * 2  # bounds 256 and 512: max_model_len is larger
+    assert not llm.engine.has_unfinished_requests()
     keys = set(graphs.graphs)
     assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == eager
     assert set(graphs.graphs) == keys
