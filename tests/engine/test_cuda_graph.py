@@ -17,16 +17,19 @@ from lightspeed.layers.attention import attention_bound
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 
-def test_warm_up_requests_run_to_their_end_and_leave_the_engine_as_it_was(tmp_path):
-    """Engine.warm_up's requests (run on GPUs, so the first prefills compile nothing): they
-    finish, free their blocks and leave no state; the engine then answers as a fresh one."""
+@pytest.mark.parametrize("overlap", [False, True])
+def test_warm_up_requests_run_to_their_end_and_leave_the_engine_as_it_was(tmp_path, overlap):
+    """Engine.warm_up's requests (run on GPUs, so the first prefills compile nothing), one step
+    at a time and under overlap scheduling (a GPU server's default): they finish, free their
+    blocks and leave no state; the engine then answers as a fresh one."""
     from lightspeed import LLM
     from tests.tiny import make_tiny_checkpoint
     make_tiny_checkpoint(tmp_path, "qwen2")
     prompts = _prompts([7, 30])
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     fresh = [o.token_ids for o in LLM(str(tmp_path), device="cpu", block_size=4).generate(prompts, params)]
-    llm = LLM(str(tmp_path), device="cpu", block_size=4)
+    llm = LLM(str(tmp_path), device="cpu", block_size=4, overlap_schedule=overlap)
+    assert llm.engine.overlap == overlap
     e = llm.engine
     e.run_warm_up_requests()
     assert not e.has_unfinished_requests() and not e._states and not e.runner.generators
