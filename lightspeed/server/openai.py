@@ -183,7 +183,8 @@ def build_app(engine: EngineClient, model_name: str, api_key: str | None = None,
 
 # NOTE: a prompt this short tokenizes in tens of microseconds, less than a hop to a worker
 # thread costs the event loop, which bounds the server when hundreds of requests arrive at once
-# (H200, c=512: 98% busy); with the async API-key check, 481 -> 555 requests/s on a 2-core CPU
+# (H200, c=512: 98% busy); with the async API-key check, 447 -> 525 requests/s on a 2-core CPU
+# (bench/results/http-request-rate-cpu.json)
 INLINE_TOKENIZE_CHARS = 4096
 
 
