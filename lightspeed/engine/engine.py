@@ -10,7 +10,7 @@ import torch
 
 from lightspeed.config import EngineConfig, SamplingParams
 from lightspeed.engine.block_manager import BlockManager
-from lightspeed.engine.forward import calibrate_k_shift
+from lightspeed.engine.forward import calibrate_k_shift, rope_positions
 from lightspeed.engine.outputs import RequestMetrics, RequestOutput
 from lightspeed.engine.penalties import has_penalties
 from lightspeed.engine.profile import NULL_TIMER
@@ -103,12 +103,12 @@ class Engine:
             model, self.tokenizer = load_model(config.model, self.device, self.dtype, config.quantization)
             k_shift = calibrate_k_shift(model, self.tokenizer, config.kv_cache_dtype)
         self.model_config = mc = model.config
-        rope_positions = getattr(getattr(model, "model", model), "max_positions", mc.max_position_embeddings)
-        if config.max_model_len is not None and config.max_model_len > rope_positions and not config.allow_long_context:
+        max_positions = rope_positions(model)
+        if config.max_model_len is not None and config.max_model_len > max_positions and not config.allow_long_context:
             raise InvalidRequestError(
-                f"--max-model-len {config.max_model_len} is more than this model's context of {rope_positions} "
+                f"--max-model-len {config.max_model_len} is more than this model's context of {max_positions} "
                 "tokens (its position embeddings); lower it, leave it unset, or pass --allow-long-context to cap it")
-        max_len = min(config.max_model_len or mc.max_position_embeddings, rope_positions)
+        max_len = min(config.max_model_len or mc.max_position_embeddings, max_positions)
         num_blocks = _kv_num_blocks(config, mc, self.dtype, self.device, max_len)
         # NOTE: a context longer than the whole cache could never run; cap it there
         self.max_model_len = min(max_len, num_blocks * config.block_size)

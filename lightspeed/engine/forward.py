@@ -27,6 +27,11 @@ def calibration_ids(tokenizer, vocab_size: int, n: int = CALIBRATION_TOKENS) -> 
     return tokenizer.encode(reference_text()[-16 * n:], add_special_tokens=False)[-n:]
 
 
+def rope_positions(model) -> int:
+    """The positions a model's rotary tables cover (its context)."""
+    return getattr(getattr(model, "model", model), "max_positions", model.config.max_position_embeddings)
+
+
 def calibrate_k_shift(model, tokenizer, kv_cache_dtype: str = "fp8") -> list[torch.Tensor] | None:
     """The FP8 KV cache's k_shift (kernels/kv_cache.py): each layer's mean K per channel
     [Hkv, D] float32 (rotated, as cached) over the calibration text, read back from an
@@ -34,9 +39,7 @@ def calibrate_k_shift(model, tokenizer, kv_cache_dtype: str = "fp8") -> list[tor
     rank runs it at the same point (the forward all-reduces) and gets its own kv heads' shift."""
     if kv_cache_dtype != "fp8":
         return None
-    inner = getattr(model, "model", model)
-    n = min(CALIBRATION_TOKENS, getattr(inner, "max_positions", model.config.max_position_embeddings))
-    ids = calibration_ids(tokenizer, model.config.vocab_size, n)
+    ids = calibration_ids(tokenizer, model.config.vocab_size, min(CALIBRATION_TOKENS, rope_positions(model)))
     _, caches = _packed(model, [ids])
     return [c[0].flatten(0, 1)[:len(ids)].float().mean(0).contiguous() for c in caches]
 

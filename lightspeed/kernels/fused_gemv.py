@@ -93,8 +93,7 @@ def _rounded(acc, cols, n_ok, scale_ptr, bias_ptr, DT: tl.constexpr, HAS_SCALE: 
 @triton.jit
 def _epilogue(acc1, acc2, tile, rows, row_ok, cols1, cols2, n_ok, scale_ptr, bias_ptr, res_ptr, out_ptr, pos_ptr,
               cs_ptr, slot_ptr, kv_ptr, kv_scale_ptr, k_shift_ptr, stride_rm, stride_om, stride_oh, stride_cs,
-              stride_kv_kv,
-              stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI: tl.constexpr,
+              stride_kv_kv, stride_kv_slot, stride_kv_h, stride_sc_kv, stride_sc_slot, stride_sc_h, EPI: tl.constexpr,
               HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, HAS_SCALE: tl.constexpr,
               HAS_BIAS: tl.constexpr, KV_FP8: tl.constexpr):
     DT = out_ptr.dtype.element_ty

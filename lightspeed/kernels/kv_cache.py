@@ -76,9 +76,8 @@ def new_kv_cache(shape: tuple[int, ...], dtype: torch.dtype, kv_cache_dtype: str
     device=) allocates (the runner passes a lazy one). FP8: K is stored relative to k_shift
     [Hkv, D] (zeros when None)."""
     if check_kv_cache_dtype(kv_cache_dtype) == "fp8":
-        shift = torch.zeros(shape[3:], dtype=torch.float32, device=device)
-        if k_shift is not None:
-            shift.copy_(k_shift)
+        shift = torch.zeros(shape[3:], dtype=torch.float32, device=device) if k_shift is None else \
+            k_shift.to(device=device, dtype=torch.float32, copy=True)
         return KVCache(zeros(shape, dtype=FP8_KV_DTYPE, device=device),
                        zeros(shape[:-1], dtype=torch.float32, device=device), shift)
     return zeros(shape, dtype=dtype, device=device)
