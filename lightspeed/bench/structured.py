@@ -67,14 +67,18 @@ def _run(llm, prompts: list[str], params, batch: bool, desc: str):
     """Outputs of `prompts` after one warm-up pass of the same runs; batch: all at once,
     else one at a time; a progress bar `desc` over the prompts.
     NOTE: the warm-up captures every CUDA graph the timed pass uses: each batch size, and each
-    verify length (trimmed drafts under a grammar have many) and attention bound."""
+    verify length (trimmed drafts under a grammar have many) and attention bound. The timed
+    pass runs with the engine's objects frozen out of the garbage collector, as bench latency's."""
+    from lightspeed.engine.profile import gc_frozen
     from lightspeed.progress import progress
     if batch:
         llm.generate(prompts, params)
-        return llm.generate(prompts, params, progress=desc)
+        with gc_frozen():
+            return llm.generate(prompts, params, progress=desc)
     for p in progress(prompts, f"{desc} (warm-up)", "prompt"):
         llm.generate([p], params)
-    return [llm.generate([p], params)[0] for p in progress(prompts, desc, "prompt")]
+    with gc_frozen():
+        return [llm.generate([p], params)[0] for p in progress(prompts, desc, "prompt")]
 
 
 def compile_rows(llm) -> list[dict]:

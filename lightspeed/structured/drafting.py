@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from lightspeed.structured.bitmask import apply_bitmask, host_bitmask
+
 
 class _Walk:
     """One request's matcher moved along draft paths (a stack of accepted draft tokens)."""
@@ -70,11 +72,11 @@ class DraftMasks:
         after paths[i]; unconstrained requests' rows are left as they are. -> per row, False
         when the path itself is invalid (or ends the output): nothing should be drafted
         after it (its row is then masked entirely)."""
-        width = (logits.shape[-1] + 31) // 32
-        if self._host is None or self._host.shape[0] < len(paths) or self._host.shape[1] != width:
-            self._host = torch.empty((max(len(paths), 8), width), dtype=torch.int32)
+        self._host = host_bitmask(self._host, len(paths), (logits.shape[-1] + 31) // 32,
+                                  logits.device.type == "cuda")
         bitmask = self._host[: len(paths)]
-        live, rows = [], []
+        bitmask.fill_(-1)  # unconstrained rows allow every token
+        live, rows = [], 0
         for i, (rid, path) in enumerate(zip(request_ids, paths)):
             if rid not in self.batch:
                 live.append(True)
@@ -85,12 +87,9 @@ class DraftMasks:
             else:
                 bitmask[i] = 0
             live.append(ok)
-            rows.append(i)
+            rows += 1
         if rows:
-            import xgrammar
-            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                                 vocab_size=min(logits.shape[-1], self.batch.vocab_size),
-                                                 indices=rows)
+            apply_bitmask(logits, bitmask, self.batch.shifts(logits.device))
         return live
 
     def repair(self, request_id: str, drafts: list[int], candidates: list[list[int]]) -> list[int]:

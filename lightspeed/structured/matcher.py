@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lightspeed.speculative.verify import children_of
+from lightspeed.structured.bitmask import apply_bitmask, host_bitmask
 
 
 class GrammarBatch:
@@ -37,7 +38,7 @@ class GrammarBatch:
         self.num_accepted: dict[str, int] = {}  # request id -> emitted tokens its matcher accepted
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
         self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
-        self._host_rows: torch.Tensor | None = None  # [>= rows] int32 pinned buffer of the masked rows (CUDA)
+        self._shifts: torch.Tensor | None = None  # arange(32) on the logits' device (apply_bitmask)
         self._batch = None  # xgrammar.BatchGrammarMatcher: fills many requests' masks on several threads
 
     def add(self, request_id: str, compiled) -> None:
@@ -65,7 +66,7 @@ class GrammarBatch:
         todo = [(i, s) for i, s in enumerate(sched.scheduled) if s.is_last_chunk and s.request_id in self.grammars]
         if not todo:
             return
-        bitmask = self._bitmask(logits)  # [num_logits, ceil(V / 32)]; only the rows filled below are read
+        bitmask = self._bitmask(logits)  # [num_logits, ceil(V / 32)]; rows not filled below allow every token
         rows: list[int] = []
         plain = []  # (matcher, row) of requests without drafts: filled together, on several threads
         for i, s in todo:
@@ -84,37 +85,26 @@ class GrammarBatch:
             if self._batch is None:
                 self._batch = self._xgr.BatchGrammarMatcher()
             self._batch.batch_fill_next_token_bitmask([m for m, _ in plain], bitmask, [r for _, r in plain])
-        rows = sorted(rows + [r for _, r in plain])
+        rows = rows + [r for _, r in plain]
         if not rows:
             return
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                              vocab_size=logits.shape[-1], indices=self._indices(rows, logits))
+        if len(rows) < logits.shape[0]:  # NOTE: every row is applied; the others allow every token
+            bitmask[sorted(set(range(logits.shape[0])) - set(rows))] = -1
+        apply_bitmask(logits, bitmask, self.shifts(logits.device))
         self.num_masked_rows += len(rows)
 
-    def _indices(self, rows: list[int], logits: torch.Tensor) -> list[int] | torch.Tensor | None:
-        """The masked rows for apply_token_bitmask_inplace: None when they are all of them (batch
-        1), else an int32 tensor on the logits' device copied from a reused pinned buffer.
-        NOTE: xgrammar would build a new tensor from the list every step and copy it from
-        pageable memory (an allocation and a driver staging copy on the step's path)."""
-        if rows == list(range(logits.shape[0])):
-            return None
-        if logits.device.type != "cuda":
-            return rows
-        if self._host_rows is None or self._host_rows.shape[0] < len(rows):
-            self._host_rows = torch.empty(max(len(rows), 64), dtype=torch.int32, pin_memory=True)
-        host = self._host_rows[: len(rows)]
-        host.copy_(torch.tensor(rows, dtype=torch.int32))
-        return host.to(logits.device, non_blocking=True)
+    def shifts(self, device: torch.device) -> torch.Tensor:
+        if self._shifts is None or self._shifts.device != device:
+            self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+        return self._shifts
 
     def _bitmask(self, logits: torch.Tensor) -> torch.Tensor:
         """A view of the reused host buffer for this step's rows.
         NOTE: reusing it is safe: the step's sampling copies its tokens to the host, which
         waits for this step's (non-blocking) copy of the buffer to the device."""
-        rows, width = logits.shape[0], (logits.shape[-1] + 31) // 32
-        if self._host is None or self._host.shape[0] < rows or self._host.shape[1] != width:
-            size = max(rows, 2 * self._host.shape[0] if self._host is not None else 64)
-            self._host = torch.empty((size, width), dtype=torch.int32, pin_memory=logits.device.type == "cuda")
-        return self._host[:rows]
+        self._host = host_bitmask(self._host, logits.shape[0], (logits.shape[-1] + 31) // 32,
+                                  logits.device.type == "cuda")
+        return self._host[: logits.shape[0]]
 
     def _fill_tree(self, m, bitmask: torch.Tensor, first: int, drafts: list[int], parents: list[int]) -> list[int]:
         """Masks of the root row and of every draft node the grammar accepts -> their rows; none

@@ -122,3 +122,20 @@ def test_draft_masks_repair_a_chain_drafted_without_masks(batch):
     masks.close()
     batch.advance(RunnerOutput(sampled_token_ids={"g": [a]}))  # rolled back to the root
     batch.drop("g")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_apply_bitmask_equals_xgrammar(device):
+    """apply_bitmask (torch kernels) masks what xgrammar's apply_token_bitmask_inplace masks,
+    for logits wider than the bitmask's last word and rows that allow everything (-1)."""
+    import xgrammar
+
+    from lightspeed.structured.bitmask import apply_bitmask
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 1000, generator=g).to(device)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (5, 32), dtype=torch.int32, generator=g)
+    bitmask[2] = -1
+    expected = logits.clone()
+    xgrammar.apply_token_bitmask_inplace(expected, bitmask.to(device), vocab_size=1000)
+    apply_bitmask(logits, bitmask, torch.arange(32, dtype=torch.int32, device=device))
+    assert torch.equal(logits, expected) and torch.isfinite(logits[2]).all()
