@@ -16,10 +16,12 @@ def host_bitmask(buffer: torch.Tensor | None, rows: int, width: int, pinned: boo
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, shifts: torch.Tensor) -> None:
     """logits [R, V] (in place) <- -inf where the token's bit in `bitmask` ([R, ceil(V / 32)]
-    int32 on the host, a set bit = allowed) is 0; shifts: arange(32) int32 on the logits' device.
-    NOTE: four small torch kernels, about 20 us of host time; xgrammar's Triton
+    int32 on the host, a set bit = allowed) is 0; shifts: arange(8) uint8 on the logits' device.
+    The words are unpacked a byte at a time (little-endian: byte b of word w holds tokens
+    32 w + 8 b ...), so each temporary holds one byte per token.
+    NOTE: a few small torch kernels, about 20 us of host time; xgrammar's Triton
     apply_token_bitmask_inplace took 175 us of host time per call at batch 1 on the H200
     (bench/results/structured-spec-profile-draft-h200.json), every speculative step under a grammar."""
-    bits = bitmask.to(logits.device, non_blocking=True)[:, :, None] >> shifts  # [R, W, 32]
-    allowed = (bits & 1).view(bits.shape[0], -1)[:, : logits.shape[-1]]
-    logits.masked_fill_(allowed == 0, float("-inf"))
+    words = bitmask.to(logits.device, non_blocking=True)
+    bits = (words.view(torch.uint8)[:, :, None] >> shifts) & 1  # [R, 4 W, 8]
+    logits.masked_fill_(bits.view(bits.shape[0], -1)[:, : logits.shape[-1]] == 0, float("-inf"))

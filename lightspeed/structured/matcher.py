@@ -38,7 +38,7 @@ class GrammarBatch:
         self.num_accepted: dict[str, int] = {}  # request id -> emitted tokens its matcher accepted
         self.num_masked_rows = 0  # rows masked so far (tests, benchmarks)
         self._host: torch.Tensor | None = None  # [rows, ceil(V / 32)] int32 bitmask buffer (pinned on CUDA)
-        self._shifts: torch.Tensor | None = None  # arange(32) on the logits' device (apply_bitmask)
+        self._shifts: torch.Tensor | None = None  # arange(8) uint8 on the logits' device (apply_bitmask)
         self._batch = None  # xgrammar.BatchGrammarMatcher: fills many requests' masks on several threads
 
     def add(self, request_id: str, compiled) -> None:
@@ -94,8 +94,9 @@ class GrammarBatch:
         self.num_masked_rows += len(rows)
 
     def shifts(self, device: torch.device) -> torch.Tensor:
+        """arange(8) uint8 on `device` (apply_bitmask's bit positions in a byte)."""
         if self._shifts is None or self._shifts.device != device:
-            self._shifts = torch.arange(32, dtype=torch.int32, device=device)
+            self._shifts = torch.arange(8, dtype=torch.uint8, device=device)
         return self._shifts
 
     def _bitmask(self, logits: torch.Tensor) -> torch.Tensor:

@@ -137,5 +137,5 @@ def test_apply_bitmask_equals_xgrammar(device):
     bitmask[2] = -1
     expected = logits.clone()
     xgrammar.apply_token_bitmask_inplace(expected, bitmask.to(device), vocab_size=1000)
-    apply_bitmask(logits, bitmask, torch.arange(32, dtype=torch.int32, device=device))
+    apply_bitmask(logits, bitmask, torch.arange(8, dtype=torch.uint8, device=device))
     assert torch.equal(logits, expected) and torch.isfinite(logits[2]).all()
