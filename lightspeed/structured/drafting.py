@@ -72,8 +72,9 @@ class DraftMasks:
         after paths[i]; unconstrained requests' rows are left as they are. -> per row, False
         when the path itself is invalid (or ends the output): nothing should be drafted
         after it (its row is then masked entirely)."""
-        self._host = host_bitmask(self._host, len(paths), (logits.shape[-1] + 31) // 32,
-                                  logits.device.type == "cuda")
+        # NOTE: pageable, as one DraftMasks lives one step (pinning a new buffer each step costs
+        # more than the copy) and its copy completes before the buffer is refilled
+        self._host = host_bitmask(self._host, len(paths), (logits.shape[-1] + 31) // 32, pinned=False)
         bitmask = self._host[: len(paths)]
         bitmask.fill_(-1)  # unconstrained rows allow every token
         live, rows = [], 0
