@@ -14,12 +14,14 @@ import sys
 import time
 
 TIMED = {  # module: {class or None: [function names]}
-    "lightspeed.engine.engine": {"Engine": ["step"]},
-    "lightspeed.engine.runner": {"ModelRunner": ["launch", "_run_on_host", "_verify", "_propose"]},
+    "lightspeed.engine.engine": {"Engine": ["step", "_update"]},
+    "lightspeed.engine.scheduler": {"Scheduler": ["schedule"]},
+    "lightspeed.engine.runner": {"ModelRunner": ["launch", "_run_on_host", "_verify", "_propose"],
+                                 None: ["build_host_inputs", "ensure_gemv_tuned"]},
     "lightspeed.speculative.verify": {"Verifier": ["verify"]},
     "lightspeed.speculative.draft_graph": {"DraftGraphRunner": ["run"], None: ["capture"]},
     "lightspeed.speculative.drafting": {"ModelDrafter": ["draft", "_forward"]},
-    "lightspeed.engine.cuda_graph": {"CudaGraphRunner": ["run"], None: ["capture"]},
+    "lightspeed.engine.cuda_graph": {"CudaGraphRunner": ["run", "shape_for"], None: ["capture"]},
     "lightspeed.structured.matcher": {"GrammarBatch": ["mask_logits", "_fill_tree", "advance", "trim_drafts"]},
     "lightspeed.structured.drafting": {"DraftMasks": ["mask", "repair", "close"]},
     "xgrammar": {None: ["apply_token_bitmask_inplace"]},

@@ -14,12 +14,13 @@ the draft model the catch-up pass before them in the same graph.
                position p + j, slot block_table[(p + j) // bs] * bs + (p + j) % bs (on the
                device), seq_len n + j -> draft j
 
-One graph per (Layout, k, roots given, hidden fed, candidates), L >= the longest seq_len + k - 1. The
-output drafts [B, k] int64 is the only tensor the host reads (one copy per step); with candidates
-(a batch with constrained requests) also each step's top NUM_CANDIDATES tokens [B, k, m], best
-first, from which a draft the grammar rejects is repaired (structured/drafting.py). Padding sequences write
-no K/V (slot -1). Off CUDA (tests, under the Triton interpreter) the body runs eagerly at
-every step, as CudaGraphRunner emulates.
+One graph per (Layout, k, roots given, hidden fed, logits kept), L >= the longest seq_len + k - 1.
+The output drafts [B, k] int64 is the only tensor the host reads (one copy per step). With
+logits kept (a batch of at most KEPT_ROWS sequences with constrained requests) the graph also
+writes every position's logits into a buffer the graphs share, [KEPT_ROWS, k, V]: a draft the
+grammar rejects is repaired from its row (structured/drafting.py), read only then. Padding
+sequences write no K/V (slot -1). Off CUDA (tests, under the Triton interpreter) the body runs
+eagerly at every step, as CudaGraphRunner emulates.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from lightspeed.kernels.settings import KernelSettings
 from lightspeed.layers.attention import AttentionMetadata
 from lightspeed.layers.linear import ensure_gemv_tuned
 
-NUM_CANDIDATES = 8  # top tokens per draft position kept for grammar repairs
+KEPT_ROWS = 8  # largest batch whose draft logits a graph keeps for grammar repairs
 
 
 def to_target_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -62,21 +63,24 @@ class DraftGraphRunner:
         self.kernel_settings = kernel_settings
         self.buckets = batch_buckets(max_num_seqs)
         self.graphs: dict[tuple[Layout, int, bool, bool, bool], _DraftGraph] = {}
+        self.kept: dict[int, torch.Tensor] = {}  # k -> [KEPT_ROWS, k, V] float32: the logits kept
         self.is_cuda = device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.is_cuda else None
 
     def run(self, host: HostInputs, k: int, roots: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-            hidden: torch.Tensor | None = None, candidates: bool = False):
+            hidden: torch.Tensor | None = None, keep_logits: bool = False):
         """Greedy drafts [S][k] after the catch-up pass `host` (roots None; hidden [T, H]: its
         rows' input hidden states, EAGLE-3), or from `roots` (logits [S, V], hidden [S, H] or
         None) with `host` one row per sequence at its feed_base; None when no graph serves it
-        (draft eagerly). candidates: -> (drafts, top tokens [S][k][NUM_CANDIDATES])."""
+        (draft eagerly). keep_logits: -> (drafts, the logits of every draft position [S, k, V]
+        on the device, valid until the next replay; None for more than KEPT_ROWS sequences)."""
         num = len(host.seq_lens)
         b = pick_bucket(num, self.buckets)
         if b is None or host.max_q_len > kernels.MAX_VERIFY_Q:
             return None
         lay = Layout.make(b, host.max_q_len, max(host.seq_lens) + k - 1, self.block_size)
-        key = (lay, k, roots is not None, hidden is not None, candidates)
+        keep = keep_logits and b <= KEPT_ROWS
+        key = (lay, k, roots is not None, hidden is not None, keep)
         g = self.graphs.get(key)
         if g is None:
             if len(self.graphs) >= MAX_GRAPHS:
@@ -89,7 +93,7 @@ class DraftGraphRunner:
             if hidden is not None:
                 g.hidden = hidden.new_zeros(lay.T, hidden.shape[1])
             if self.is_cuda:
-                capture(g, lambda: self._body(g, k, candidates), self.pool)
+                capture(g, lambda: self._body(g, k, keep), self.pool)
         if roots is not None:
             for static, t in zip(g.roots, roots):
                 if t is not None:
@@ -100,17 +104,13 @@ class DraftGraphRunner:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.out = self._body(g, k, candidates)
-        if not candidates:
-            return g.out["drafts"][:num].tolist()
-        top = g.out["top"][:num]  # NOTE: one copy to the host for both
-        flat = torch.cat([g.out["drafts"][:num].reshape(-1), top.reshape(-1)]).tolist()
-        m = top.shape[-1]
-        drafts = [flat[i * k: (i + 1) * k] for i in range(num)]
-        rest = flat[num * k:]
-        return drafts, [[rest[(i * k + j) * m: (i * k + j + 1) * m] for j in range(k)] for i in range(num)]
+            g.out = self._body(g, k, keep)
+        drafts = g.out["drafts"][:num].tolist()
+        if not keep_logits:
+            return drafts
+        return drafts, self.kept[k][:num] if keep else None
 
-    def _body(self, g: _DraftGraph, k: int, candidates: bool = False) -> dict:
+    def _body(self, g: _DraftGraph, k: int, keep: bool = False) -> dict:
         lay, x, bs = g.lay, g.unpack(), self.block_size
         rows = list(range(lay.B + 1))
         last = x["qsl"][1:].long() - 1  # [B] each sequence's last row
@@ -122,7 +122,7 @@ class DraftGraphRunner:
         else:
             logits, hidden = g.roots
         token = kernels.argmax(logits, self.kernel_settings)  # [B]
-        tops = [top_tokens(logits, NUM_CANDIDATES)] if candidates else []
+        kept = [logits] if keep else []
         pos, live = x["pos"][last], x["slot"][last] >= 0  # [B]; padding sequences are not live
         qsl = torch.arange(lay.B + 1, dtype=torch.int32, device=self.device)
         drafts = [token]
@@ -136,27 +136,12 @@ class DraftGraphRunner:
             logits, hidden = self.forward(token, hidden, pos, meta, None)
             token = kernels.argmax(logits, self.kernel_settings)
             drafts.append(token)
-            if candidates:
-                tops.append(top_tokens(logits, NUM_CANDIDATES))
-        out = {"drafts": torch.stack(drafts, 1)}  # [B, k]
-        if candidates:
-            out["top"] = torch.stack(tops, 1)  # [B, k, NUM_CANDIDATES]
-        return out
+            if keep:
+                kept.append(logits)
+        if keep:  # NOTE: one buffer for every graph: the host reads it before the next replay
+            buf = self.kept.get(k)
+            if buf is None:
+                buf = self.kept[k] = logits.new_empty(KEPT_ROWS, k, logits.shape[1])
+            torch.stack(kept, 1, out=buf[: lay.B])
+        return {"drafts": torch.stack(drafts, 1)}  # [B, k]
 
-
-def top_tokens(logits: torch.Tensor, n: int, chunks: int = 64) -> torch.Tensor:
-    """[B, V] -> [B, n]: the ids of each row's n largest logits, best first.
-    NOTE: in two topk passes, over `chunks` slices of the vocabulary then over their n best
-    each: one topk over a whole 150k-token row runs as few, long programs per row (the
-    speculative step under a grammar was 476 us slower at batch 1, 4 of these per draft chain:
-    bench/results/structured-spec-profile-draft-h200.json)."""
-    b, v = logits.shape
-    size = -(-v // chunks)
-    if size < 4 * n:
-        return logits.topk(min(n, v), dim=-1).indices
-    if size * chunks != v:
-        logits = torch.nn.functional.pad(logits, (0, size * chunks - v), value=float("-inf"))
-    values, ids = logits.view(b, chunks, size).topk(n, dim=-1)  # [B, chunks, n]
-    ids = ids + torch.arange(0, size * chunks, size, device=logits.device)[:, None]
-    best = values.view(b, -1).topk(n, dim=-1).indices  # [B, n]
-    return ids.view(b, -1).gather(1, best)

@@ -130,7 +130,7 @@ class ModelDrafter(Proposer):
         rooted = [j for j in plans if j is not None]
         if k is not None and len(rooted) == len(plans):  # catch-up pass and chain in one graph replay
             feed = torch.cat([s.hidden for s in seqs]) if seqs[0].hidden is not None else None
-            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed, candidates=masks is not None)
+            drafts = self.graphs.run(self.kv.host_inputs(seqs), k, hidden=feed, keep_logits=masks is not None)
             if drafts is not None:
                 self._emit_chains(self._roots(rooted, None, None), drafts, out, masks)
                 return
@@ -149,7 +149,8 @@ class ModelDrafter(Proposer):
         every request greedy with the same depth k; else None.
         NOTE: a grammar's mask cannot enter the graph (each depends on the draft before it,
         chosen on the device): constrained chains are drafted unmasked there and repaired
-        after it (DraftMasks.repair: masked greedy drafting up to the first rejected draft)."""
+        after it (DraftMasks.repair: masked greedy drafting up to the first rejected draft and
+        at it, from the logits the graph kept)."""
         if not inputs.use_graphs or self.config.is_tree or not jobs:
             return None
         k = jobs[0].max_depth
@@ -165,20 +166,20 @@ class ModelDrafter(Proposer):
         seqs = [DraftSeq(r.job.request_id, [0], [r.feed_base], r.feed_base, [0]) for r in roots]
         hidden = torch.stack([r.hidden for r in roots]) if roots[0].hidden is not None else None
         drafts = self.graphs.run(self.kv.host_inputs(seqs), k, (torch.stack([r.logits for r in roots]), hidden),
-                                 candidates=masks is not None)
+                                 keep_logits=masks is not None)
         if drafts is None:
             return False
         self._emit_chains(roots, drafts, out, masks)
         return True
 
     def _emit_chains(self, roots: list[Root], drafts, out, masks=None) -> None:
-        """drafts: [S][k] from a graph, or (drafts, candidates) when it kept candidates for
-        the constrained requests' repairs; the drafter's cache holds the graph's drafts."""
-        drafts, candidates = drafts if masks is not None else (drafts, None)
+        """drafts: [S][k] from a graph, or (drafts, logits [S, k, V] or None) when it ran for
+        a batch with constrained requests, whose chains are repaired; the drafter's cache
+        holds the graph's drafts."""
+        drafts, logits = drafts if masks is not None else (drafts, None)
         tokens = {r.job.request_id: d for r, d in zip(roots, drafts)}
-        for i, (rid, d) in enumerate(tokens.items()):
-            if masks is not None and rid in masks:
-                d = masks.repair(rid, d, candidates[i])
+        emitted = masks.repair(list(tokens), drafts, logits) if masks is not None else drafts
+        for rid, d in zip(tokens, emitted):
             self.emit(out, rid, d, None)
         self._after_draft(roots, tokens)
 

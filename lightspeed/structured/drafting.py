@@ -12,9 +12,10 @@ context:
 Model drafters (draft model, EAGLE-3) mask their logits rows before argmax / sampling (a
 sampled draft's q is then the masked, renormalised distribution, so rejection sampling
 stays lossless) and tree expansion; a greedy chain drafted in a CUDA graph, where no mask
-can enter, is repaired after it (`repair`); n-gram chains and trees are cut at the first token the
-grammar rejects (GrammarBatch.trim_drafts). Correctness never depends on this: the
-verifier masks the target's rows along the draft path (matcher.py).
+can enter, is repaired after it from the logits the graph kept (`repair`); n-gram chains
+and trees are cut at the first token the grammar rejects (GrammarBatch.trim_drafts).
+Correctness never depends on this: the verifier masks the target's rows along the draft
+path (matcher.py).
 """
 from __future__ import annotations
 
@@ -93,26 +94,38 @@ class DraftMasks:
             apply_bitmask(logits, bitmask, self.batch.shifts(logits.device))
         return live
 
-    def repair(self, request_id: str, drafts: list[int], candidates: list[list[int]]) -> list[int]:
-        """A greedy chain drafted without masks -> what masked greedy drafting gives, as far
-        as it is known: the drafts up to the first one the grammar rejects, then the best of
-        that position's candidates (the drafter's top tokens, best first) that it allows; the
-        chain ends there (the later drafts followed a rejected token). A stop token is kept
-        where the grammar may end, and ends the chain."""
-        w = self._walk(request_id)
-        stops = self.batch.stop_token_ids
-        for i, t in enumerate(drafts):
-            for c in [t] + [c for c in candidates[i] if c != t]:
-                if c in stops:
-                    if w.goto(drafts[:i]) and w.m.is_completed():
-                        return drafts[:i] + [c]
-                elif w.goto(drafts[:i] + [c]):
-                    if c != t:
-                        return drafts[:i] + [c]
+    def repair(self, request_ids: list[str], drafts: list[list[int]],
+               logits: torch.Tensor | None) -> list[list[int]]:
+        """Greedy chains drafted without masks (a draft graph) -> what masked greedy drafting
+        gives, as far as it is known: each constrained request's drafts up to the first one
+        its grammar rejects, then the argmax of that position's logits (logits [S, k, V],
+        the drafter's, on the device) masked to the grammar; the chain ends there (the later
+        drafts followed a rejected token). Without logits the chain is cut before it. A stop
+        token is kept where the grammar may end, and ends the chain. Unconstrained requests'
+        chains are returned as they are."""
+        stops, chains, redo = self.batch.stop_token_ids, list(drafts), []
+        for s, (rid, d) in enumerate(zip(request_ids, drafts)):
+            if rid not in self.batch:
+                continue
+            w = self._walk(rid)
+            for i, t in enumerate(d):
+                if t in stops and w.goto(d[:i]) and w.m.is_completed():
+                    chains[s] = d[: i + 1]
                     break
-            else:
-                return drafts[:i]
-        return list(drafts)
+                if t in stops or not w.goto(d[: i + 1]):
+                    chains[s] = d[:i]
+                    if logits is not None:
+                        redo.append((s, i))
+                    break
+        if redo:  # NOTE: one pass over the rejected positions' rows, one read of their argmax
+            rows = torch.stack([logits[s, i] for s, i in redo])
+            live = self.mask(rows, [request_ids[s] for s, _ in redo], [chains[s] for s, _ in redo])
+            values, ids = rows.max(dim=-1)
+            best = torch.where(torch.isfinite(values), ids, -1).tolist()
+            for (s, _), ok, t in zip(redo, live, best):
+                if ok and t >= 0:
+                    chains[s] = chains[s] + [t]
+        return chains
 
     def close(self) -> None:
         """Roll every walked matcher back to where the proposal found it."""

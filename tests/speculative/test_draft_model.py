@@ -83,12 +83,3 @@ def test_draft_graph_equals_eager_on_gpu(root, dtype):
     spec = SpeculativeConfig("draft", model=str(root / "draft_gpu"), num_speculative_tokens=4)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     check_draft_graphs(root / "target", spec, random_prompts([5, 19, 9]), params, {(4, 4, False)}, dtype=dtype)
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("vocab", [300, 32000, 151936, 151665])
-def test_top_tokens_equal_topk(vocab, device):
-    """The draft graph's candidates (two topk passes over vocabulary chunks) are topk's ids."""
-    from lightspeed.speculative.draft_graph import top_tokens
-    logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab)).to(device)
-    assert torch.equal(top_tokens(logits, 8), logits.topk(8, dim=-1).indices)

@@ -107,21 +107,32 @@ def test_draft_masks_walk_paths_and_roll_back(batch):
     batch.drop("m")
 
 
-def test_draft_masks_repair_a_chain_drafted_without_masks(batch):
-    """A graph's unmasked greedy chain -> masked greedy drafting as far as it is known."""
+def test_draft_masks_repair_chains_drafted_without_masks(batch):
+    """A graph's unmasked greedy chains -> masked greedy drafting as far as it is known: the
+    first rejected draft is replaced by its position's masked argmax, and the chain ends."""
     a, b, c, d, e, z = (ord(x) for x in "abcdez")
-    batch.add("g", batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    chains = {"bad-middle": [a, z, c], "good": [a, b, d, e], "none-allowed": [z, a], "ends": [a, b, c, e, EOS_ID, a],
+              "early-stop": [a, EOS_ID, c], "free": [z, z]}
+    for rid in chains:
+        if rid != "free":
+            batch.add(rid, batch.structured.compile(SamplingParams(regex="ab(c|d)e")))
+    logits = torch.zeros(len(chains), 6, VOCAB)
+    logits[0, 1, [z, e, b]] = torch.tensor([3.0, 2.0, 1.0])  # z best, then e (both rejected), then b
+    logits[2, 0, a] = float("-inf")  # the drafter cannot say the only allowed token
+    logits[4, 1, [EOS_ID, c, b]] = torch.tensor([3.0, 2.0, 1.0])
     masks = batch.draft_masks()
-    # position 1 drafted z (rejected): its best allowed candidate b replaces it, the chain ends
-    assert masks.repair("g", [a, z, c], [[a, z], [z, e, b, c], [c]]) == [a, b]
-    assert masks.repair("g", [a, b, d, e], [[a]] * 4) == [a, b, d, e]  # all allowed: unchanged
-    assert masks.repair("g", [z, a], [[z, e], [a]]) == []  # no allowed candidate: nothing
-    # a stop token where the grammar may end is kept and ends the chain; elsewhere it is replaced
-    assert masks.repair("g", [a, b, c, e, EOS_ID, a], [[0]] * 6) == [a, b, c, e, EOS_ID]
-    assert masks.repair("g", [a, EOS_ID, c], [[a], [EOS_ID, b], [c]]) == [a, b]
+    drafts = [d + [0] * (6 - len(d)) if rid != "ends" else d for rid, d in chains.items()]
+    drafts = [d[: len(chains[rid])] for rid, d in zip(chains, drafts)]
+    repaired = masks.repair(list(chains), drafts, logits)
+    assert repaired == [[a, b], [a, b, d, e], [], [a, b, c, e, EOS_ID], [a, b], [z, z]]
+    # without the logits (a batch too large to keep them) a chain is cut before its first rejected draft
+    assert masks.repair(list(chains), drafts, None) == [[a], [a, b, d, e], [], [a, b, c, e, EOS_ID], [a], [z, z]]
     masks.close()
-    batch.advance(RunnerOutput(sampled_token_ids={"g": [a]}))  # rolled back to the root
-    batch.drop("g")
+    for rid in chains:
+        if rid != "free":
+            batch.advance(RunnerOutput(sampled_token_ids={rid: [a]}))  # rolled back to the root
+            batch.drop(rid)
+
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
