@@ -141,17 +141,19 @@ def test_masked_drafting_raises_acceptance(ckpts, monkeypatch, name):
         assert masked > 3.0  # k = 3 (tree depth 3): almost every draft is accepted
 
 
-def test_constrained_chains_drafted_in_graphs_are_repaired(ckpts):
+@pytest.mark.parametrize("name", ["draft-other-k4", "eagle3-k3"])
+def test_constrained_chains_drafted_in_graphs_are_repaired(ckpts, name):
     """Draft graphs (emulated under the Triton interpreter) stay on for constrained greedy
-    chains: drafted unmasked, repaired on the host; tokens equal eager masked drafting's."""
+    chains: drafted unmasked, repaired from the logits they kept; tokens equal eager masked
+    drafting's."""
     import lightspeed.kernels as K
     from tests.speculative.helpers import _generate_logging_drafts
     if not K.interpreter_active():
         pytest.skip("needs TRITON_INTERPRET=1")
-    spec = spec_config(ckpts, GREEDY_CASES["draft-other-k4"])
+    spec = spec_config(ckpts, GREEDY_CASES[name])
     params = [SamplingParams(max_tokens=16, temperature=0, json_schema=SCHEMAS["nested"]),
               SamplingParams(max_tokens=16, temperature=0, regex=r"([a-c][0-9])+;")]
     eager, _, _ = _generate_logging_drafts(ckpts["target"], spec, PROMPTS[:2], params, False, None)
     graphed, log, graphs = _generate_logging_drafts(ckpts["target"], spec, PROMPTS[:2], params, True, None)
     assert graphed == eager and log
-    assert any(key[-1] for key in graphs.graphs), "no draft graph kept candidates"
+    assert any(key[-1] for key in graphs.graphs), "no draft graph kept its logits"
