@@ -4,7 +4,6 @@ vocabularies are checked at load, a padded draft embedding is accepted."""
 import json
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
 from lightspeed import LLM, SamplingParams, SpeculativeConfig

@@ -121,8 +121,7 @@ def test_draft_masks_repair_chains_drafted_without_masks(batch):
     logits[2, 0, a] = float("-inf")  # the drafter cannot say the only allowed token
     logits[4, 1, [EOS_ID, c, b]] = torch.tensor([3.0, 2.0, 1.0])
     masks = batch.draft_masks()
-    drafts = [d + [0] * (6 - len(d)) if rid != "ends" else d for rid, d in chains.items()]
-    drafts = [d[: len(chains[rid])] for rid, d in zip(chains, drafts)]
+    drafts = list(chains.values())
     repaired = masks.repair(list(chains), drafts, logits)
     assert repaired == [[a, b], [a, b, d, e], [], [a, b, c, e, EOS_ID], [a, b], [z, z]]
     # without the logits (a batch too large to keep them) a chain is cut before its first rejected draft
@@ -132,7 +131,6 @@ def test_draft_masks_repair_chains_drafted_without_masks(batch):
         if rid != "free":
             batch.advance(RunnerOutput(sampled_token_ids={rid: [a]}))  # rolled back to the root
             batch.drop(rid)
-
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
